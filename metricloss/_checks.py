@@ -1,0 +1,179 @@
+"""Input validation shared by every loss, with messages that name the argument and the expected form.
+
+Every public entry point validates before doing any work (DESIGN.md §6): a bad argument raises
+``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, range or option), never a
+bare ``IndexError`` or a device-side assert. Checks never synchronise with the device except where a
+value range must be read (label ranges), which is documented at the call site.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "check_embeddings",
+    "check_labels",
+    "check_reference_set",
+    "check_option",
+    "check_margin",
+    "check_positive",
+    "check_nonnegative",
+    "check_positive_int",
+    "check_chunk_bytes",
+    "check_label_range",
+]
+
+
+def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_embeddings(x: object, name: str = "embeddings", where: str = "") -> torch.Tensor:
+    """Check a (B, D) floating-point tensor with B >= 1 and D >= 1."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{prefix}`{name}` must be a torch.Tensor of shape (B, D), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{prefix}`{name}` must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                        f"got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{prefix}`{name}` must be 2-D with shape (B, D), got shape {_shape(x)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{prefix}`{name}` is an empty batch (shape {_shape(x)}); B must be >= 1")
+    if x.shape[1] == 0:
+        raise ValueError(f"{prefix}`{name}` has no features (shape {_shape(x)}); D must be >= 1")
+    return x
+
+
+def check_labels(labels: object, n: int, name: str = "labels", where: str = "",
+                 of: str = "embeddings", device: Optional[torch.device] = None) -> torch.Tensor:
+    """Check a 1-D integer tensor of length ``n`` (the number of rows of ``of``) on ``device``."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{prefix}`{name}` must be a 1-D integer torch.Tensor of length {n}, "
+                        f"got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{prefix}`{name}` must have an integer dtype (e.g. torch.int64), got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{prefix}`{name}` must have shape ({n},) to match `{of}`.shape[0], "
+                         f"got shape {_shape(labels)}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{prefix}`{name}` is on {labels.device} but `{of}` is on {device}; "
+                         f"move them to the same device")
+    return labels
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int, name: str = "labels", where: str = "") -> None:
+    """Check ``0 <= labels < num_classes``. Reads two scalars from the device (one sync)."""
+    prefix = f"{where}: " if where else ""
+    if labels.numel() == 0:
+        return
+    lo, hi = torch.aminmax(labels)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes}), "
+                         f"got values in [{lo}, {hi}]")
+
+
+def check_reference_set(ref: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor],
+                        embeddings: torch.Tensor, where: str = "",
+                        names: Tuple[str, str] = ("ref_embeddings", "ref_labels")) -> bool:
+    """Check an optional reference set (M, D) with labels (M,). Returns True when one is given."""
+    prefix = f"{where}: " if where else ""
+    ref_name, lab_name = names
+    if ref is None and ref_labels is None:
+        return False
+    if ref is None or ref_labels is None:
+        given, missing = (ref_name, lab_name) if ref is not None else (lab_name, ref_name)
+        raise ValueError(f"{prefix}`{given}` was given without `{missing}`; pass both or neither")
+    check_embeddings(ref, ref_name, where)
+    if ref.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"{prefix}`{ref_name}` must have D={embeddings.shape[1]} columns like `embeddings`, "
+                         f"got shape {_shape(ref)}")
+    if ref.device != embeddings.device:
+        raise ValueError(f"{prefix}`{ref_name}` is on {ref.device} but `embeddings` is on {embeddings.device}")
+    check_labels(ref_labels, ref.shape[0], lab_name, where, of=ref_name, device=ref.device)
+    return True
+
+
+def check_option(value: object, name: str, choices: Sequence[str], where: str = "") -> str:
+    """Check that ``value`` is one of the strings in ``choices`` (the message lists them)."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{prefix}unknown `{name}`={value!r}; expected one of {valid}")
+    return value
+
+
+def check_margin(margin: object, name: str = "margin", where: str = "",
+                 allow_soft: bool = True) -> Union[float, str]:
+    """Check a margin: a finite float >= 0, or the string ``"soft"`` when ``allow_soft``."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(margin, str):
+        if allow_soft and margin == "soft":
+            return margin
+        expected = "a float >= 0 or 'soft'" if allow_soft else "a float >= 0"
+        raise ValueError(f"{prefix}`{name}` must be {expected}, got {margin!r}")
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        expected = "a float >= 0 or 'soft'" if allow_soft else "a float >= 0"
+        raise TypeError(f"{prefix}`{name}` must be {expected}, got {type(margin).__name__}")
+    m = float(margin)
+    if not m >= 0 or m == float("inf"):
+        raise ValueError(f"{prefix}`{name}` must be a finite float >= 0, got {margin!r}")
+    return m
+
+
+def _real(value: object, name: str, prefix: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{prefix}`{name}` must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(value: object, name: str, where: str = "") -> float:
+    """Check a finite real number > 0 (temperatures, scales)."""
+    prefix = f"{where}: " if where else ""
+    v = _real(value, name, prefix)
+    if not (v > 0) or v == float("inf"):
+        raise ValueError(f"{prefix}`{name}` must be a finite number > 0, got {value!r}")
+    return v
+
+
+def check_nonnegative(value: object, name: str, where: str = "") -> float:
+    """Check a finite real number >= 0."""
+    prefix = f"{where}: " if where else ""
+    v = _real(value, name, prefix)
+    if not (v >= 0) or v == float("inf"):
+        raise ValueError(f"{prefix}`{name}` must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_positive_int(value: object, name: str, where: str = "", minimum: int = 1) -> int:
+    """Check an integer >= ``minimum`` (bools are rejected)."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{prefix}`{name}` must be an int >= {minimum}, got {type(value).__name__}")
+    if int(value) < minimum:
+        raise ValueError(f"{prefix}`{name}` must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_chunk_bytes(value: object, where: str = "") -> Optional[int]:
+    """Check the ``chunk_bytes`` memory budget: None (the default budget) or an int >= 1."""
+    if value is None:
+        return None
+    return check_positive_int(value, "chunk_bytes", where)
+
+
+def check_same_device(tensors: Iterable[Tuple[str, torch.Tensor]], where: str = "") -> None:
+    """Check that all named tensors live on one device."""
+    prefix = f"{where}: " if where else ""
+    items = list(tensors)
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{prefix}`{name}` is on {t.device} but `{first_name}` is on {first.device}")

@@ -1,0 +1,113 @@
+"""Label structure, written once: who is a positive or a negative of whom, without an N×M mask.
+
+The reference labels are sorted once (stable), so each class is a contiguous run of the sorted order.
+Then, for any anchor label:
+
+* ``count`` is two ``searchsorted`` calls: the number of references with that label;
+* the anchor's positives are a short *member table* row (its class's run), so mining gathers K values
+  instead of comparing M labels, and masks its own class in the M-wide block with a K-wide scatter.
+
+This is what keeps the torch backend at about one GEMM per chunk on P×K batches (K ≪ M); for large
+classes the member table is wider but still bounded by the chunk budget.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["ClassIndex", "AnchorClasses"]
+
+
+class AnchorClasses:
+    """Per-anchor class facts for a chunk or a batch of anchors (all int64 tensors of shape (n,)).
+
+    Attributes:
+        start: position in the sorted reference order where the anchor's class run begins.
+        count: number of references carrying the anchor's label (self included when self-referenced).
+        num_pos: number of positives (``count`` minus self when the reference is the batch).
+        num_neg: number of negatives (``M − count``).
+        self_pos: position of the anchor itself in the sorted order, or None without self-reference.
+    """
+
+    __slots__ = ("start", "count", "num_pos", "num_neg", "self_pos")
+
+    def __init__(self, start: torch.Tensor, count: torch.Tensor, num_pos: torch.Tensor, num_neg: torch.Tensor,
+                 self_pos: Optional[torch.Tensor]):
+        self.start, self.count, self.num_pos, self.num_neg, self.self_pos = start, count, num_pos, num_neg, self_pos
+
+    def __getitem__(self, sl: slice) -> "AnchorClasses":
+        return AnchorClasses(self.start[sl], self.count[sl], self.num_pos[sl], self.num_neg[sl],
+                             None if self.self_pos is None else self.self_pos[sl])
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(n,) bool: the anchor has at least one positive and one negative."""
+        return (self.num_pos > 0) & (self.num_neg > 0)
+
+
+class ClassIndex:
+    """Reference labels (M,) sorted once; answers per-anchor class questions in O(n log M).
+
+    Args:
+        ref_labels: (M,) integer tensor.
+    """
+
+    def __init__(self, ref_labels: torch.Tensor):
+        self.num_refs = int(ref_labels.shape[0])
+        self.sorted_labels, self.order = torch.sort(ref_labels, stable=True)
+        self._inverse: Optional[torch.Tensor] = None
+        self._max_count: Optional[int] = None
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """(M,) position of each reference in the sorted order."""
+        if self._inverse is None:
+            inv = torch.empty_like(self.order)
+            inv[self.order] = torch.arange(self.num_refs, device=self.order.device)
+            self._inverse = inv
+        return self._inverse
+
+    @property
+    def max_count(self) -> int:
+        """Size of the largest class among the references (reads one scalar from the device)."""
+        if self._max_count is None:
+            if self.num_refs == 0:
+                self._max_count = 0
+            else:
+                _, counts = torch.unique_consecutive(self.sorted_labels, return_counts=True)
+                self._max_count = int(counts.max())
+        return self._max_count
+
+    def anchor_classes(self, labels: torch.Tensor, self_ref: bool) -> AnchorClasses:
+        """Class facts for anchors with ``labels`` (n,). With ``self_ref`` anchor i is reference i."""
+        lab = labels.to(self.sorted_labels.dtype)
+        start = torch.searchsorted(self.sorted_labels, lab, right=False)
+        count = torch.searchsorted(self.sorted_labels, lab, right=True) - start
+        num_pos = count - 1 if self_ref else count
+        num_neg = self.num_refs - count
+        self_pos = self.inverse if self_ref else None
+        return AnchorClasses(start, count, num_pos, num_neg, self_pos)
+
+    def positive_table(self, cls: AnchorClasses, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The anchors' positives as a padded table.
+
+        Args:
+            cls: facts for n anchors (self excluded from positives when ``cls.self_pos`` is set).
+            width: table width, at least the largest ``cls.num_pos``.
+
+        Returns:
+            ``(members, valid)``, both (n, width): ``members`` are reference indices (int64) in increasing
+            index order within each class (ties then resolve to the first index), ``valid`` marks the real
+            entries. Padding entries hold an arbitrary in-range index and must be masked with ``valid``.
+        """
+        n = cls.start.shape[0]
+        j = torch.arange(width, device=cls.start.device).unsqueeze(0).expand(n, width)
+        src = cls.start.unsqueeze(1) + j
+        if cls.self_pos is not None:
+            # Skip the anchor's own slot: entries at or after it shift right by one.
+            src = src + (src >= cls.self_pos.unsqueeze(1)).to(src.dtype)
+        valid = j < cls.num_pos.unsqueeze(1)
+        src = src.clamp_(max=max(self.num_refs - 1, 0))
+        return self.order[src], valid
