@@ -1,0 +1,283 @@
+"""The triplet op: batch-hard, batch-all and semi-hard on the chunked torch backend.
+
+Layout (Liger style): per-chunk block math → a driver that walks the chunks → an ``autograd.Function``;
+:func:`metricloss.functional.triplet_loss` validates, prepares and dispatches to :func:`triplet_loss_op`.
+
+* **batch-hard**: mine indices (:func:`~metricloss.ops.mining.batch_hard_indices`, no gradient), then
+  recompute d(a, p*) and d(a, n*) exactly from the gathered rows; autograd sees O(N·D).
+* **batch-all** and **semi-hard**: every anchor chunk builds its (c, M) distance block (Gram, exact
+  refinement of small entries), turns it into per-anchor loss sums and a (c, M) weight block
+  W = ∂loss/∂d, and applies W with two GEMMs (:func:`~metricloss.ops.distance.gram_backward`).
+  With a scalar reduction the gradient is computed in the forward pass (the loss is terminal, so this
+  saves a second distance pass) and backward only rescales it; with ``reduction="none"`` the upstream
+  gradient weighs anchors differently, so backward recomputes the chunks with W's rows scaled.
+
+Batch-all without enumerating triplets. For anchor a with positive thresholds t_p = d_ap + m:
+
+    Σ_p Σ_n [t_p − d_an]_+ ,   ∂/∂d_ap = k_p = #{n : d_an < t_p},   ∂/∂d_an = −c_n = −#{p : t_p > d_an}.
+
+With few positives (P×K batches) one pass per positive slot over the chunk's negatives accumulates the
+hinge sums, k_p and c_n: O(N·M·K). With large classes the thresholds are sorted per anchor and each
+negative is placed among them with ``searchsorted``; counts and prefix sums of the sorted thresholds
+give c_n, Σ_{t_p > d_an} t_p and, by a cumulative histogram, every k_p: O(N·M·log K). Both are exact.
+The soft margin (softplus) has no such decomposition and always takes the per-slot pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .distance import GramFactors, gram_backward, paired_distance, scale_distance_weights_
+from .labels import AnchorClasses, ClassIndex
+from .mining import batch_hard_indices, mask_own_class_, rows_per_chunk, semi_hard_negative_idx
+from .reduction import reduce_loss
+
+__all__ = ["MININGS", "triplet_loss_op", "use_sorted_batch_all"]
+
+MININGS = ("batch_hard", "batch_all", "semi_hard")
+
+# Above this many positives per anchor, batch-all places negatives among the sorted thresholds with
+# searchsorted (cost ~log K per element) instead of one pass per positive (cost ~K passes).
+_BATCH_ALL_SORT_MIN_POSITIVES = 12
+
+Margin = Union[float, str]
+
+
+def use_sorted_batch_all(width: int) -> bool:
+    """Named heuristic: threshold-sorting batch-all for anchors with many positives."""
+    return width > _BATCH_ALL_SORT_MIN_POSITIVES
+
+
+def _hinge(z: torch.Tensor, margin: Margin) -> torch.Tensor:
+    """h(z): [m + z]_+ for a numeric margin, softplus(z) for ``"soft"``."""
+    return F.softplus(z) if margin == "soft" else F.relu(z + margin)
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch-hard: indices, then exact recompute with autograd
+# ----------------------------------------------------------------------------------------------------
+
+def _batch_hard_terms(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls: AnchorClasses, self_ref: bool,
+                      margin: Margin, distance: str, chunk_bytes: Optional[int],
+                      indices: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    if indices is None:
+        with torch.no_grad():
+            indices = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance, chunk_bytes)
+    pos_idx, neg_idx = indices
+    valid = (pos_idx >= 0) & (neg_idx >= 0)
+    # Invalid anchors gather row 0 (any in-range row): their term is computed, then masked by `where`,
+    # which also zeroes its gradient.
+    d_ap = paired_distance(a, r[pos_idx.clamp_min(0)], distance)
+    d_an = paired_distance(a, r[neg_idx.clamp_min(0)], distance)
+    terms = torch.where(valid, _hinge(d_ap - d_an, margin), torch.zeros_like(d_ap))
+    return terms, valid.sum(), (terms > 0).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch-all and semi-hard: per-chunk block math
+# ----------------------------------------------------------------------------------------------------
+
+def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
+                     valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Margin, distance: str,
+                     want_weights: bool):
+    """Batch-all on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), W̃ (c, M) or None)."""
+    c = dist.shape[0]
+    width = members.shape[1]
+    # The block becomes the negatives' distances: own class (and self) +inf, so it contributes 0 below.
+    neg = mask_own_class_(dist, members, in_class, self_cols, float("inf"))
+    ninf = torch.full_like(d_ap, float("-inf"))
+    pos_weight = torch.zeros_like(d_ap)
+    neg_weight = None
+    if margin != "soft" and width > 0 and use_sorted_batch_all(width):
+        # Sorted thresholds t_p = d_ap + m; -inf pads (invalid slots) sort first, below every distance.
+        t_sorted, order = torch.sort(torch.where(valid, d_ap + margin, ninf), dim=1)
+        # 1. q_n = #{p : t_p <= d_an}; the thresholds above d_an are the last W - q_n of the row.
+        q = torch.searchsorted(t_sorted, neg, right=True)
+        above = (width - q).to(dist.dtype)
+        # 2. hinge sum per negative: Σ_{t_p > d_an} t_p − c_n·d_an, from prefix sums of finite thresholds
+        finite_t = torch.where(torch.isfinite(t_sorted), t_sorted, torch.zeros_like(t_sorted))
+        prefix = torch.cat([torch.zeros_like(finite_t[:, :1]), finite_t.cumsum(1)], dim=1)
+        above_sum = prefix[:, -1:] - prefix.gather(1, q)
+        sums = torch.where(above > 0, above_sum - above * neg, torch.zeros_like(neg)).sum(1)
+        # 3. k_p = #{n : q_n <= rank of t_p}: a cumulative histogram of q per row
+        hist = torch.zeros((c, width + 1), dtype=dist.dtype, device=dist.device)
+        hist.scatter_add_(1, q, torch.ones_like(neg))
+        pos_weight.scatter_(1, order, hist.cumsum(1)[:, :width])
+        pos_weight = torch.where(valid, pos_weight, torch.zeros_like(pos_weight))
+        nonzero = pos_weight.sum().to(torch.int64)
+        if want_weights:
+            neg_weight = above.neg_()
+    else:
+        # One pass per positive slot over the chunk's negatives, float-only (no bool temporaries).
+        sums = torch.zeros(c, dtype=dist.dtype, device=dist.device)
+        nonzero = torch.zeros((), dtype=torch.int64, device=dist.device)
+        neg_weight = torch.zeros_like(dist) if want_weights else None
+        term = torch.empty_like(dist)
+        for k in range(width):
+            t_k = torch.where(valid[:, k], d_ap[:, k], ninf[:, k]).unsqueeze(1)  # (c, 1)
+            if margin == "soft":
+                torch.sub(t_k, neg, out=term)                   # z = d_ap − d_an
+                slope = torch.sigmoid(term) if want_weights else None
+                soft = F.softplus(term)
+                sums += soft.sum(1)
+                nonzero += torch.count_nonzero(soft)
+                if want_weights:
+                    pos_weight[:, k] = slope.sum(1)
+                    neg_weight.sub_(slope)
+            else:
+                torch.sub(t_k + margin, neg, out=term).clamp_min_(0)  # [m + d_ap − d_an]_+
+                sums += term.sum(1)
+                if want_weights:
+                    slope = term.sign_()                           # 1 where the hinge is active
+                    pos_weight[:, k] = slope.sum(1)
+                    nonzero += pos_weight[:, k].sum().to(torch.int64)
+                    neg_weight.sub_(slope)
+                else:
+                    nonzero += torch.count_nonzero(term)
+    if not want_weights:
+        return sums, nonzero, None
+    # W̃: the negatives scaled by their own distances (own-class cells are 0/inf = 0), the positives'
+    # weights scaled by d_ap and scattered into their columns.
+    w = scale_distance_weights_(neg_weight, neg, distance)
+    pos_w = scale_distance_weights_(torch.where(valid, pos_weight, torch.zeros_like(pos_weight)), d_ap, distance)
+    w.scatter_add_(1, members, pos_w)
+    return sums, nonzero, w
+
+
+def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
+                     valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Margin, distance: str,
+                     want_weights: bool):
+    """Semi-hard on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), W̃ (c, M) or None)."""
+    neg_idx = semi_hard_negative_idx(dist, d_ap, members, in_class, self_cols)
+    d_an = dist.gather(1, neg_idx)
+    z = d_ap - d_an
+    terms = torch.where(valid, _hinge(z, margin), torch.zeros_like(z))
+    sums, nonzero = terms.sum(1), torch.count_nonzero(terms)
+    if not want_weights:
+        return sums, nonzero, None
+    slope = torch.sigmoid(z) if margin == "soft" else (z + margin > 0).to(dist.dtype)
+    slope = torch.where(valid, slope, torch.zeros_like(slope))
+    # W̃ has 2 entries per (a, p) pair: scale them sparsely, then scatter.
+    w = torch.zeros_like(dist)
+    w.scatter_add_(1, members, scale_distance_weights_(slope.clone(), d_ap, distance))
+    w.scatter_add_(1, neg_idx, scale_distance_weights_(slope.neg(), d_an, distance))
+    return sums, nonzero, w
+
+
+class _BlockTripletPlan:
+    """What every chunk of a batch-all / semi-hard call shares (built once per call)."""
+
+    def __init__(self, a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
+                 self_ref: bool, mining: str, margin: Margin, distance: str, chunk_bytes: Optional[int]):
+        self.self_ref, self.mining, self.margin, self.distance = self_ref, mining, margin, distance
+        self.index = ClassIndex(ref_labels)
+        self.cls = self.index.anchor_classes(labels, self_ref)
+        self.width = max(self.index.max_count - (1 if self_ref else 0), 0)
+        self.gram = GramFactors(a, r, distance)
+        m, elem = r.shape[0], a.element_size()
+        # dist, neg, the weight block and one temporary per element, plus bool/int scratch
+        per_ref = 4 * elem + 2 + (16 if (mining == "batch_all" and use_sorted_batch_all(self.width)) else 0)
+        per_ref += 16 if (mining == "semi_hard" and self.width > 0) else 0
+        self.rows = rows_per_chunk(m, per_ref, chunk_bytes, bytes_per_row=self.width * (24 + 2 * elem))
+        # number of valid terms: triplets (batch-all) or (anchor, positive) pairs (semi-hard)
+        valid_pos = self.cls.num_pos * (self.cls.num_neg > 0)
+        self.num_terms = (valid_pos * self.cls.num_neg).sum() if mining == "batch_all" else valid_pos.sum()
+
+    def chunk(self, a: torch.Tensor, r: torch.Tensor, s: int, e: int, want_weights: bool):
+        """Loss sums (c,), nonzero count () and scaled weight block W̃ (c, M) (or None) for anchors s:e."""
+        cls = self.cls[s:e]
+        dist = self.gram.distance_block(s, e, refine=True)
+        members, in_class = self.index.positive_table(cls, self.width)
+        valid = in_class & (cls.num_neg > 0).unsqueeze(1)
+        d_ap = dist.gather(1, members)
+        self_cols = torch.arange(s, e, device=a.device) if self.self_ref else None
+        block = _batch_all_block if self.mining == "batch_all" else _semi_hard_block
+        return block(dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance, want_weights)
+
+
+class BlockTripletLoss(torch.autograd.Function):
+    """Batch-all / semi-hard triplet loss over anchor chunks, O(chunk·M) memory, GEMM gradients.
+
+    Inputs: prepared anchors ``a`` (N, D) and references ``r`` (M, D) (the same tensor when the reference
+    set is the batch), labels, and the static options. Output: the reduced loss (``()``), or per-anchor
+    sums (``(N,)``) for ``reduction="none"``. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, a, r, labels, ref_labels, self_ref, mining, margin, distance, reduction, chunk_bytes,
+                want_grad):
+        plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, mining, margin, distance, chunk_bytes)
+        n = a.shape[0]
+        grad_now = want_grad and reduction != "none"
+        sums = torch.empty(n, dtype=a.dtype, device=a.device)
+        nonzero = torch.zeros((), dtype=torch.int64, device=a.device)
+        if grad_now:
+            grad_a = torch.empty_like(a)
+            grad_r = torch.zeros_like(r)
+            colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
+        for s in range(0, n, plan.rows):
+            e = min(s + plan.rows, n)
+            chunk_sums, chunk_nonzero, w = plan.chunk(a, r, s, e, grad_now)
+            sums[s:e] = chunk_sums
+            nonzero += chunk_nonzero
+            if grad_now:
+                grad_a[s:e] = gram_backward(w, a[s:e], r, distance, grad_r, colsum)
+        loss = reduce_loss(sums, plan.num_terms, nonzero, reduction)
+        ctx.plan = plan
+        if grad_now:
+            grad_r.addcmul_(colsum.unsqueeze(1), r)
+            scale = loss.new_ones(()) if reduction == "sum" else (
+                1.0 / (plan.num_terms if reduction == "mean" else nonzero).clamp_min(1).to(a.dtype))
+            ctx.save_for_backward(grad_a * scale, grad_r * scale)
+        else:
+            ctx.save_for_backward(a, r)
+        ctx.grad_now = grad_now
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grad_now:
+            grad_a, grad_r = ctx.saved_tensors
+            return (grad_a * grad_out, grad_r * grad_out) + (None,) * 9
+        # reduction="none": the upstream gradient weighs each anchor's row of W differently
+        a, r = ctx.saved_tensors
+        plan = ctx.plan
+        grad_a = torch.empty_like(a)
+        grad_r = torch.zeros_like(r)
+        colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
+        for s in range(0, a.shape[0], plan.rows):
+            e = min(s + plan.rows, a.shape[0])
+            _, _, w = plan.chunk(a, r, s, e, True)
+            w.mul_(grad_out[s:e].unsqueeze(1))
+            grad_a[s:e] = gram_backward(w, a[s:e], r, plan.distance, grad_r, colsum)
+        grad_r.addcmul_(colsum.unsqueeze(1), r)
+        return (grad_a, grad_r) + (None,) * 9
+
+
+# ----------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------
+
+def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
+                    self_ref: bool, margin: Margin, mining: str, distance: str, reduction: str,
+                    chunk_bytes: Optional[int]) -> torch.Tensor:
+    """Chunked-torch triplet loss on prepared inputs (accumulation dtype, normalised if asked).
+
+    Args:
+        a: (N, D) anchors; r: (M, D) references, ``a`` itself when ``self_ref``.
+        labels: (N,) ints; ref_labels: (M,) ints (``labels`` when ``self_ref``).
+
+    Returns:
+        The reduced loss, or per-anchor sums for ``reduction="none"``.
+    """
+    if mining == "batch_hard":
+        index = ClassIndex(ref_labels)
+        cls = index.anchor_classes(labels, self_ref)
+        terms, num_terms, nonzero = _batch_hard_terms(a, r, index, cls, self_ref, margin, distance, chunk_bytes)
+        return reduce_loss(terms, num_terms, nonzero, reduction)
+    want_grad = torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)
+    return BlockTripletLoss.apply(a, r, labels, ref_labels, self_ref, mining, margin, distance, reduction,
+                                  chunk_bytes, want_grad)
