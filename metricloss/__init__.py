@@ -1,0 +1,25 @@
+"""metricloss: exact, fast and memory-lean metric-learning losses for PyTorch.
+
+Flat public API (DESIGN.md §1)::
+
+    import metricloss as ml
+    import metricloss.functional as MF
+
+    criterion = ml.TripletLoss(margin=0.2, mining="batch_hard")
+    loss = criterion(embeddings, labels)
+"""
+
+from . import functional, reference
+from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "TripletLoss",
+    "BatchHardTripletLoss",
+    "BatchAllTripletLoss",
+    "SemiHardTripletLoss",
+    "functional",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+"""``nn.Module`` drop-ins, one file per family. They hold hyper-parameters and buffers only."""
+
+from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
+
+__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss"]
