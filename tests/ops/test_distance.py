@@ -1,0 +1,92 @@
+"""Shared distances: Gram blocks with exact refinement, paired distances, the GEMM backward."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import metricloss.functional as MF
+from metricloss import reference
+from metricloss.ops import distance as D
+
+DISTANCES = D.DISTANCES
+
+
+@given(n=st.integers(1, 12), m=st.integers(1, 12), d=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+       distance=st.sampled_from(DISTANCES), normalize=st.booleans(), dup=st.booleans())
+def test_pairwise_distance_matches_reference_fp64(n, m, d, seed, distance, normalize, dup):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(m, d, generator=g, dtype=torch.float64)
+    if dup:
+        y[0] = x[0]
+    got = MF.pairwise_distance(x, y, distance, normalize=normalize)
+    want = reference.pairwise_distance(x, y, distance, normalize=normalize)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_self_distance_is_exactly_zero_with_zero_gradient(distance):
+    x = (torch.randn(50, 16) * 100).requires_grad_()
+    d = MF.pairwise_distance(x, distance=distance)
+    assert (d.diagonal() == 0).all() or distance == "cosine"
+    assert d.diagonal().abs().max() < 1e-6
+    d.diagonal().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() < 1e-5
+
+
+def test_refinement_recovers_small_distances_in_fp32():
+    # Points 1e-3 apart at norm 100: the Gram expansion alone loses every digit in fp32.
+    x = torch.randn(64, 32, dtype=torch.float64) * 100
+    y = x + torch.randn_like(x) * 1e-3
+    exact = reference.pairwise_distance(x, y).diagonal()
+    got = MF.pairwise_distance(x.float(), y.float()).diagonal().double()
+    x32, y32 = x.float().double(), y.float().double()
+    exact32 = (x32 - y32).norm(dim=1)  # exact distance of the fp32-rounded points
+    torch.testing.assert_close(got, exact32, rtol=1e-5, atol=0)
+    assert (got - exact).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_paired_distance_gradient_is_finite_at_zero(distance):
+    a = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    d = D.paired_distance(a, a.detach().clone(), distance)
+    d.sum().backward()
+    assert torch.isfinite(a.grad).all()
+
+
+def test_safe_sqrt():
+    u = torch.tensor([0.0, -1e-9, 4.0, float("nan")], requires_grad=True)
+    s = D.safe_sqrt(u)
+    assert s[:3].tolist() == [0.0, 0.0, 2.0] and torch.isnan(s[3])
+    s[:3].sum().backward()
+    assert u.grad[:3].tolist() == [0.0, 0.0, 0.25]
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_gram_backward_equals_autograd_of_weighted_sum(distance):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    r = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    r[2] = a[3]  # a coincident pair: its subgradient is 0
+    if distance == "cosine":
+        a, r = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(r, dim=1)
+    w = torch.randn(7, 9, generator=g, dtype=torch.float64)
+    a_, r_ = a.clone().requires_grad_(), r.clone().requires_grad_()
+    (w * reference._dist(a_, r_, distance)).sum().backward()
+    dist = D.GramFactors(a, r, distance).distance_block(0, a.shape[0])
+    grad_r = torch.zeros_like(r)
+    colsum = torch.zeros(r.shape[0], dtype=r.dtype)
+    grad_a = D.gram_backward(D.scale_distance_weights_(w.clone(), dist, distance), a, r, distance, grad_r, colsum)
+    grad_r.addcmul_(colsum.unsqueeze(1), r)
+    torch.testing.assert_close(grad_a, a_.grad)
+    torch.testing.assert_close(grad_r, r_.grad)
+
+
+def test_prepare_embeddings_upcasts_and_normalizes():
+    x = torch.randn(4, 3, dtype=torch.bfloat16)
+    p = D.prepare_embeddings(x, "euclidean", normalize=True)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p.norm(dim=1), torch.ones(4))
+    assert D.prepare_embeddings(x.double(), "cosine", normalize=False).dtype == torch.float64
+    assert D.accumulation_dtype(torch.float16) == torch.float32

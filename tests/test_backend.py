@@ -1,0 +1,71 @@
+"""Backend selection (DESIGN.md §4): auto, the environment override, loud fallbacks, triton on CPU."""
+
+import warnings
+
+import pytest
+import torch
+
+import metricloss.functional as MF
+from metricloss import _backend
+from metricloss._backend import resolve_backend
+
+CPU = torch.device("cpu")
+
+
+def test_auto_is_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv("METRICLOSS_BACKEND", raising=False)
+    assert resolve_backend("auto", CPU, "op", ("torch", "triton")) == "torch"
+
+
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv("METRICLOSS_BACKEND", "reference")
+    assert resolve_backend("auto", CPU, "op", ("torch", "reference")) == "reference"
+    # an explicit request is not overridden
+    assert resolve_backend("torch", CPU, "op", ("torch", "reference")) == "torch"
+
+
+def test_environment_value_is_validated(monkeypatch):
+    monkeypatch.setenv("METRICLOSS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="METRICLOSS_BACKEND"):
+        resolve_backend("auto", CPU, "op", ("torch",))
+
+
+def test_requested_backend_without_kernel_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match="falling back to the chunked torch backend"):
+        assert resolve_backend("triton", CPU, "some_op", ("torch",)) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("triton", CPU, "some_op", ("torch",)) == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", CPU, "op", ("torch", "triton"))
+
+
+def test_triton_on_cpu_under_interpreter_is_allowed(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    assert resolve_backend("triton", CPU, "op", ("torch", "triton")) == "triton"
+
+
+def test_loss_with_triton_requested_falls_back_loudly(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    x, y = torch.randn(12, 4), torch.arange(4).repeat(3)
+    with pytest.warns(UserWarning, match="triplet_loss: backend='triton'"):
+        got = MF.triplet_loss(x, y, mining="batch_all", backend="triton")
+    torch.testing.assert_close(got, MF.triplet_loss(x, y, mining="batch_all", backend="torch"))
+
+
+def test_reference_backend_matches_torch_backend():
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.arange(5).repeat(4)
+    for mining in ("batch_hard", "batch_all", "semi_hard"):
+        a = MF.triplet_loss(x, y, mining=mining, backend="reference")
+        b = MF.triplet_loss(x, y, mining=mining, backend="torch")
+        torch.testing.assert_close(a, b)
+    pa, na = MF.mine_batch_hard(x, y, backend="reference")
+    pb, nb = MF.mine_batch_hard(x, y, backend="torch")
+    assert torch.equal(pa, pb) and torch.equal(na, nb)
