@@ -17,7 +17,7 @@ from ._backend import resolve_backend
 from .ops import distance as _distance
 from .ops import mining as _mining
 from .ops.reduction import REDUCTIONS, mask_nonfinite
-from .ops.triplet import MININGS, triplet_loss_op
+from .ops.triplet import MININGS, triplet_backends, triplet_loss_op
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss"]
 
@@ -128,7 +128,7 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
     C.check_option(reduction, "reduction", REDUCTIONS, where)
     if not isinstance(normalize, bool):
         raise TypeError(f"{where}: `normalize` must be a bool, got {type(normalize).__name__}")
-    resolved = resolve_backend(backend, embeddings.device, where, implemented=("torch", "reference"))
+    resolved = resolve_backend(backend, embeddings.device, where, implemented=triplet_backends(mining))
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if resolved == "reference":
             from . import reference
@@ -140,6 +140,7 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
             a = _distance.prepare_embeddings(embeddings, distance, normalize)
             r = _distance.prepare_embeddings(ref_embeddings, distance, normalize) if has_ref else a
             loss = triplet_loss_op(a, labels, r, ref_labels if has_ref else labels, not has_ref, margin, mining,
-                                   distance, reduction, chunk_bytes)
+                                   distance, reduction, chunk_bytes, backend=resolved,
+                                   mining_dtype=_mining.kernel_dtype(embeddings.dtype))
         guards = (embeddings, ref_embeddings) if has_ref else (embeddings,)
         return mask_nonfinite(loss, *guards)

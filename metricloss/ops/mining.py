@@ -26,8 +26,11 @@ __all__ = [
     "default_chunk_bytes",
     "rows_per_chunk",
     "mask_own_class_",
+    "MINING_BACKENDS",
     "mine_batch_hard",
     "batch_hard_indices",
+    "batch_hard_indices_triton",
+    "kernel_dtype",
     "semi_hard_negative_idx",
     "use_sorted_semi_hard",
 ]
@@ -180,7 +183,7 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
     are used as given (normalise them first if the loss does); cosine normalises internally.
     """
     self_ref = ref_embeddings is None
-    resolved = resolve_backend(backend, embeddings.device, "mine_batch_hard", implemented=("torch", "reference"))
+    resolved = resolve_backend(backend, embeddings.device, "mine_batch_hard", implemented=MINING_BACKENDS)
     with torch.no_grad():
         if resolved == "reference":
             from .. import reference
@@ -189,7 +192,31 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
         a = prepare_embeddings(embeddings.detach(), distance, normalize=False)
         r = a if self_ref else prepare_embeddings(ref_embeddings.detach(), distance, normalize=False)
         lr = labels if self_ref else ref_labels
+        if resolved == "triton":
+            dtype = kernel_dtype(embeddings.dtype)
+            return batch_hard_indices_triton(a.to(dtype), labels, r.to(dtype), lr, self_ref, distance)
         index = ClassIndex(lr)
         cls = index.anchor_classes(labels, self_ref)
         return batch_hard_indices(a, r, index, cls, self_ref, distance, chunk_bytes)
+
+
+MINING_BACKENDS = ("torch", "triton", "reference")
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Triton kernel mines in: 16-bit inputs keep their precision (tensor cores), fp32 stays
+    fp32 (3-pass TF32 dots), fp64 is mined in fp32 (indices only; the loss is recomputed in fp64)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def batch_hard_indices_triton(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
+                              self_ref: bool, distance: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hardest positive / negative indices from the fused Triton kernel (:mod:`metricloss.kernels.mining`).
+
+    Same contract as :func:`batch_hard_indices`: int64 (N,), -1 where none, first index on ties.
+    """
+    from ..kernels.mining import mine_batch_hard_triton
+
+    return mine_batch_hard_triton(a, labels, a if self_ref else r, labels if self_ref else ref_labels,
+                                  self_ref=self_ref, distance=distance)
 

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from .distance import GramFactors, gram_backward, paired_distance, scale_distance_weights_
-from .labels import AnchorClasses, ClassIndex
-from .mining import batch_hard_indices, mask_own_class_, rows_per_chunk, semi_hard_negative_idx
+from .labels import ClassIndex
+from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
+                     semi_hard_negative_idx)
 from .reduction import reduce_loss
 
-__all__ = ["MININGS", "triplet_loss_op", "use_sorted_batch_all"]
+__all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "use_sorted_batch_all"]
 
 MININGS = ("batch_hard", "batch_all", "semi_hard")
 
@@ -60,13 +61,18 @@ def _hinge(z: torch.Tensor, margin: Margin) -> torch.Tensor:
 # batch-hard: indices, then exact recompute with autograd
 # ----------------------------------------------------------------------------------------------------
 
-def _batch_hard_terms(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls: AnchorClasses, self_ref: bool,
-                      margin: Margin, distance: str, chunk_bytes: Optional[int],
-                      indices: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-    if indices is None:
-        with torch.no_grad():
-            indices = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance, chunk_bytes)
-    pos_idx, neg_idx = indices
+def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
+                      self_ref: bool, margin: Margin, distance: str, chunk_bytes: Optional[int], backend: str,
+                      mining_dtype: torch.dtype):
+    with torch.no_grad():
+        if backend == "triton":
+            pos_idx, neg_idx = batch_hard_indices_triton(a.detach().to(mining_dtype), labels,
+                                                         r.detach().to(mining_dtype), ref_labels, self_ref, distance)
+        else:
+            index = ClassIndex(ref_labels)
+            cls = index.anchor_classes(labels, self_ref)
+            pos_idx, neg_idx = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance,
+                                                  chunk_bytes)
     valid = (pos_idx >= 0) & (neg_idx >= 0)
     # Invalid anchors gather row 0 (any in-range row): their term is computed, then masked by `where`,
     # which also zeroes its gradient.
@@ -261,22 +267,29 @@ class BlockTripletLoss(torch.autograd.Function):
 # driver
 # ----------------------------------------------------------------------------------------------------
 
+def triplet_backends(mining: str) -> Tuple[str, ...]:
+    """Backends :func:`triplet_loss_op` implements for ``mining``: batch-hard mines with a Triton kernel."""
+    return ("torch", "triton", "reference") if mining == "batch_hard" else ("torch", "reference")
+
+
 def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
                     self_ref: bool, margin: Margin, mining: str, distance: str, reduction: str,
-                    chunk_bytes: Optional[int]) -> torch.Tensor:
-    """Chunked-torch triplet loss on prepared inputs (accumulation dtype, normalised if asked).
+                    chunk_bytes: Optional[int], backend: str = "torch",
+                    mining_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Triplet loss on prepared inputs (accumulation dtype, normalised if asked).
 
     Args:
         a: (N, D) anchors; r: (M, D) references, ``a`` itself when ``self_ref``.
         labels: (N,) ints; ref_labels: (M,) ints (``labels`` when ``self_ref``).
+        backend: ``"torch"`` or ``"triton"`` (batch-hard mining only; the loss itself is torch).
+        mining_dtype: the dtype the Triton kernel mines in (see :func:`~metricloss.ops.mining.kernel_dtype`).
 
     Returns:
         The reduced loss, or per-anchor sums for ``reduction="none"``.
     """
     if mining == "batch_hard":
-        index = ClassIndex(ref_labels)
-        cls = index.anchor_classes(labels, self_ref)
-        terms, num_terms, nonzero = _batch_hard_terms(a, r, index, cls, self_ref, margin, distance, chunk_bytes)
+        terms, num_terms, nonzero = _batch_hard_terms(a, labels, r, ref_labels, self_ref, margin, distance,
+                                                      chunk_bytes, backend, mining_dtype)
         return reduce_loss(terms, num_terms, nonzero, reduction)
     want_grad = torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)
     return BlockTripletLoss.apply(a, r, labels, ref_labels, self_ref, mining, margin, distance, reduction,

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Registers, spills and shared memory of every Triton kernel configuration, for sm_80 and sm_90.
+
+Compiles each configuration the tile heuristics can pick ahead of time (no GPU needed: Triton's wheel
+bundles ptxas and cuobjdump) and prints a markdown table read from the cubins.
+
+Usage:
+    python benchmarks/kernel_resources.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from metricloss.kernels.aot import inspect_in_subprocess  # noqa: E402
+from metricloss.kernels.mining import SMEM_LIMIT_BYTES, aot_job, all_mining_configs  # noqa: E402
+
+
+def main() -> None:
+    cases = [(arch, dtype, cfg, variant) for arch, dtype, cfg in all_mining_configs()
+             for variant in ("self_euclidean", "ref_cosine")]
+    jobs = [aot_job(arch, dtype, cfg, cosine=v == "ref_cosine", self_ref=v == "self_euclidean")
+            for arch, dtype, cfg, v in cases]
+    reports = inspect_in_subprocess(jobs)
+    print("| kernel | arch | dtype | BLOCK_M×N×K | warps | stages | variant | registers | spills (stack B / STL / LDL) "
+          "| shared (B, limit) | tensor-core ops |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (arch, dtype, cfg, variant), rep in zip(cases, reports):
+        print(f"| batch_hard_mining | sm_{arch} | {str(dtype)[6:]} | {cfg.BLOCK_M}×{cfg.BLOCK_N}×{cfg.BLOCK_K} | "
+              f"{cfg.num_warps} | {cfg.num_stages} | {variant} | {rep.registers} | "
+              f"{rep.stack_bytes} / {rep.spill_stores} / {rep.spill_loads} | "
+              f"{rep.shared_bytes} ({SMEM_LIMIT_BYTES[arch]}) | {rep.mma_count} × {', '.join(rep.mma)} |")
+
+
+if __name__ == "__main__":
+    main()

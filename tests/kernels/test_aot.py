@@ -1,0 +1,45 @@
+"""Every kernel configuration the heuristics can pick compiles for sm_80 and sm_90, without spills,
+within the target's shared memory, and with tensor-core instructions in the mining kernel.
+
+The compilations run in one clean subprocess (metricloss.kernels.aot.inspect_in_subprocess): this test
+process runs under TRITON_INTERPRET=1, where Triton cannot compile a kernel repeatedly.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from metricloss.kernels.aot import cuobjdump_path, inspect_in_subprocess  # noqa: E402
+from metricloss.kernels.mining import SMEM_LIMIT_BYTES, all_mining_configs, aot_job  # noqa: E402
+
+if not os.path.exists(cuobjdump_path()):
+    pytest.skip("Triton's bundled cuobjdump is missing", allow_module_level=True)
+
+CASES = [(arch, dtype, cfg, variant) for arch, dtype, cfg in all_mining_configs()
+         for variant in ("self_euclidean", "ref_cosine")]
+IDS = [f"sm{a}-{str(d)[6:]}-{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-w{c.num_warps}-{v}" for a, d, c, v in CASES]
+
+
+@pytest.fixture(scope="module")
+def reports():
+    jobs = [aot_job(arch, dtype, cfg, cosine=variant == "ref_cosine", self_ref=variant == "self_euclidean")
+            for arch, dtype, cfg, variant in CASES]
+    return dict(zip(IDS, inspect_in_subprocess(jobs)))
+
+
+@pytest.mark.parametrize("case_id", IDS)
+def test_mining_kernel_compiles_clean(reports, case_id):
+    rep = reports[case_id]
+    assert not rep.spills, rep
+    assert rep.shared_bytes <= SMEM_LIMIT_BYTES[rep.arch], rep
+    assert rep.mma_count > 0, rep
+    prefixes = ("HMMA",) if rep.arch == 80 else ("HGMMA", "HMMA")
+    assert all(op.startswith(prefixes) for op in rep.mma), rep
+
+
+def test_every_dtype_and_arch_is_covered():
+    assert {(a, d) for a, d, _, _ in CASES} == {(a, d) for a in (80, 90)
+                                                for d in (torch.float32, torch.float16, torch.bfloat16)}
