@@ -9,7 +9,7 @@ Flat public API (DESIGN.md §1)::
     loss = criterion(embeddings, labels)
 """
 
-from . import functional, reference
+from . import functional, metrics, reference
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 
 __version__ = "0.1.0.dev0"
@@ -20,6 +20,7 @@ __all__ = [
     "BatchAllTripletLoss",
     "SemiHardTripletLoss",
     "functional",
+    "metrics",
     "reference",
     "__version__",
 ]
