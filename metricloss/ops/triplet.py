@@ -6,8 +6,10 @@ Layout (Liger style): per-chunk block math → a driver that walks the chunks �
 * **batch-hard**: mine indices (:func:`~metricloss.ops.mining.batch_hard_indices`, no gradient), then
   recompute d(a, p*) and d(a, n*) exactly from the gathered rows; autograd sees O(N·D).
 * **batch-all** and **semi-hard**: every anchor chunk builds its (c, M) distance block (Gram, exact
-  refinement of small entries), turns it into per-anchor loss sums and a (c, M) weight block
-  W = ∂loss/∂d, and applies W with two GEMMs (:func:`~metricloss.ops.distance.gram_backward`).
+  refinement of small entries). Batch-all turns it into per-anchor loss sums and a (c, M) weight block
+  W = ∂loss/∂d applied with two GEMMs (:func:`~metricloss.ops.distance.gram_backward`); semi-hard only
+  selects from it, then recomputes the selected d(a, p) and d(a, n*) exactly from the rows, and so its
+  gradient (O(c·K·D), :class:`PairChunkGrad`).
   With a scalar reduction the gradient is computed in the forward pass (the loss is terminal, so this
   saves a second distance pass) and backward only rescales it; with ``reduction="none"`` the upstream
   gradient weighs anchors differently, so backward recomputes the chunks with W's rows scaled.
@@ -30,7 +32,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .distance import GramFactors, gram_backward, paired_distance, scale_distance_weights_
+from .distance import GramFactors, gram_backward, paired_distance, paired_distance_grad, scale_distance_weights_
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx)
@@ -88,8 +90,8 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
 
 def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
                      valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Margin, distance: str,
-                     want_weights: bool):
-    """Batch-all on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), W̃ (c, M) or None)."""
+                     want_weights: bool, a_c: torch.Tensor, r: torch.Tensor):
+    """Batch-all on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), DenseChunkGrad or None)."""
     c = dist.shape[0]
     width = members.shape[1]
     # The block becomes the negatives' distances: own class (and self) +inf, so it contributes 0 below.
@@ -150,15 +152,21 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
     w = scale_distance_weights_(neg_weight, neg, distance)
     pos_w = scale_distance_weights_(torch.where(valid, pos_weight, torch.zeros_like(pos_weight)), d_ap, distance)
     w.scatter_add_(1, members, pos_w)
-    return sums, nonzero, w
+    return sums, nonzero, DenseChunkGrad(w)
 
 
 def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
                      valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Margin, distance: str,
-                     want_weights: bool):
-    """Semi-hard on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), W̃ (c, M) or None)."""
+                     want_weights: bool, a_c: torch.Tensor, r: torch.Tensor):
+    """Semi-hard on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), PairChunkGrad or None).
+
+    The block only selects: the loss recomputes d(a, p) and d(a, n*) exactly from the selected rows
+    (O(c·W·D)), and so does the gradient.
+    """
     neg_idx = semi_hard_negative_idx(dist, d_ap, members, in_class, self_cols)
-    d_an = dist.gather(1, neg_idx)
+    a3 = a_c.unsqueeze(1)
+    d_ap = paired_distance(a3, r[members], distance)
+    d_an = paired_distance(a3, r[neg_idx], distance)
     z = d_ap - d_an
     terms = torch.where(valid, _hinge(z, margin), torch.zeros_like(z))
     sums, nonzero = terms.sum(1), torch.count_nonzero(terms)
@@ -166,11 +174,36 @@ def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
         return sums, nonzero, None
     slope = torch.sigmoid(z) if margin == "soft" else (z + margin > 0).to(dist.dtype)
     slope = torch.where(valid, slope, torch.zeros_like(slope))
-    # W̃ has 2 entries per (a, p) pair: scale them sparsely, then scatter.
-    w = torch.zeros_like(dist)
-    w.scatter_add_(1, members, scale_distance_weights_(slope.clone(), d_ap, distance))
-    w.scatter_add_(1, neg_idx, scale_distance_weights_(slope.neg(), d_an, distance))
-    return sums, nonzero, w
+    return sums, nonzero, PairChunkGrad(torch.cat([members, neg_idx], 1), torch.cat([slope, slope.neg()], 1))
+
+
+class DenseChunkGrad:
+    """A chunk's gradient as a dense scaled weight block W̃ (c, M), applied by :func:`gram_backward`."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+
+    def apply(self, a_c: torch.Tensor, r: torch.Tensor, distance: str, grad_r: torch.Tensor, colsum: torch.Tensor,
+              row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = self.w if row_scale is None else self.w.mul_(row_scale.unsqueeze(1))
+        return gram_backward(w, a_c, r, distance, grad_r, colsum)
+
+
+class PairChunkGrad:
+    """A chunk's gradient as a few weighted (anchor, reference) pairs per row: ``ref_idx``, ``weight`` (c, P).
+
+    Gradient of Σ_ij weight_ij · d(a_i, r_{ref_idx_ij}) from the rows' differences, O(c·P·D).
+    """
+
+    def __init__(self, ref_idx: torch.Tensor, weight: torch.Tensor):
+        self.ref_idx, self.weight = ref_idx, weight
+
+    def apply(self, a_c: torch.Tensor, r: torch.Tensor, distance: str, grad_r: torch.Tensor, colsum: torch.Tensor,
+              row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight if row_scale is None else self.weight * row_scale.unsqueeze(1)
+        d_a, d_r = paired_distance_grad(a_c.unsqueeze(1), r[self.ref_idx], distance)
+        grad_r.index_add_(0, self.ref_idx.flatten(), (weight.unsqueeze(2) * d_r).flatten(0, 1))
+        return (weight.unsqueeze(2) * d_a).sum(1)
 
 
 class _BlockTripletPlan:
@@ -187,13 +220,16 @@ class _BlockTripletPlan:
         # dist, neg, the weight block and one temporary per element, plus bool/int scratch
         per_ref = 4 * elem + 2 + (16 if (mining == "batch_all" and use_sorted_batch_all(self.width)) else 0)
         per_ref += 16 if (mining == "semi_hard" and self.width > 0) else 0
-        self.rows = rows_per_chunk(m, per_ref, chunk_bytes, bytes_per_row=self.width * (24 + 2 * elem))
+        per_row = self.width * (24 + 2 * elem)
+        if mining == "semi_hard":  # gathered positive and negative rows, their differences and gradients
+            per_row += 8 * self.width * a.shape[1] * elem
+        self.rows = rows_per_chunk(m, per_ref, chunk_bytes, bytes_per_row=per_row)
         # number of valid terms: triplets (batch-all) or (anchor, positive) pairs (semi-hard)
         valid_pos = self.cls.num_pos * (self.cls.num_neg > 0)
         self.num_terms = (valid_pos * self.cls.num_neg).sum() if mining == "batch_all" else valid_pos.sum()
 
     def chunk(self, a: torch.Tensor, r: torch.Tensor, s: int, e: int, want_weights: bool):
-        """Loss sums (c,), nonzero count () and scaled weight block W̃ (c, M) (or None) for anchors s:e."""
+        """Loss sums (c,), nonzero count () and the chunk's gradient (a ``*ChunkGrad``, or None), anchors s:e."""
         cls = self.cls[s:e]
         dist = self.gram.distance_block(s, e, refine=True)
         members, in_class = self.index.positive_table(cls, self.width)
@@ -201,7 +237,8 @@ class _BlockTripletPlan:
         d_ap = dist.gather(1, members)
         self_cols = torch.arange(s, e, device=a.device) if self.self_ref else None
         block = _batch_all_block if self.mining == "batch_all" else _semi_hard_block
-        return block(dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance, want_weights)
+        return block(dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance, want_weights,
+                     a[s:e], r)
 
 
 class BlockTripletLoss(torch.autograd.Function):
@@ -226,11 +263,11 @@ class BlockTripletLoss(torch.autograd.Function):
             colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
         for s in range(0, n, plan.rows):
             e = min(s + plan.rows, n)
-            chunk_sums, chunk_nonzero, w = plan.chunk(a, r, s, e, grad_now)
+            chunk_sums, chunk_nonzero, chunk_grad = plan.chunk(a, r, s, e, grad_now)
             sums[s:e] = chunk_sums
             nonzero += chunk_nonzero
             if grad_now:
-                grad_a[s:e] = gram_backward(w, a[s:e], r, distance, grad_r, colsum)
+                grad_a[s:e] = chunk_grad.apply(a[s:e], r, distance, grad_r, colsum)
         loss = reduce_loss(sums, plan.num_terms, nonzero, reduction)
         ctx.plan = plan
         if grad_now:
@@ -256,9 +293,8 @@ class BlockTripletLoss(torch.autograd.Function):
         colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
         for s in range(0, a.shape[0], plan.rows):
             e = min(s + plan.rows, a.shape[0])
-            _, _, w = plan.chunk(a, r, s, e, True)
-            w.mul_(grad_out[s:e].unsqueeze(1))
-            grad_a[s:e] = gram_backward(w, a[s:e], r, plan.distance, grad_r, colsum)
+            _, _, chunk_grad = plan.chunk(a, r, s, e, True)
+            grad_a[s:e] = chunk_grad.apply(a[s:e], r, plan.distance, grad_r, colsum, row_scale=grad_out[s:e])
         grad_r.addcmul_(colsum.unsqueeze(1), r)
         return (grad_a, grad_r) + (None,) * 9
 
