@@ -21,7 +21,8 @@ The sampled estimator keeps the paper's law exactly while bounding memory (``max
 2. The remaining examples draw trials in *blocks*: one ``randint``/``rand`` call draws (active, t)
    negatives, the violation mask is evaluated, ``argmax`` finds each example's first violator, and
    examples that found one (or used all their trials) leave. Block sizes start at ``_FIRST_BLOCK`` and
-   double, capped so a block's temporaries fit the memory budget (:func:`~metricloss.ops.mining.rows_per_chunk`
+   double (and give the few examples of a long tail at least ``_MIN_DRAWS_PER_BLOCK`` draws in total),
+   capped so a block's temporaries fit the memory budget (:func:`~metricloss.ops.mining.rows_per_chunk`
    style). Draws are i.i.d., so the concatenated blocks are one long i.i.d. sequence and the pair
    (first-violator trial N, chosen violator) has exactly the loop's law: N ~ Geometric(r/|𝒩|) truncated at
    ``max_trials``, the violator uniform among the r violators. Python iterates over blocks (O(log
@@ -69,6 +70,11 @@ LOG_WEIGHT_CLIP = 10.0
 # Trials drawn per active example in the first block; later blocks double. Most examples of a
 # non-trivial model find a violator in a few trials, so a small first block wastes few draws.
 _FIRST_BLOCK = 16
+
+# A block draws at least this many trials in total (when the cap allows): once few examples remain
+# active (the long tail of well-ranked rows), one block gives each of them many trials, so the tail
+# takes one or two blocks instead of one per doubling. The waste is bounded by this count per block.
+_MIN_DRAWS_PER_BLOCK = 1 << 16
 
 # Temporaries per drawn trial: the draw and column (int64), the flat index (int64), the gathered score
 # (up to 8 bytes) and its upcast, the violation mask, plus an fp64 uniform for multi-hot rows.
@@ -257,7 +263,8 @@ def first_violators(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor, 
     done, block = 0, _FIRST_BLOCK
     while idx.numel() > 0 and done < max_cap:
         a = idx.numel()
-        t = min(block, max_cap - done, max(1, budget // (a * _BYTES_PER_DRAW)))
+        fits = max(1, budget // (a * _BYTES_PER_DRAW))
+        t = min(max(block, _MIN_DRAWS_PER_BLOCK // a), max_cap - done, fits)
         # 1. t i.i.d. uniform draws from each example's negatives, one call for the whole block
         if ex.single:
             k = torch.randint(0, C - 1, (a, t), generator=generator, device=device)
