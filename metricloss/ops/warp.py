@@ -53,6 +53,7 @@ __all__ = [
     "LOG_WEIGHT_CLIP",
     "WarpExamples",
     "rank_estimate",
+    "harmonic_numbers",
     "rank_weights",
     "any_violator",
     "first_violators",
@@ -149,19 +150,26 @@ def rank_estimate(num_neg: torch.Tensor, trials: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(num_neg))
 
 
-def rank_weights(rank: torch.Tensor, rank_weight: RankWeight, dtype: torch.dtype, max_rank: int) -> torch.Tensor:
+def harmonic_numbers(max_rank: int, device: torch.device) -> torch.Tensor:
+    """fp64 table of L(k) = Σ_{j=1..k} 1/j for k = 0..max_rank, with table[k] = L(k) (so L(0) = 0)."""
+    table = torch.zeros(max_rank + 1, dtype=torch.float64, device=device)
+    steps = torch.arange(1, max_rank + 1, dtype=torch.float64, device=device)
+    torch.cumsum(steps.reciprocal_(), 0, out=table[1:])
+    return table
+
+
+def rank_weights(rank: torch.Tensor, rank_weight: RankWeight, dtype: torch.dtype, max_rank: int,
+                 table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L(k) for an int64 tensor of ranks k, as a detached tensor of ``dtype``.
 
-    * ``"harmonic"``: L(k) = Σ_{j=1..k} 1/j, L(0) = 0, from an fp64 table indexed by k (table[k] = L(k)).
+    * ``"harmonic"``: L(k) = Σ_{j=1..k} 1/j, L(0) = 0, from :func:`harmonic_numbers` (``table`` if given).
     * ``"log"``: min(log(max(k, 1)), 10) (LightFM): 0 for k ≤ 1, never −inf.
     * a callable: ``rank_weight(rank)`` must return a tensor (or array-like) of the same shape.
 
     ``max_rank`` bounds the ranks (|𝒩| ≤ C − 1) and sizes the harmonic table.
     """
     if isinstance(rank_weight, str) and rank_weight == "harmonic":
-        table = torch.zeros(max_rank + 1, dtype=torch.float64, device=rank.device)
-        steps = torch.arange(1, max_rank + 1, dtype=torch.float64, device=rank.device)
-        torch.cumsum(steps.reciprocal_(), 0, out=table[1:])
+        table = harmonic_numbers(max_rank, rank.device) if table is None else table
         return table[rank].to(dtype)
     if isinstance(rank_weight, str) and rank_weight == "log":
         return torch.log(rank.clamp_min(1).to(dtype)).clamp_max_(LOG_WEIGHT_CLIP)
@@ -333,22 +341,25 @@ def _sampled_per_row(scores: torch.Tensor, ex: WarpExamples, margin: float, max_
 
 
 def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, s: int, e: int, margin: float, rank_weight: RankWeight,
-                 grad_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Exact WARP of rows s:e: per-row loss sums (c,) and, when ``grad_scale`` is given, the gradient
-    block (c, C) with row i scaled by ``grad_scale[i]`` (a (c,) tensor or a scalar tensor)."""
+                 table: Optional[torch.Tensor], grad: Optional[torch.Tensor] = None,
+                 grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact WARP of rows s:e: returns the per-row loss sums (c,). When ``grad`` is given (a zeroed
+    (c, C) block in the accumulation dtype), adds the gradient into it with row i scaled by
+    ``grad_scale[i]`` (a (c,) tensor or a scalar tensor)."""
     B, C = scores.shape
     acc = accumulation_dtype(scores.dtype)
     x = scores[s:e].to(acc)
     c = x.shape[0]
     sums = torch.zeros(c, dtype=acc, device=x.device)
-    grad = torch.zeros_like(x) if grad_scale is not None else None
     lo, hi = _chunk_examples(ex, s, e)
     if lo == hi:
-        return sums, grad
+        return sums
     counts, starts = ex.counts[s:e], ex.starts[s:e]
     pos_cells = (ex.rows[lo:hi] - s) * C + ex.cols[lo:hi]
+    min_count, max_count = (int(v) for v in torch.aminmax(counts))
     z = torch.empty_like(x)
-    for slot in range(int(counts.max())):
+    viol = torch.empty_like(x)
+    for slot in range(max_count):
         # one positive per row at a time: the slot-th positive of each row (invalid rows are masked)
         valid = counts > slot
         p = ex.cols[torch.where(valid, starts + slot, torch.full_like(starts, lo))]
@@ -356,27 +367,30 @@ def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, s: int, e: int, margin:
         # 1. z_j = s_j + (m − s_p) for every label; positives (and invalid rows) can never violate
         torch.add(x, margin - s_pos, out=z)
         z.view(-1).index_fill_(0, pos_cells, float("-inf"))
-        z.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-        # 2. r = #{z_j > 0} (strict), Σ hinge over violators
-        viol = z > 0
-        r = torch.count_nonzero(viol, dim=1)
+        if slot >= min_count:
+            z.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+        # 2. r = #{z_j > 0} (strict) and Σ hinge over violators. The mask is 0/1 in the float dtype: its
+        #    row sums are fast and exact (counts < 2^24), and it scales the gradient with one addcmul.
+        torch.gt(z, 0, out=viol)
+        r = viol.sum(1).to(torch.int64)
         hinge_sum = z.clamp_min_(0).sum(1)
         # 3. ℓ = L(r)/r · Σ hinge, 0/0 = 0
-        per_violator = rank_weights(r, rank_weight, acc, C - 1) / r.clamp_min(1)
+        per_violator = rank_weights(r, rank_weight, acc, C - 1, table) / r.clamp_min(1)
         per_violator = torch.where(r > 0, per_violator, torch.zeros_like(per_violator))
         sums += per_violator * hinge_sum
         if grad is not None:
             # 4. ∂ℓ/∂s_j = L(r)/r for every violator j, ∂ℓ/∂s_p = −L(r)
             w = per_violator * grad_scale
-            grad.add_(torch.where(viol, w.unsqueeze(1), torch.zeros((), dtype=acc, device=x.device)))
+            grad.addcmul_(viol, w.unsqueeze(1))
             grad.scatter_add_(1, p.unsqueeze(1), (-w * r).unsqueeze(1))
-    return sums, grad
+    return sums
 
 
 def _exact_rows_per_chunk(scores: torch.Tensor, chunk_bytes: Optional[int]) -> int:
     acc_size = torch.empty((), dtype=accumulation_dtype(scores.dtype)).element_size()
-    # the upcast chunk, z, the gradient block and one temporary (acc dtype), plus the violation mask
-    return rows_per_chunk(scores.shape[1], 4 * acc_size + 1, chunk_bytes)
+    # the upcast chunk, z, the violation mask and the gradient block (a temporary only for half-precision
+    # scores), all in the accumulation dtype
+    return rows_per_chunk(scores.shape[1], 4 * acc_size, chunk_bytes)
 
 
 class ExactWARPLoss(torch.autograd.Function):
@@ -390,19 +404,20 @@ class ExactWARPLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad):
-        B = scores.shape[0]
+        B, C = scores.shape
         acc = accumulation_dtype(scores.dtype)
         rows = _exact_rows_per_chunk(scores, chunk_bytes)
+        table = harmonic_numbers(C - 1, scores.device) if rank_weight == "harmonic" else None
         grad_now = want_grad and reduction != "none"
         scale = torch.tensor(1.0 / B if reduction == "mean" else 1.0, dtype=acc, device=scores.device)
         per_row = torch.empty(B, dtype=acc, device=scores.device)
         grad = torch.empty_like(scores) if grad_now else None
         for s in range(0, B, rows):
             e = min(s + rows, B)
-            sums, g = _exact_chunk(scores, ex, s, e, margin, rank_weight, scale if grad_now else None)
-            per_row[s:e] = sums
-            if grad_now:
-                grad[s:e] = g
+            block = _zeroed_grad_block(grad, s, e, acc) if grad_now else None
+            per_row[s:e] = _exact_chunk(scores, ex, s, e, margin, rank_weight, table, block, scale)
+            if grad_now and block.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = block
         count = torch.tensor(B, device=scores.device)
         loss = reduce_loss(per_row, count, count, reduction)
         ctx.grad_now = grad_now
@@ -410,23 +425,39 @@ class ExactWARPLoss(torch.autograd.Function):
             ctx.save_for_backward(grad)
         else:
             ctx.save_for_backward(scores)
-            ctx.ex, ctx.margin, ctx.rank_weight, ctx.rows = ex, margin, rank_weight, rows
+            ctx.ex, ctx.margin, ctx.rank_weight, ctx.rows, ctx.table = ex, margin, rank_weight, rows, table
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.grad_now:
             (grad,) = ctx.saved_tensors
+            if bool(grad_out == 1):
+                # plain loss.backward(): hand over the saved gradient as is. Autograd releases it before
+                # accumulating (so .grad takes it without a copy) or, with retain_graph, clones it; it is
+                # never modified here, so a second backward sees it unchanged.
+                return (grad,) + (None,) * 6
             return (grad * grad_out.to(grad.dtype),) + (None,) * 6
         # reduction="none": row i of the gradient is scaled by grad_out[i]
         (scores,) = ctx.saved_tensors
         B = scores.shape[0]
+        acc = accumulation_dtype(scores.dtype)
         grad = torch.empty_like(scores)
         for s in range(0, B, ctx.rows):
             e = min(s + ctx.rows, B)
-            _, g = _exact_chunk(scores, ctx.ex, s, e, ctx.margin, ctx.rank_weight, grad_out[s:e])
-            grad[s:e] = g
+            block = _zeroed_grad_block(grad, s, e, acc)
+            _exact_chunk(scores, ctx.ex, s, e, ctx.margin, ctx.rank_weight, ctx.table, block, grad_out[s:e])
+            if block.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = block
         return (grad,) + (None,) * 6
+
+
+def _zeroed_grad_block(grad: torch.Tensor, s: int, e: int, acc: torch.dtype) -> torch.Tensor:
+    """Rows s:e of the gradient as a zeroed accumulation block: a view into ``grad`` when it already
+    has the accumulation dtype (no copy), else a temporary to be cast back by the caller."""
+    if grad.dtype == acc:
+        return grad[s:e].zero_()
+    return torch.zeros((e - s, grad.shape[1]), dtype=acc, device=grad.device)
 
 
 def warp_loss_op(scores: torch.Tensor, labels: torch.Tensor, margin: float, max_trials: Optional[int], mode: str,
