@@ -407,7 +407,8 @@ class ExactWARPLoss(torch.autograd.Function):
         B, C = scores.shape
         acc = accumulation_dtype(scores.dtype)
         rows = _exact_rows_per_chunk(scores, chunk_bytes)
-        table = harmonic_numbers(C - 1, scores.device) if rank_weight == "harmonic" else None
+        harmonic = isinstance(rank_weight, str) and rank_weight == "harmonic"
+        table = harmonic_numbers(C - 1, scores.device) if harmonic else None
         grad_now = want_grad and reduction != "none"
         scale = torch.tensor(1.0 / B if reduction == "mean" else 1.0, dtype=acc, device=scores.device)
         per_row = torch.empty(B, dtype=acc, device=scores.device)

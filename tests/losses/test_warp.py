@@ -472,3 +472,23 @@ def test_multi_hot_labels_accept_bool_float_and_int():
     want = MF.warp_loss(s, mask, mode="exact")
     for dtype in (torch.float32, torch.float16, torch.int64, torch.uint8):
         torch.testing.assert_close(MF.warp_loss(s, mask.to(dtype), mode="exact"), want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_backward_twice_and_with_a_scaled_upstream(reduction):
+    # The gradient computed in forward is handed over as is when grad_out == 1: a retained second
+    # backward must see it unchanged, and any other upstream gradient scales it.
+    s = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (5,))
+    loss = MF.warp_loss(s, y, mode="exact", reduction=reduction)
+    (once,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (again,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (scaled,) = torch.autograd.grad(loss * 3.0, s)
+    want = torch.autograd.grad(reference.warp_loss(s, y, reduction=reduction), s)[0]
+    torch.testing.assert_close(once, want)
+    torch.testing.assert_close(again, want)
+    torch.testing.assert_close(scaled, 3 * want)
+    loss = MF.warp_loss(s, y, mode="exact", reduction=reduction)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * want)
