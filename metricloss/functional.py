@@ -187,6 +187,10 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
     positive set. A negative j *violates* when z_j = s_j + (m − s_p) > 0 (strict; the positive itself is
     never a violator). L(k) is the rank weight (harmonic: L(k) = Σ_{j≤k} 1/j, L(0) = 0).
 
+    Provenance (METHODS.md §1, §9): the harmonic L and the ⌊(Y − 1)/N⌋ estimate are confirmed by
+    independent implementations, not by the paper's text. For multi-hot rows, |𝒩| replaces the paper's
+    Y − 1 in the rank estimate and the trial cap. That is our reconstruction [U]: the paper states Y.
+
     * ``mode="sampled"`` (default, the paper's estimator): draw negatives uniformly and independently,
       *with replacement*, until the first violator or ``max_trials`` draws. If found at trial N, the
       example's loss is L(⌊|𝒩|/N⌋) · z_chosen with the weight a detached constant, so the gradient
