@@ -11,6 +11,7 @@ Flat public API (DESIGN.md §1)::
 
 from . import functional, metrics, reference
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
+from .losses import WARPLoss
 
 __version__ = "0.1.0.dev0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "BatchHardTripletLoss",
     "BatchAllTripletLoss",
     "SemiHardTripletLoss",
+    "WARPLoss",
     "functional",
     "metrics",
     "reference",

@@ -24,6 +24,10 @@ __all__ = [
     "check_positive_int",
     "check_chunk_bytes",
     "check_label_range",
+    "check_scores",
+    "check_multi_hot",
+    "check_option_or_callable",
+    "check_generator",
 ]
 
 
@@ -177,3 +181,78 @@ def check_same_device(tensors: Iterable[Tuple[str, torch.Tensor]], where: str = 
     for name, t in items[1:]:
         if t.device != first.device:
             raise ValueError(f"{prefix}`{name}` is on {t.device} but `{first_name}` is on {first.device}")
+
+
+def check_scores(scores: object, name: str = "scores", where: str = "", min_classes: int = 2) -> torch.Tensor:
+    """Check a (B, C) floating-point score (logit) matrix with B >= 1 and C >= ``min_classes``."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{prefix}`{name}` must be a torch.Tensor of shape (B, C), got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{prefix}`{name}` must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                        f"got dtype {scores.dtype}")
+    if scores.dim() != 2:
+        raise ValueError(f"{prefix}`{name}` must be 2-D with shape (B, C), got shape {_shape(scores)}")
+    if scores.shape[0] == 0:
+        raise ValueError(f"{prefix}`{name}` is an empty batch (shape {_shape(scores)}); B must be >= 1")
+    if scores.shape[1] < min_classes:
+        raise ValueError(f"{prefix}`{name}` must have at least {min_classes} columns (classes), "
+                         f"got shape {_shape(scores)}")
+    return scores
+
+
+def check_multi_hot(labels: object, shape: Tuple[int, int], name: str = "labels", where: str = "",
+                    of: str = "scores", device: Optional[torch.device] = None) -> torch.Tensor:
+    """Check a multi-hot (B, C) label matrix: bool, or float/integer holding only 0 and 1.
+
+    Reads one flag from the device (one sync) for non-bool dtypes; the value test walks row blocks of
+    at most 16M elements, so it never allocates a full (B, C) temporary.
+    """
+    prefix = f"{where}: " if where else ""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{prefix}`{name}` must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_complex():
+        raise TypeError(f"{prefix}`{name}` must be bool, float or integer, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{prefix}`{name}` must have shape {tuple(shape)} to match `{of}` (multi-hot), "
+                         f"got shape {_shape(labels)}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{prefix}`{name}` is on {labels.device} but `{of}` is on {device}; "
+                         f"move them to the same device")
+    if labels.dtype != torch.bool and labels.numel() > 0:
+        rows = max(1, (1 << 24) // max(1, labels.shape[1]))
+        bad = torch.zeros((), dtype=torch.bool, device=labels.device)
+        for s in range(0, labels.shape[0], rows):
+            block = labels[s:s + rows]
+            bad |= ((block != 0) & (block != 1)).any()
+        if bool(bad):
+            raise ValueError(f"{prefix}multi-hot `{name}` must hold only 0 and 1 (or be a bool tensor)")
+    return labels
+
+
+def check_option_or_callable(value: object, name: str, choices: Sequence[str], where: str = "") -> object:
+    """Check that ``value`` is one of the strings in ``choices`` or a callable."""
+    if callable(value) and not isinstance(value, str):
+        return value
+    prefix = f"{where}: " if where else ""
+    if not isinstance(value, str):
+        valid = ", ".join(repr(c) for c in choices)
+        raise TypeError(f"{prefix}`{name}` must be one of {valid} or a callable, got {type(value).__name__}")
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{prefix}unknown `{name}`={value!r}; expected one of {valid} or a callable")
+    return value
+
+
+def check_generator(generator: object, device: Optional[torch.device] = None, name: str = "generator",
+                    where: str = "", of: str = "scores") -> Optional[torch.Generator]:
+    """Check an optional ``torch.Generator`` living on the same device type as ``of``."""
+    if generator is None:
+        return None
+    prefix = f"{where}: " if where else ""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{prefix}`{name}` must be a torch.Generator or None, got {type(generator).__name__}")
+    if device is not None and generator.device.type != device.type:
+        raise ValueError(f"{prefix}`{name}` is a {generator.device.type} generator but `{of}` is on {device}; "
+                         f"create it with torch.Generator(device={device.type!r})")
+    return generator

@@ -8,7 +8,7 @@ surrounding autocast region says.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -17,9 +17,10 @@ from ._backend import resolve_backend
 from .ops import distance as _distance
 from .ops import mining as _mining
 from .ops.reduction import REDUCTIONS, mask_nonfinite
+from .ops import warp as _warp
 from .ops.triplet import MININGS, triplet_backends, triplet_loss_op
 
-__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss"]
+__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "warp_loss"]
 
 Margin = Union[float, str]
 
@@ -144,3 +145,93 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
                                    mining_dtype=_mining.kernel_dtype(embeddings.dtype))
         guards = (embeddings, ref_embeddings) if has_ref else (embeddings,)
         return mask_nonfinite(loss, *guards)
+
+
+# ----------------------------------------------------------------------------------------------------
+# WARP
+# ----------------------------------------------------------------------------------------------------
+
+RankWeight = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def check_warp_options(where: str, margin: object, max_trials: object, mode: object, rank_weight: object,
+                       reduction: object) -> Tuple[float, Optional[int]]:
+    """Validate WARP's hyper-parameters (shared by :func:`warp_loss` and :class:`~metricloss.WARPLoss`).
+
+    Returns the margin as a float and ``max_trials`` as an int or None.
+    """
+    margin = C.check_margin(margin, "margin", where, allow_soft=False)
+    max_trials = None if max_trials is None else C.check_positive_int(max_trials, "max_trials", where)
+    C.check_option(mode, "mode", _warp.MODES, where)
+    C.check_option_or_callable(rank_weight, "rank_weight", _warp.RANK_WEIGHTS, where)
+    C.check_option(reduction, "reduction", _warp.REDUCTIONS, where)
+    return margin, max_trials
+
+
+def _check_warp_labels(labels: object, scores: torch.Tensor, where: str) -> None:
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        C.check_multi_hot(labels, tuple(scores.shape), "labels", where, of="scores", device=scores.device)
+        return
+    if isinstance(labels, torch.Tensor) and labels.dim() != 1:
+        raise ValueError(f"{where}: `labels` must be (B,) integer labels or a (B, C) multi-hot matrix, "
+                         f"got shape {tuple(labels.shape)}")
+    C.check_labels(labels, scores.shape[0], "labels", where, of="scores", device=scores.device)
+    C.check_label_range(labels, scores.shape[1], "labels", where)
+
+
+def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0, max_trials: Optional[int] = None,
+              mode: str = "sampled", rank_weight: RankWeight = "harmonic", reduction: str = "mean",
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """WARP loss (Weston, Bengio, Usunier 2011) on scores/logits, vectorised over rows and trials.
+
+    Every (row, positive label) pair is an example; its negatives 𝒩 are the labels not in the row's
+    positive set. A negative j *violates* when z_j = s_j + (m − s_p) > 0 (strict; the positive itself is
+    never a violator). L(k) is the rank weight (harmonic: L(k) = Σ_{j≤k} 1/j, L(0) = 0).
+
+    Provenance (METHODS.md §1, §9): the harmonic L and the ⌊(Y − 1)/N⌋ estimate are confirmed by
+    independent implementations, not by the paper's text. For multi-hot rows, |𝒩| replaces the paper's
+    Y − 1 in the rank estimate and the trial cap. That is our reconstruction [U]: the paper states Y.
+
+    * ``mode="sampled"`` (default, the paper's estimator): draw negatives uniformly and independently,
+      *with replacement*, until the first violator or ``max_trials`` draws. If found at trial N, the
+      example's loss is L(⌊|𝒩|/N⌋) · z_chosen with the weight a detached constant, so the gradient
+      reaches only s_p and s_chosen. All rows and trials are drawn in a few vectorised blocks (one RNG
+      call each, memory bounded by a 64 MiB budget, ``METRICLOSS_CHUNK_BYTES``), examples leaving as soon
+      as they find their violator; examples without any violator are detected exactly and skip drawing.
+      The (trial count, violator) pair has exactly the law of the paper's sequential loop
+      (:func:`metricloss.reference.warp_loss_loop`).
+    * ``mode="exact"``: r = number of violators, loss L(r)/r · Σ_{violators} z_j (0 when r = 0). No RNG.
+      Row chunks; multi-hot rows cost one pass per positive (O(K·B·C) for K positives per row).
+
+    Args:
+        scores: (B, C) float scores (fp16/bf16/fp32/fp64), C >= 2. Never upcast as a whole.
+        labels: (B,) integer labels in [0, C), or a (B, C) multi-hot matrix (bool, or 0/1 float/integer).
+            Multi-hot rows without a positive or without a negative contribute 0.
+        margin: m >= 0, default 1.0.
+        max_trials: trials per example (>= 1), default None = |𝒩| (C − 1 for integer labels). Trials are
+            drawn with replacement, so values above |𝒩| are allowed; the rank estimate is then 0 after
+            more than |𝒩| trials (weight L(0) = 0 for the built-in weights). Ignored by ``"exact"``.
+        mode: ``"sampled"`` or ``"exact"``.
+        rank_weight: ``"harmonic"`` (the paper), ``"log"`` (LightFM: min(log(max(k, 1)), 10), so ranks
+            0 and 1 weigh 0), or a callable mapping an int64 tensor of ranks to weights of the same shape
+            (vectorised; it may be called several times per call and sees 0 for examples without a
+            violator, whose weight is ignored). Weights are detached.
+        reduction: ``"mean"`` (sum over rows / B; rows without a violator count as 0), ``"sum"`` or
+            ``"none"`` ((B,) per row; a multi-hot row sums its positives).
+        generator: a ``torch.Generator`` on the scores' device for reproducible draws; None uses the
+            global generator. Ignored by ``"exact"``.
+
+    Returns:
+        A scalar (or (B,) for ``"none"``) in fp32, fp64 for fp64 scores. NaN or Inf in ``scores`` gives
+        a NaN loss. With no violator anywhere the loss is 0 and still connected to the graph.
+    """
+    where = "warp_loss"
+    C.check_scores(scores, "scores", where)
+    _check_warp_labels(labels, scores, where)
+    margin, max_trials = check_warp_options(where, margin, max_trials, mode, rank_weight, reduction)
+    C.check_generator(generator, scores.device, "generator", where)
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        loss = _warp.warp_loss_op(scores, labels, margin, max_trials, mode, rank_weight, reduction, generator)
+        # the extremes are finite iff every score is: one pass over the scores, no (B, C) temporary
+        lo, hi = torch.aminmax(scores.detach())
+        return mask_nonfinite(loss, lo, hi)

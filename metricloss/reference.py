@@ -12,12 +12,14 @@ All functions compute in at least fp32 and accept the same arguments as their fa
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import math
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_loop"]
+__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_loop", "warp_loss",
+           "warp_loss_loop"]
 
 Margin = Union[float, str]
 
@@ -163,3 +165,100 @@ def triplet_loss_loop(embeddings: torch.Tensor, labels: torch.Tensor, margin: Ma
     if reduction == "mean_nonzero":
         return total / max(sum(1 for t in terms if t > 0), 1)
     raise ValueError(f"reduction {reduction!r} is not supported by the loop reference")
+
+
+# ----------------------------------------------------------------------------------------------------
+# WARP
+# ----------------------------------------------------------------------------------------------------
+
+RankWeight = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _warp_weight(k: int, rank_weight: RankWeight) -> float:
+    """L(k) for one integer rank: harmonic Σ_{j=1..k} 1/j (L(0) = 0), LightFM's min(log(max(k, 1)), 10),
+    or a callable evaluated on a one-element int64 tensor."""
+    if rank_weight == "harmonic":
+        return sum(1.0 / j for j in range(1, k + 1))
+    if rank_weight == "log":
+        return min(math.log(max(k, 1)), 10.0)
+    return float(torch.as_tensor(rank_weight(torch.tensor([k], dtype=torch.int64))).reshape(-1)[0])
+
+
+def _warp_positives(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, C) bool positive mask from (B,) integer labels or a (B, C) multi-hot matrix."""
+    if labels.dim() == 2:
+        return labels != 0
+    return F.one_hot(labels.long(), num_classes).bool()
+
+
+def _warp_reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.sum() / per_row.shape[0]
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def warp_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, rank_weight: RankWeight = "harmonic",
+              reduction: str = "mean") -> torch.Tensor:
+    """Exact WARP, densely: for every row i and positive p (a (B, C, C) cube [i, p, j]),
+
+        z_ipj = s_ij + (m − s_ip),   violators V_ip = {j negative : z_ipj > 0},   r_ip = |V_ip|,
+        ℓ_ip = L(r_ip)/r_ip · Σ_{j ∈ V_ip} z_ipj   (0 when r_ip = 0),
+
+    and the row's loss is Σ_p ℓ_ip. The weights L(r)/r are constants (r is a count), so autograd gives
+    ∂/∂s_ij = L(r)/r per violator and ∂/∂s_ip = −L(r). ``"mean"`` divides by B.
+    """
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    B, C = s.shape
+    pos = _warp_positives(labels, C)
+    z = s[:, None, :] + (margin - s)[:, :, None]                          # [i, p, j]
+    viol = pos[:, :, None] & ~pos[:, None, :] & (z > 0)
+    r = viol.sum(-1)                                                       # [i, p]
+    hinge_sum = torch.where(viol, z, torch.zeros_like(z)).sum(-1)
+    weight = torch.tensor([_warp_weight(k, rank_weight) / k if k > 0 else 0.0 for k in r.reshape(-1).tolist()],
+                          dtype=s.dtype).reshape(r.shape)
+    return _warp_reduce((weight * hinge_sum).sum(1), reduction)
+
+
+def warp_loss_loop(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, max_trials: Optional[int] = None,
+                   rank_weight: RankWeight = "harmonic", reduction: str = "mean",
+                   generator: Optional[torch.Generator] = None, return_draws: bool = False):
+    """The paper's sequential sampling loop, literally, one example and one draw at a time (tiny inputs).
+
+    For every row i and positive p (each (row, positive) pair is an example), with 𝒩 the row's negatives:
+    draw ȳ uniformly from 𝒩 (with replacement, one ``torch.randint`` per draw) until
+    s_ȳ + (m − s_p) > 0 or ``max_trials`` draws (default |𝒩|). If a violator was found at trial N, the
+    example's loss is L(⌊|𝒩|/N⌋) · (s_ȳ + m − s_p); otherwise 0. Differentiable (built from score entries).
+
+    Returns:
+        The reduced loss; with ``return_draws=True`` also a list of ``(row, positive, N, chosen)`` per
+        example, with N = 0 and chosen = −1 where no violator was drawn.
+    """
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    B, C = s.shape
+    pos = _warp_positives(labels, C).tolist()
+    per_row: List[torch.Tensor] = []
+    draws: List[Tuple[int, int, int, int]] = []
+    for i in range(B):
+        positives = [j for j in range(C) if pos[i][j]]
+        negatives = [j for j in range(C) if not pos[i][j]]
+        row_loss = s.new_zeros(())
+        for p in positives:
+            found_at, chosen = 0, -1
+            num_trials = len(negatives) if max_trials is None else max_trials
+            if negatives:
+                for trial in range(1, num_trials + 1):
+                    y_bar = negatives[int(torch.randint(len(negatives), (1,), generator=generator))]
+                    if s[i, y_bar] + (margin - s[i, p]) > 0:
+                        found_at, chosen = trial, y_bar
+                        break
+            if chosen >= 0:
+                weight = _warp_weight(len(negatives) // found_at, rank_weight)
+                row_loss = row_loss + weight * (s[i, chosen] + (margin - s[i, p]))
+            draws.append((i, p, found_at, chosen))
+        per_row.append(row_loss)
+    loss = _warp_reduce(torch.stack(per_row), reduction)
+    return (loss, draws) if return_draws else loss

@@ -1,5 +1,6 @@
 """``nn.Module`` drop-ins, one file per family. They hold hyper-parameters and buffers only."""
 
 from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
+from .warp import WARPLoss
 
-__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss"]
+__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss"]

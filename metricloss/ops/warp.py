@@ -1,0 +1,485 @@
+"""The WARP op (Weston, Bengio, Usunier, IJCAI 2011): sampled rank estimation and the exact formula.
+
+Notation (METHODS.md §1). Scores s (B, C); an *example* is a (row i, positive label p) pair: one per row
+for integer labels, one per non-zero entry for multi-hot labels. Its negatives 𝒩 are the labels not in
+the row's positive set (|𝒩| = C − 1 for integer labels; for multi-hot rows |𝒩| stands in for the
+paper's Y − 1, our reconstruction [U] in METHODS.md §1). With margin m, the hinge of a negative j is
+z_j = s_j + (m − s_p) and j *violates* when z_j > 0 (strict). The rank-to-loss map is L(k) = Σ_{j≤k} α_j.
+
+* ``mode="exact"``: r = #violators and ℓ = L(r)/r · Σ_{violators} z_j (0/0 = 0). Row chunks under the
+  memory budget, a custom ``autograd.Function`` (gradient in forward for scalar reductions, recomputed
+  chunk by chunk for ``"none"``): ∂ℓ/∂s_j = L(r)/r for every violator, ∂ℓ/∂s_p = −L(r).
+* ``mode="sampled"`` (the paper's estimator, vectorised): draw negatives i.i.d. uniformly *with
+  replacement*, stop at the first violator, N = its trial number, ℓ = L(⌊|𝒩|/N⌋) · z_chosen. The weight
+  is a detached constant, so the gradient reaches only s_p (−w) and s_chosen (+w).
+
+The sampled estimator keeps the paper's law exactly while bounding memory (``max_trials=None`` means
+|𝒩| trials: 4·10⁸ draws at B=4096, C=10⁵, too many to hold at once):
+
+1. Examples without any violator are found exactly with one chunked pass (the row's largest negative
+   score vs the positive's threshold). The loop would draw ``max_trials`` times and find nothing, so they
+   skip sampling; this also bounds the cost of NaN rows.
+2. The remaining examples draw trials in *blocks*: one ``randint``/``rand`` call draws (active, t)
+   negatives, the violation mask is evaluated, ``argmax`` finds each example's first violator, and
+   examples that found one (or used all their trials) leave. Block sizes start at ``_FIRST_BLOCK`` and
+   double (and give the few examples of a long tail at least ``_MIN_DRAWS_PER_BLOCK`` draws in total),
+   capped so a block's temporaries fit the memory budget (:func:`~metricloss.ops.mining.rows_per_chunk`
+   style). Draws are i.i.d., so the concatenated blocks are one long i.i.d. sequence and the pair
+   (first-violator trial N, chosen violator) has exactly the loop's law: N ~ Geometric(r/|𝒩|) truncated at
+   ``max_trials``, the violator uniform among the r violators. Python iterates over blocks (O(log
+   max_trials) of them), never over rows or single trials.
+
+Uniform draws over a row's negatives. Integer labels: draw k uniform in [0, C − 1) and shift, col = k +
+[k ≥ y]. Multi-hot labels: draw k uniform in [0, |𝒩_i|) (fp64 uniform × |𝒩_i|, floored) and map it to the
+k-th negative column. With the row's positives sorted p_0 < p_1 < …, q_m = p_m − m is the number of
+negatives before p_m, so the k-th negative is col = k + #{m : q_m ≤ k}: one ``searchsorted`` on the
+concatenation of all rows' q (offset by row) instead of a (B, C) cumulative count. For one positive this
+is the shift above.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from .distance import accumulation_dtype
+from .mining import default_chunk_bytes, rows_per_chunk
+from .reduction import reduce_loss
+
+__all__ = [
+    "MODES",
+    "RANK_WEIGHTS",
+    "REDUCTIONS",
+    "LOG_WEIGHT_CLIP",
+    "WarpExamples",
+    "rank_estimate",
+    "harmonic_numbers",
+    "rank_weights",
+    "any_violator",
+    "first_violators",
+    "sample_violators",
+    "warp_loss_op",
+]
+
+MODES = ("sampled", "exact")
+RANK_WEIGHTS = ("harmonic", "log")
+REDUCTIONS = ("mean", "sum", "none")
+
+# LightFM's MAX_LOSS: the log weight log(max(1, ⌊|𝒩|/N⌋)) is clipped at 10.
+LOG_WEIGHT_CLIP = 10.0
+
+# Trials drawn per active example in the first block; later blocks double. Most examples of a
+# non-trivial model find a violator in a few trials, so a small first block wastes few draws.
+_FIRST_BLOCK = 16
+
+# A block draws at least this many trials in total (when the cap allows): once few examples remain
+# active (the long tail of well-ranked rows), one block gives each of them many trials, so the tail
+# takes one or two blocks instead of one per doubling. The waste is bounded by this count per block.
+_MIN_DRAWS_PER_BLOCK = 1 << 16
+
+# Temporaries per drawn trial: the draw and column (int64), the flat index (int64), the gathered score
+# (up to 8 bytes) and its upcast, the violation mask, plus an fp64 uniform for multi-hot rows.
+_BYTES_PER_DRAW = 56
+
+RankWeight = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class WarpExamples:
+    """The (row, positive label) pairs of a batch, sorted by row then label: one WARP example each.
+
+    Args:
+        labels: (B,) integer labels (one example per row), or (B, C) multi-hot (bool, or 0/1 float or
+            integer; one example per non-zero entry).
+        num_classes: C.
+
+    Attributes:
+        rows, cols: (E,) int64 row and positive label of every example.
+        counts: (B,) positives per row; starts: (B + 1,) index of each row's first example.
+        num_neg: (B,) |𝒩| per row (C − 1 for integer labels; 0 for a row whose labels are all positive).
+        single: True for integer labels.
+    """
+
+    def __init__(self, labels: torch.Tensor, num_classes: int):
+        device = labels.device
+        self.num_rows = labels.shape[0]
+        self.num_classes = num_classes
+        self.single = labels.dim() == 1
+        if self.single:
+            self.rows = torch.arange(self.num_rows, device=device)
+            self.cols = labels.to(torch.int64)
+            self.counts = torch.ones(self.num_rows, dtype=torch.int64, device=device)
+            self.starts = torch.arange(self.num_rows + 1, device=device)
+        else:
+            nonzero = labels.nonzero()  # row-major: sorted by row, then label
+            self.rows, self.cols = nonzero[:, 0].contiguous(), nonzero[:, 1].contiguous()
+            self.counts = torch.bincount(self.rows, minlength=self.num_rows)
+            self.starts = torch.zeros(self.num_rows + 1, dtype=torch.int64, device=device)
+            torch.cumsum(self.counts, 0, out=self.starts[1:])
+        self.num_neg = num_classes - self.counts
+        self._q_keys: Optional[torch.Tensor] = None
+
+    @property
+    def num_examples(self) -> int:
+        return self.rows.shape[0]
+
+    def negative_columns(self, k: torch.Tensor, ex_idx: torch.Tensor) -> torch.Tensor:
+        """Column of the k-th negative (0-based, in column order) of each example's row.
+
+        Args:
+            k: (a, t) int64 draws, ``0 <= k < |𝒩|`` of the example's row.
+            ex_idx: (a,) example indices.
+
+        Returns:
+            (a, t) int64 columns, never a positive of the row.
+        """
+        if self.single:
+            return k + (k >= self.cols[ex_idx].unsqueeze(1))
+        width = self.num_classes + 1  # q ∈ [0, C]: keys of different rows never interleave
+        if self._q_keys is None:
+            # q_m = p_m − m, the number of negatives before the row's m-th positive (non-decreasing)
+            rank_in_row = torch.arange(self.num_examples, device=self.rows.device) - self.starts[self.rows]
+            self._q_keys = self.rows * width + (self.cols - rank_in_row)
+        rows = self.rows[ex_idx].unsqueeze(1)
+        before = torch.searchsorted(self._q_keys, rows * width + k, right=True) - self.starts[rows]
+        return k + before
+
+
+def rank_estimate(num_neg: torch.Tensor, trials: torch.Tensor) -> torch.Tensor:
+    """⌊|𝒩| / N⌋ with integer floor division (never true division); 0 where ``trials`` is 0."""
+    return torch.where(trials > 0, torch.div(num_neg, trials.clamp_min(1), rounding_mode="floor"),
+                       torch.zeros_like(num_neg))
+
+
+def harmonic_numbers(max_rank: int, device: torch.device) -> torch.Tensor:
+    """fp64 table of L(k) = Σ_{j=1..k} 1/j for k = 0..max_rank, with table[k] = L(k) (so L(0) = 0)."""
+    table = torch.zeros(max_rank + 1, dtype=torch.float64, device=device)
+    steps = torch.arange(1, max_rank + 1, dtype=torch.float64, device=device)
+    torch.cumsum(steps.reciprocal_(), 0, out=table[1:])
+    return table
+
+
+def rank_weights(rank: torch.Tensor, rank_weight: RankWeight, dtype: torch.dtype, max_rank: int,
+                 table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L(k) for an int64 tensor of ranks k, as a detached tensor of ``dtype``.
+
+    * ``"harmonic"``: L(k) = Σ_{j=1..k} 1/j, L(0) = 0, from :func:`harmonic_numbers` (``table`` if given).
+    * ``"log"``: min(log(max(k, 1)), 10) (LightFM): 0 for k ≤ 1, never −inf.
+    * a callable: ``rank_weight(rank)`` must return a tensor (or array-like) of the same shape.
+
+    ``max_rank`` bounds the ranks (|𝒩| ≤ C − 1) and sizes the harmonic table.
+    """
+    if isinstance(rank_weight, str) and rank_weight == "harmonic":
+        table = harmonic_numbers(max_rank, rank.device) if table is None else table
+        return table[rank].to(dtype)
+    if isinstance(rank_weight, str) and rank_weight == "log":
+        return torch.log(rank.clamp_min(1).to(dtype)).clamp_max_(LOG_WEIGHT_CLIP)
+    if isinstance(rank_weight, str):
+        raise ValueError(f"unknown `rank_weight`={rank_weight!r}")
+    out = rank_weight(rank)
+    out = torch.as_tensor(out, device=rank.device)
+    if out.shape != rank.shape:
+        raise ValueError(f"`rank_weight` must return weights of the same shape as the ranks it is given "
+                         f"({tuple(rank.shape)}), got shape {tuple(out.shape)}")
+    return out.detach().to(dtype)
+
+
+def _chunk_examples(ex: WarpExamples, s: int, e: int) -> Tuple[int, int]:
+    """Index range of the examples of rows s:e (one host sync)."""
+    bounds = ex.starts[[s, e]].tolist()
+    return bounds[0], bounds[1]
+
+
+def any_violator(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor,
+                 chunk_bytes: Optional[int]) -> torch.Tensor:
+    """Whether each example has at least one violator, exactly, without a (B, C) temporary.
+
+    An example has a violator iff the row's largest *negative* score n_max satisfies n_max + (m − s_p) > 0
+    (the sum is monotone in the score, so the max of the hinges is the hinge of the max).
+
+    1. One ``amax`` pass gives each row's maximum; where it exceeds every positive of the row it is n_max.
+    2. Rows whose maximum may be a positive (a well-ranked row) are copied in chunks, their positives set
+       to −inf, and reduced again: the copy costs only what those rows need.
+
+    Args:
+        scores: (B, C) scores, any float dtype (reduced in it, compared after an exact upcast).
+        base: (E,) m − s_p in the accumulation dtype.
+
+    Returns:
+        (E,) bool. A row holding a NaN has max NaN, so its examples report no violator (the loss is NaN
+        anyway); so does a NaN positive.
+    """
+    B, C = scores.shape
+    device = scores.device
+    # 1. row maxima, in chunks so fp16/bf16 reductions never allocate more than the budget
+    row_max = torch.empty(B, dtype=scores.dtype, device=device)
+    rows = rows_per_chunk(C, scores.element_size(), chunk_bytes)
+    for s in range(0, B, rows):
+        torch.amax(scores[s:s + rows], 1, out=row_max[s:s + rows])
+    pos_max = torch.full((B,), float("-inf"), dtype=scores.dtype, device=device)
+    pos_max.scatter_reduce_(0, ex.rows, torch.take(scores, ex.rows * C + ex.cols), reduce="amax")
+    # 2. rows whose maximum is (or ties) a positive: the max over negatives, on a copy of those rows
+    neg_max = row_max.clone()
+    recheck = (pos_max >= row_max).nonzero().squeeze(1)
+    if recheck.numel() > 0:
+        # position of each example's row in `recheck` (examples are sorted by row, so each chunk of
+        # `recheck` owns a contiguous run of the examples selected below)
+        local = torch.full((B,), -1, dtype=torch.int64, device=device)
+        local[recheck] = torch.arange(recheck.numel(), device=device)
+        ex_local = local[ex.rows]
+        sel = (ex_local >= 0).nonzero().squeeze(1)
+        sel_local, sel_cols = ex_local[sel], ex.cols[sel]
+        bounds = torch.searchsorted(sel_local, torch.arange(0, recheck.numel() + rows, rows, device=device))
+        bounds = bounds.tolist()
+        for chunk, s in enumerate(range(0, recheck.numel(), rows)):
+            block = scores.index_select(0, recheck[s:s + rows])
+            lo, hi = bounds[chunk], bounds[chunk + 1]
+            block.view(-1).index_fill_(0, (sel_local[lo:hi] - s) * C + sel_cols[lo:hi], float("-inf"))
+            neg_max[recheck[s:s + rows]] = block.amax(1)
+    return (neg_max.to(base.dtype)[ex.rows] + base) > 0
+
+
+def first_violators(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor, active: torch.Tensor,
+                    max_trials: Optional[int], generator: Optional[torch.Generator],
+                    chunk_bytes: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The paper's sampling loop for every active example at once, in blocks of i.i.d. trials.
+
+    Args:
+        scores: (B, C) scores (not differentiated here).
+        ex: the examples; base: (E,) m − s_p in the accumulation dtype.
+        active: (E,) bool, the examples to sample (those with a violator and at least one negative).
+        max_trials: trials per example, or None for |𝒩| of the example's row.
+        generator: the random source (None: the global generator of ``scores``' device).
+        chunk_bytes: memory budget of one block (default 64 MiB).
+
+    Returns:
+        ``(trials, chosen)``: (E,) int64, the trial number N ≥ 1 of the first violator and its column, or
+        (0, −1) where no violator was drawn within the trials.
+    """
+    B, C = scores.shape
+    device = scores.device
+    E = ex.num_examples
+    trials = torch.zeros(E, dtype=torch.int64, device=device)
+    chosen = torch.full((E,), -1, dtype=torch.int64, device=device)
+    idx = active.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return trials, chosen
+    num_neg = ex.num_neg[ex.rows]
+    # Integer labels share one cap; multi-hot rows with max_trials=None each have their own |𝒩|.
+    per_example_cap = max_trials is None and not ex.single
+    max_cap = (int(num_neg[idx].max()) if per_example_cap else (C - 1 if max_trials is None else max_trials))
+    budget = default_chunk_bytes() if chunk_bytes is None else chunk_bytes
+    done, block = 0, _FIRST_BLOCK
+    while idx.numel() > 0 and done < max_cap:
+        a = idx.numel()
+        fits = max(1, budget // (a * _BYTES_PER_DRAW))
+        t = min(max(block, _MIN_DRAWS_PER_BLOCK // a), max_cap - done, fits)
+        # 1. t i.i.d. uniform draws from each example's negatives, one call for the whole block
+        if ex.single:
+            k = torch.randint(0, C - 1, (a, t), generator=generator, device=device)
+        else:
+            n = num_neg[idx].unsqueeze(1)
+            u = torch.rand((a, t), dtype=torch.float64, generator=generator, device=device)
+            k = torch.minimum((u * n).to(torch.int64), n - 1)
+        cols = ex.negative_columns(k, idx)
+        # 2. violation mask v = [s_n + (m − s_p) > 0] (strict)
+        vals = torch.take(scores, ex.rows[idx].unsqueeze(1) * C + cols).to(base.dtype)
+        viol = (vals + base[idx].unsqueeze(1)) > 0
+        if per_example_cap:
+            viol &= (done + torch.arange(t, device=device)) < num_neg[idx].unsqueeze(1)
+        # 3. the first violator: argmax returns the first maximal index
+        hit = viol.any(1)
+        first = viol.to(torch.uint8).argmax(1, keepdim=True)
+        hit_idx = idx[hit]
+        trials[hit_idx] = done + 1 + first.squeeze(1)[hit]
+        chosen[hit_idx] = cols.gather(1, first).squeeze(1)[hit]
+        done += t
+        # 4. examples that found a violator or used all their trials leave
+        keep = ~hit
+        if per_example_cap:
+            keep &= num_neg[idx] > done
+        idx = idx[keep]
+        block *= 2
+    return trials, chosen
+
+
+def sample_violators(scores: torch.Tensor, ex: WarpExamples, margin: float, max_trials: Optional[int],
+                     generator: Optional[torch.Generator],
+                     chunk_bytes: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sampling half of sampled WARP (no gradient): the first violator of every example.
+
+    Returns:
+        ``(trials, chosen)`` as :func:`first_violators`: (E,) int64 trial number N ≥ 1 and column of the
+        first drawn violator, (0, −1) where none was drawn (no violator exists, no negative, or all
+        ``max_trials`` draws missed).
+    """
+    with torch.no_grad():
+        B, C = scores.shape
+        base = margin - torch.take(scores, ex.rows * C + ex.cols).to(accumulation_dtype(scores.dtype))
+        # 1. the exact "has a violator" test; 2. first violators by blocks of i.i.d. draws
+        active = any_violator(scores, ex, base, chunk_bytes) & (ex.num_neg[ex.rows] > 0)
+        return first_violators(scores, ex, base, active, max_trials, generator, chunk_bytes)
+
+
+def _sampled_per_row(scores: torch.Tensor, ex: WarpExamples, margin: float, max_trials: Optional[int],
+                     rank_weight: RankWeight, generator: Optional[torch.Generator],
+                     chunk_bytes: Optional[int]) -> torch.Tensor:
+    B, C = scores.shape
+    acc = accumulation_dtype(scores.dtype)
+    trials, chosen = sample_violators(scores, ex, margin, max_trials, generator, chunk_bytes)
+    found = trials > 0
+    # 3. w = L(⌊|𝒩|/N⌋), a constant
+    weight = rank_weights(rank_estimate(ex.num_neg[ex.rows], trials), rank_weight, acc, C - 1)
+    weight = torch.where(found, weight, torch.zeros_like(weight))
+    # 4. ℓ = w · (s_chosen + m − s_p): one gather, so the gradient reaches only s_p and s_chosen
+    flat_pos = ex.rows * C + ex.cols
+    pair = torch.take(scores, torch.cat([flat_pos, ex.rows * C + chosen.clamp_min(0)])).to(acc)
+    s_pos, s_neg = pair[:ex.num_examples], pair[ex.num_examples:]
+    terms = torch.where(found, weight * (s_neg + (margin - s_pos)), torch.zeros_like(s_neg))
+    if ex.single:
+        return terms
+    return torch.zeros(B, dtype=acc, device=scores.device).index_add(0, ex.rows, terms)
+
+
+def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, s: int, e: int, margin: float, rank_weight: RankWeight,
+                 table: Optional[torch.Tensor], grad: Optional[torch.Tensor] = None,
+                 grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact WARP of rows s:e: returns the per-row loss sums (c,). When ``grad`` is given (a zeroed
+    (c, C) block in the accumulation dtype), adds the gradient into it with row i scaled by
+    ``grad_scale[i]`` (a (c,) tensor or a scalar tensor)."""
+    B, C = scores.shape
+    acc = accumulation_dtype(scores.dtype)
+    x = scores[s:e].to(acc)
+    c = x.shape[0]
+    sums = torch.zeros(c, dtype=acc, device=x.device)
+    lo, hi = _chunk_examples(ex, s, e)
+    if lo == hi:
+        return sums
+    counts, starts = ex.counts[s:e], ex.starts[s:e]
+    pos_cells = (ex.rows[lo:hi] - s) * C + ex.cols[lo:hi]
+    min_count, max_count = (int(v) for v in torch.aminmax(counts))
+    z = torch.empty_like(x)
+    viol = torch.empty_like(x)
+    for slot in range(max_count):
+        # one positive per row at a time: the slot-th positive of each row (invalid rows are masked)
+        valid = counts > slot
+        p = ex.cols[torch.where(valid, starts + slot, torch.full_like(starts, lo))]
+        s_pos = x.gather(1, p.unsqueeze(1))
+        # 1. z_j = s_j + (m − s_p) for every label; positives (and invalid rows) can never violate
+        torch.add(x, margin - s_pos, out=z)
+        z.view(-1).index_fill_(0, pos_cells, float("-inf"))
+        if slot >= min_count:
+            z.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+        # 2. r = #{z_j > 0} (strict) and Σ hinge over violators. The mask is 0/1 in the float dtype: its
+        #    row sums are fast and exact (counts < 2^24), and it scales the gradient with one addcmul.
+        torch.gt(z, 0, out=viol)
+        r = viol.sum(1).to(torch.int64)
+        hinge_sum = z.clamp_min_(0).sum(1)
+        # 3. ℓ = L(r)/r · Σ hinge, 0/0 = 0
+        per_violator = rank_weights(r, rank_weight, acc, C - 1, table) / r.clamp_min(1)
+        per_violator = torch.where(r > 0, per_violator, torch.zeros_like(per_violator))
+        sums += per_violator * hinge_sum
+        if grad is not None:
+            # 4. ∂ℓ/∂s_j = L(r)/r for every violator j, ∂ℓ/∂s_p = −L(r)
+            w = per_violator * grad_scale
+            grad.addcmul_(viol, w.unsqueeze(1))
+            grad.scatter_add_(1, p.unsqueeze(1), (-w * r).unsqueeze(1))
+    return sums
+
+
+def _exact_rows_per_chunk(scores: torch.Tensor, chunk_bytes: Optional[int]) -> int:
+    acc_size = torch.empty((), dtype=accumulation_dtype(scores.dtype)).element_size()
+    # the upcast chunk, z, the violation mask and the gradient block (a temporary only for half-precision
+    # scores), all in the accumulation dtype
+    return rows_per_chunk(scores.shape[1], 4 * acc_size, chunk_bytes)
+
+
+class ExactWARPLoss(torch.autograd.Function):
+    """Exact WARP over row chunks, O(chunk·C) temporaries.
+
+    Output: the reduced loss (``()``) or per-row sums (``(B,)``) for ``reduction="none"``. For scalar
+    reductions the gradient is computed in the forward pass (the loss is terminal, so this saves a second
+    pass over the scores); with ``"none"`` the upstream gradient weighs rows differently, so backward
+    recomputes the chunks. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad):
+        B, C = scores.shape
+        acc = accumulation_dtype(scores.dtype)
+        rows = _exact_rows_per_chunk(scores, chunk_bytes)
+        harmonic = isinstance(rank_weight, str) and rank_weight == "harmonic"
+        table = harmonic_numbers(C - 1, scores.device) if harmonic else None
+        grad_now = want_grad and reduction != "none"
+        scale = torch.tensor(1.0 / B if reduction == "mean" else 1.0, dtype=acc, device=scores.device)
+        per_row = torch.empty(B, dtype=acc, device=scores.device)
+        grad = torch.empty_like(scores) if grad_now else None
+        for s in range(0, B, rows):
+            e = min(s + rows, B)
+            block = _zeroed_grad_block(grad, s, e, acc) if grad_now else None
+            per_row[s:e] = _exact_chunk(scores, ex, s, e, margin, rank_weight, table, block, scale)
+            if grad_now and block.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = block
+        count = torch.tensor(B, device=scores.device)
+        loss = reduce_loss(per_row, count, count, reduction)
+        ctx.grad_now = grad_now
+        if grad_now:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(scores)
+            ctx.ex, ctx.margin, ctx.rank_weight, ctx.rows, ctx.table = ex, margin, rank_weight, rows, table
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grad_now:
+            (grad,) = ctx.saved_tensors
+            if bool(grad_out == 1):
+                # plain loss.backward(): hand over the saved gradient as is. Autograd releases it before
+                # accumulating (so .grad takes it without a copy) or, with retain_graph, clones it; it is
+                # never modified here, so a second backward sees it unchanged.
+                return (grad,) + (None,) * 6
+            return (grad * grad_out.to(grad.dtype),) + (None,) * 6
+        # reduction="none": row i of the gradient is scaled by grad_out[i]
+        (scores,) = ctx.saved_tensors
+        B = scores.shape[0]
+        acc = accumulation_dtype(scores.dtype)
+        grad = torch.empty_like(scores)
+        for s in range(0, B, ctx.rows):
+            e = min(s + ctx.rows, B)
+            block = _zeroed_grad_block(grad, s, e, acc)
+            _exact_chunk(scores, ctx.ex, s, e, ctx.margin, ctx.rank_weight, ctx.table, block, grad_out[s:e])
+            if block.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = block
+        return (grad,) + (None,) * 6
+
+
+def _zeroed_grad_block(grad: torch.Tensor, s: int, e: int, acc: torch.dtype) -> torch.Tensor:
+    """Rows s:e of the gradient as a zeroed accumulation block: a view into ``grad`` when it already
+    has the accumulation dtype (no copy), else a temporary to be cast back by the caller."""
+    if grad.dtype == acc:
+        return grad[s:e].zero_()
+    return torch.zeros((e - s, grad.shape[1]), dtype=acc, device=grad.device)
+
+
+def warp_loss_op(scores: torch.Tensor, labels: torch.Tensor, margin: float, max_trials: Optional[int], mode: str,
+                 rank_weight: RankWeight, reduction: str, generator: Optional[torch.Generator],
+                 chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """WARP on validated inputs (see :func:`metricloss.functional.warp_loss`).
+
+    Args:
+        scores: (B, C) any float dtype (never upcast as a whole: chunks and gathered entries are).
+        labels: (B,) int64 in [0, C), or (B, C) multi-hot.
+        chunk_bytes: memory budget of one row chunk / trial block (default 64 MiB).
+
+    Returns:
+        The reduced loss, or (B,) per-row sums for ``reduction="none"``, in fp32 (fp64 for fp64 scores).
+    """
+    B, C = scores.shape
+    ex = WarpExamples(labels, C)
+    if mode == "exact":
+        want_grad = torch.is_grad_enabled() and scores.requires_grad
+        return ExactWARPLoss.apply(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad)
+    per_row = _sampled_per_row(scores, ex, margin, max_trials, rank_weight, generator, chunk_bytes)
+    count = torch.tensor(B, device=scores.device)
+    return reduce_loss(per_row, count, count, reduction)
