@@ -1,5 +1,8 @@
 """``nn.Module`` drop-ins, one file per family. They hold hyper-parameters and buffers only."""
 
+from .centralized import CentralizedRankingLoss
+from .cosine import CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 
-__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss"]
+__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss",
+           "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss"]
