@@ -24,10 +24,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .cosine import NORM_EPS, normalize_backward, normalize_scale, unit_rows
+from .cosine import NORM_EPS, block_view, normalize_backward, normalize_scale, unit_rows
 from .distance import (accumulation_dtype, gram_backward, paired_distance, scale_distance_weights_,
                        squared_norms)
+from .mining import rows_per_chunk
 from .reduction import reduce_loss
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "resolve_decorrelation",
     "gram_schmidt_rows",
     "orthogonality_penalty",
+    "StreamedOrthogonalityPenalty",
     "class_centres",
     "StreamedCentralizedRanking",
     "centralized_ranking_op",
@@ -62,19 +65,58 @@ def gram_schmidt_rows(weight: torch.Tensor) -> torch.Tensor:
     return (q * sign).T
 
 
-def orthogonality_penalty(weight: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+def orthogonality_penalty(weight: torch.Tensor, eps: float = NORM_EPS, chunk_bytes: Optional[int] = None
+                          ) -> torch.Tensor:
     """P = mean((ŴŴᵀ − I)²) over the C² entries, Ŵ = row-normalised W; () in the accumulation dtype.
 
-    Uses the smaller Gram matrix: (C, C) when C <= D; otherwise the identity
-    ‖ŴŴᵀ − I‖_F² = ‖ŴᵀŴ‖_F² − 2‖Ŵ‖_F² + C with the (D, D) matrix ŴᵀŴ, so a large C never needs C×C.
+    Uses the smaller Gram matrix: (C, C) by plain autograd when C <= D; otherwise the identity
+    ‖ŴŴᵀ − I‖_F² = ‖ŴᵀŴ‖_F² − 2‖Ŵ‖_F² + C with the (D, D) matrix M = ŴᵀŴ, streamed over row chunks
+    (:class:`StreamedOrthogonalityPenalty`), so a large C needs neither C×C nor copies of W.
     """
+    c, d = weight.shape
+    if c > d:
+        rows = rows_per_chunk(d, 4 * weight.element_size(), chunk_bytes)
+        return StreamedOrthogonalityPenalty.apply(weight, eps, rows)
     v = F.normalize(weight.to(accumulation_dtype(weight.dtype)), p=2.0, dim=1, eps=eps)
-    c, d = v.shape
-    if c <= d:
-        gram = v @ v.T
-        return (gram - torch.eye(c, dtype=v.dtype, device=v.device)).pow(2).sum() / (c * c)
-    small = v.T @ v
-    return (small.pow(2).sum() - 2.0 * v.pow(2).sum() + c) / (c * c)
+    gram = v @ v.T
+    return (gram - torch.eye(c, dtype=v.dtype, device=v.device)).pow(2).sum() / (c * c)
+
+
+class StreamedOrthogonalityPenalty(torch.autograd.Function):
+    """P = (‖M‖_F² − 2‖Ŵ‖_F² + C) / C² with M = ŴᵀŴ (D, D), over row chunks of W (C, D).
+
+    Forward accumulates M and ‖Ŵ‖_F² chunk by chunk; backward maps dP/dŴ = (4/C²)·Ŵ(M − I) back through
+    each chunk's row normalisation. Memory: M, W's gradient and one chunk's temporaries. Not twice
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, eps, rows):
+        c, d = weight.shape
+        dtype = accumulation_dtype(weight.dtype)
+        gram = torch.zeros(d, d, dtype=dtype, device=weight.device)
+        total_sq = torch.zeros((), dtype=dtype, device=weight.device)
+        for s in range(0, c, rows):
+            v, _, _ = unit_rows(weight[s:s + rows], dtype, eps)
+            gram.addmm_(v.T, v)
+            total_sq += v.pow(2).sum()
+        ctx.save_for_backward(weight, gram)
+        ctx.eps, ctx.rows = eps, rows
+        return (gram.pow(2).sum() - 2.0 * total_sq + c) / (c * c)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weight, gram = ctx.saved_tensors
+        c = weight.shape[0]
+        # dP/dŴ = (4/C²)·Ŵ·(M − I), scaled by the upstream gradient
+        m_minus_i = gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        m_minus_i.mul_(grad_out.to(gram.dtype) * (4.0 / (c * c)))
+        grad_w = torch.empty_like(weight)
+        for s in range(0, c, ctx.rows):
+            v, norm, active = unit_rows(weight[s:s + ctx.rows], gram.dtype, ctx.eps)
+            grad_w[s:s + ctx.rows] = normalize_backward(v @ m_minus_i, v, norm, active)
+        return grad_w, None, None
 
 
 def class_centres(weight: torch.Tensor, scale: float, decorrelation: str,
@@ -122,12 +164,13 @@ class _RankingPlan:
         grad_v = grad_c.mul_(self.scale)
         return normalize_backward(grad_v, v, norm, active) if self.normalize else grad_v
 
-    def hinge_block(self, s: int, e: int):
-        """The chunk's hinges H_ik = [m + d_iy − d_ik]_+ (B, k), 0 at the own class; and its centres."""
+    def hinge_block(self, s: int, e: int, buffer: torch.Tensor):
+        """The chunk's hinges H_ik = [m + d_iy − d_ik]_+ (B, k), 0 at the own class, written into
+        ``buffer``; and the chunk's centres."""
         v, norm, active = self.directions(self.centres[s:e])
         c = v * self.scale
         rhs = torch.cat([2.0 * c, torch.ones_like(c[:, :1]), -squared_norms(c).unsqueeze(1)], dim=1)
-        arg = torch.mm(self.lhs, rhs.T)
+        arg = torch.mm(self.lhs, rhs.T, out=block_view(buffer, self.a.shape[0], e - s))
         # the own centre is not a rival: its cell becomes −inf (hinge 0), set by index
         in_chunk = (self.labels >= s) & (self.labels < e)
         col = (self.labels - s).clamp_(0, e - s - 1).unsqueeze(1)
@@ -151,19 +194,20 @@ class _RankingPlan:
             grad_w = torch.empty(self.centres.shape, dtype=self.centres.dtype, device=a.device)
             target_weight = torch.zeros(b, dtype=a.dtype, device=a.device)
             g = row_weight.to(a.dtype).unsqueeze(1)
+        buffer = torch.empty(b * min(self.class_chunk, num_classes), dtype=a.dtype, device=a.device)
         for s in range(0, num_classes, self.class_chunk):
             e = min(s + self.class_chunk, num_classes)
-            hinge, c, v, norm, active = self.hinge_block(s, e)
+            hinge, c, v, norm, active = self.hinge_block(s, e, buffer)
             sums += hinge.sum(1)
-            # slope of each hinge: 1 where active (NaN compares false: a NaN loss needs no count)
-            slope = (hinge > 0).to(a.dtype)
+            # slope of each hinge, in place: 1 where active, 0 where not (and 0 for NaN, whose loss is NaN)
+            slope = hinge.sign_()
             active_count += slope.sum(1)
             if not want:
                 continue
             # dL/dd_ik = −g_i·[H_ik > 0] for the rivals; the target d_iy gets +g_i per active rival
             w = slope.mul_(g).neg_()
             target_weight -= w.sum(1)
-            w = scale_distance_weights_(w, hinge, "squared_euclidean")
+            w = scale_distance_weights_(w, w, "squared_euclidean")  # ×2; the distance is not needed
             grad_c = torch.zeros_like(c)
             colsum = torch.zeros(e - s, dtype=a.dtype, device=a.device)
             grad_a += gram_backward(w, a, c, "squared_euclidean", grad_c, colsum)
@@ -187,9 +231,9 @@ class StreamedCentralizedRanking(torch.autograd.Function):
     (normalised and scaled by s chunk by chunk when ``normalize``) or unit centre directions (scaled by s
     only), ``labels`` (B,) int64, and the static options. Output: the reduced loss (), or per-row sums
     ℓ_i (B,) for ``reduction="none"``. With a scalar reduction the gradient is computed in the forward
-    pass (one pass over the classes instead of two) and backward only rescales it; with ``"none"``
-    backward recomputes the chunks with each row weighted by its upstream gradient. Not twice
-    differentiable.
+    pass (one pass over the classes instead of two) and the first backward only rescales it, in place;
+    with ``"none"`` (or a second backward through a retained graph) backward recomputes the chunks with
+    each row weighted by its upstream gradient. Not twice differentiable.
     """
 
     @staticmethod
@@ -201,25 +245,30 @@ class StreamedCentralizedRanking(torch.autograd.Function):
         # every (row, rival class) pair is a term: B·(C − 1) of them
         num_terms = torch.tensor(a.shape[0] * (centres.shape[0] - 1), device=a.device)
         loss = reduce_loss(sums, num_terms, nonzero, reduction)
-        ctx.grad_now = grad_now
-        if grad_now:
-            denom = {"sum": None, "mean": num_terms, "mean_nonzero": nonzero}[reduction]
-            if denom is not None:
-                factor = 1.0 / denom.clamp_min(1).to(a.dtype)
-                grad_a.mul_(factor)
-                grad_w.mul_(factor.to(grad_w.dtype))
-            ctx.save_for_backward(grad_a, grad_w)
-        else:
-            ctx.plan = plan
+        # The gradients are intermediate results (neither inputs nor outputs), kept on ctx rather than saved:
+        # the first backward hands them out scaled in place, with no second (C, D) copy at the peak. Any
+        # later backward through a retained graph (gradcheck, jacobians) recomputes them from the plan.
+        denom = {"sum": None, "mean": num_terms, "mean_nonzero": nonzero, "none": None}[reduction]
+        ctx.factor = None if denom is None else 1.0 / denom.clamp_min(1).to(a.dtype)
+        ctx.grads = (grad_a, grad_w) if grad_now else None
+        ctx.plan = plan
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        if ctx.grad_now:
-            grad_a, grad_w = ctx.saved_tensors
-            return (grad_a * grad_out, grad_w * grad_out.to(grad_w.dtype)) + (None,) * 8
-        _, _, grad_a, grad_w = ctx.plan.run(grad_out)
-        return (grad_a, grad_w) + (None,) * 8
+        if grad_out.dim() == 1:
+            # "none": each row weighted by its own upstream gradient
+            _, _, grad_a, grad_w = ctx.plan.run(grad_out)
+            return (grad_a, grad_w) + (None,) * 8
+        if ctx.grads is not None:
+            grad_a, grad_w = ctx.grads
+            ctx.grads = None
+        else:
+            # the same unit-weight pass as the forward's, so every backward gives bit-identical gradients
+            _, _, grad_a, grad_w = ctx.plan.run(torch.ones_like(ctx.plan.d_y))
+        scale = grad_out.to(grad_a.dtype) if ctx.factor is None else grad_out.to(grad_a.dtype) * ctx.factor
+        return (grad_a.mul_(scale), grad_w.mul_(scale.to(grad_w.dtype))) + (None,) * 8
 
 
 def centralized_ranking_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, margin: float,

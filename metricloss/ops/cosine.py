@@ -21,6 +21,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .distance import accumulation_dtype
 
@@ -30,6 +31,7 @@ __all__ = [
     "normalize_scale",
     "unit_rows",
     "normalize_backward",
+    "block_view",
     "cosine_logits",
     "StreamedNormSoftmax",
     "norm_softmax_op",
@@ -84,6 +86,16 @@ def normalize_backward(grad_v: torch.Tensor, v: torch.Tensor, norm: torch.Tensor
     return grad_v.div_(norm.unsqueeze(1))
 
 
+def block_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous (rows, cols) view at the start of the flat ``buffer``.
+
+    The streamed ops allocate one (B, chunk) buffer per pass and write every chunk's GEMM into it
+    (``out=``), so the allocator serves one block instead of a fresh one per chunk (fresh blocks of a few
+    MiB fragment the heap and inflate the peak resident memory).
+    """
+    return buffer[: rows * cols].view(rows, cols)
+
+
 def cosine_logits(x: torch.Tensor, weight: torch.Tensor, scale: Scale, labels: Optional[torch.Tensor] = None,
                   margin: float = 0.0, eps: float = NORM_EPS) -> torch.Tensor:
     """Dense cosine logits s·x̂·Ŵᵀ (B, C) in the accumulation dtype; the target column is s·(cos − m)
@@ -129,11 +141,12 @@ class StreamedNormSoftmax(torch.autograd.Function):
         run_max = torch.full((b,), float("-inf"), dtype=a.dtype, device=a.device)
         run_sum = torch.zeros(b, dtype=a.dtype, device=a.device)
         target = torch.zeros(b, dtype=a.dtype, device=a.device)
+        buffer = torch.empty(b * min(class_chunk, c), dtype=a.dtype, device=a.device)
         for s in range(0, c, class_chunk):
             e = min(s + class_chunk, c)
             # 1. the chunk's logits z = a·v_cᵀ, v_c = w_c / max(‖w_c‖, eps): one GEMM, (B, k)
             v, _, _ = unit_rows(weight[s:e], a.dtype, eps)
-            z = torch.mm(a, v.T)
+            z = torch.mm(a, v.T, out=block_view(buffer, b, e - s))
             # 2. the target logit z_{i,y_i}, for the rows whose class is in this chunk
             in_chunk, col = _target_in_chunk(labels, s, e)
             target = torch.where(in_chunk, z.gather(1, col).squeeze(1), target)
@@ -148,6 +161,7 @@ class StreamedNormSoftmax(torch.autograd.Function):
         return lse - target
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_rows):
         a, weight, labels, lse = ctx.saved_tensors
         need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -159,11 +173,13 @@ class StreamedNormSoftmax(torch.autograd.Function):
         grad_w = torch.empty_like(weight) if need_w else None
         a_g = a * g if need_w else None
         write_in_place = need_w and grad_w.dtype == a.dtype
+        b = a.shape[0]
+        buffer = torch.empty(b * min(ctx.class_chunk, c), dtype=a.dtype, device=a.device)
         for s in range(0, c, ctx.class_chunk):
             e = min(s + ctx.class_chunk, c)
             v, norm, active = unit_rows(weight[s:e], a.dtype, ctx.eps)
             # 1. recompute the chunk's softmax p = exp(z − lse)
-            p = torch.mm(a, v.T).sub_(lse.unsqueeze(1)).exp_()
+            p = torch.mm(a, v.T, out=block_view(buffer, b, e - s)).sub_(lse.unsqueeze(1)).exp_()
             # 2. minus the one-hot of the target, on the rows whose target is in this chunk
             in_chunk, col = _target_in_chunk(labels, s, e)
             p.scatter_add_(1, col, -in_chunk.to(p.dtype).unsqueeze(1))
