@@ -245,8 +245,8 @@ def norm_softmax_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: to
         temperature: T > 0; the logits are cosines times s = 1/T (default 0.05, s = 20).
         class_chunk: ``None`` (default) builds the dense (B, C) logits and calls ``F.cross_entropy``;
             an int streams the classes in chunks of that many with an online logsumexp, in forward and
-            backward, so memory is O(B·class_chunk) instead of O(B·C). A few thousand is a good size
-            (see the README's benchmark).
+            backward, so memory is O(B·class_chunk) instead of O(B·C). Aim for a block of about 4M
+            entries, ``class_chunk ≈ 4_000_000 // B`` (see the README's benchmark).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` ((B,) per-row losses).
 
     Returns:

@@ -142,8 +142,10 @@ class NormSoftmaxLoss(nn.Module):
         in_features: D, the embedding size.
         num_classes: C.
         temperature: T > 0 (default 0.05, the paper's; logits are cosines times 1/T).
-        class_chunk: ``None`` (default): dense logits and ``F.cross_entropy``, fastest for small C. An int:
-            stream classes in chunks of that many; a few thousand keeps the GEMMs efficient (README).
+        class_chunk: ``None`` (default): dense logits and ``F.cross_entropy``, fine for small C. An int:
+            stream classes in chunks of that many. Aim for a (B, chunk) block of about 4M entries
+            (``4_000_000 // batch_size``, e.g. 4096 for B=1024): at B=1024, D=512, C=100000 that took
+            0.19× the dense path's peak memory and no more time (README, "Benchmarks").
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
 
     Attributes:
