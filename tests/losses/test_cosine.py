@@ -156,8 +156,9 @@ def _dense_ce(x, y, w, temperature, reduction):
 
 
 def assert_matches_cross_entropy(x, y, w, temperature, class_chunk, reduction, seed=0, rtol=1e-10, atol=1e-12):
-    """Loss and both gradients equal F.cross_entropy's; gradient tolerances are relative to the largest entry
-    (small x with a small temperature makes gradients of order 1/(T·‖x‖))."""
+    """Loss and both gradients equal F.cross_entropy's. Gradients pass through a row normalisation, which
+    scales them by 1/‖row‖; they are compared after multiplying each row by max(‖row‖, eps), with
+    tolerances relative to the largest entry."""
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     got = MF.norm_softmax_loss(xs, y, ws, temperature=temperature, class_chunk=class_chunk, reduction=reduction)
@@ -166,7 +167,9 @@ def assert_matches_cross_entropy(x, y, w, temperature, class_chunk, reduction, s
     upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype)
     (got * upstream).sum().backward()
     (want * upstream).sum().backward()
-    for got_grad, want_grad in ((xs.grad, xr.grad), (ws.grad, wr.grad)):
+    for t, got_grad, want_grad in ((x, xs.grad, xr.grad), (w, ws.grad, wr.grad)):
+        row_norm = t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        got_grad, want_grad = got_grad * row_norm, want_grad * row_norm
         torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=atol * max(1.0, want_grad.abs().max().item()))
 
 
