@@ -12,6 +12,7 @@ Flat public API (DESIGN.md §1)::
 from . import functional, metrics, reference
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .losses import WARPLoss
+from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
 
 __version__ = "0.1.0.dev0"
 
@@ -21,6 +22,10 @@ __all__ = [
     "BatchAllTripletLoss",
     "SemiHardTripletLoss",
     "WARPLoss",
+    "NormalizeScale",
+    "CosineClassifier",
+    "NormSoftmaxLoss",
+    "CentralizedRankingLoss",
     "functional",
     "metrics",
     "reference",

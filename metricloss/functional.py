@@ -14,13 +14,16 @@ import torch
 
 from . import _checks as C
 from ._backend import resolve_backend
+from .ops import centralized as _centralized
+from .ops import cosine as _cosine
 from .ops import distance as _distance
 from .ops import mining as _mining
-from .ops.reduction import REDUCTIONS, mask_nonfinite
 from .ops import warp as _warp
+from .ops.reduction import REDUCTIONS, mask_nonfinite
 from .ops.triplet import MININGS, triplet_backends, triplet_loss_op
 
-__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "warp_loss"]
+__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "warp_loss", "normalize_scale",
+           "cosine_logits", "norm_softmax_loss", "centralized_ranking_loss"]
 
 Margin = Union[float, str]
 
@@ -235,3 +238,170 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
         # the extremes are finite iff every score is: one pass over the scores, no (B, C) temporary
         lo, hi = torch.aminmax(scores.detach())
         return mask_nonfinite(loss, lo, hi)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cosine normalize-scale: N-S layer, cosine logits, NormSoftmax, DGCRL (issue 6)
+# ----------------------------------------------------------------------------------------------------
+
+Scale = Union[float, torch.Tensor]
+
+
+def _check_scale(scale: object, where: str, name: str = "scale") -> Scale:
+    """A float > 0, or a 0-dim floating tensor (a learnable scale; its sign is not read, to avoid a sync)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0 or not scale.is_floating_point():
+            raise ValueError(f"{where}: `{name}` must be a float > 0 or a 0-dim floating-point tensor, "
+                             f"got a tensor of shape {tuple(scale.shape)} and dtype {scale.dtype}")
+        return scale
+    return C.check_positive(scale, name, where)
+
+
+def _check_class_weights(where: str, embeddings: torch.Tensor, weight: object) -> None:
+    """``weight`` (C, D) floating, with D = in_features of ``embeddings``, on the same device."""
+    C.check_embeddings(weight, "weight", where)
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"{where}: `embeddings` has {embeddings.shape[1]} features but `weight` has "
+                         f"in_features={weight.shape[1]} (shape {tuple(weight.shape)} is (num_classes, "
+                         f"in_features)); they must match")
+    C.check_same_device([("embeddings", embeddings), ("weight", weight)], where)
+
+
+def _check_class_labels(where: str, labels: object, embeddings: torch.Tensor, num_classes: int) -> torch.Tensor:
+    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
+    C.check_label_range(labels, num_classes, "labels", where)
+    return labels.long()
+
+
+def _check_class_chunk(class_chunk: object, where: str) -> Optional[int]:
+    return None if class_chunk is None else C.check_positive_int(class_chunk, "class_chunk", where)
+
+
+def normalize_scale(x: torch.Tensor, scale: Scale = 20.0, eps: float = 1e-12) -> torch.Tensor:
+    """The Normalize-Scale (N-S) layer: ``s · x / max(‖x‖, eps)`` per row (Zheng et al., AAAI 2019).
+
+    Args:
+        x: (B, D) features, any float dtype.
+        scale: s, a float > 0 or a 0-dim tensor (e.g. ``log_s.exp()`` for a learnable scale).
+        eps: norm floor, placed as in ``F.normalize``: rows with ‖x‖ < eps are divided by eps (a zero row
+            stays zero and gets the finite gradient s/eps · g).
+
+    Returns:
+        (B, D) in ``x``'s dtype (computed in fp32 at least, autocast or not); every row with ‖x‖ >= eps
+        has norm s.
+    """
+    where = "normalize_scale"
+    C.check_embeddings(x, "x", where)
+    scale = _check_scale(scale, where)
+    eps = C.check_positive(eps, "eps", where)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _cosine.normalize_scale(x, scale, eps).to(x.dtype)
+
+
+def cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                  scale: Scale = 20.0, margin: float = 0.0) -> torch.Tensor:
+    """Cosine-classifier logits ``s · x̂ · Ŵᵀ``; with ``labels`` and ``margin`` > 0 the target logit is
+    ``s · (cos − margin)`` (CosFace form).
+
+    Args:
+        embeddings: (B, D) features, any float dtype.
+        weight: (C, D) class weights (one row per class); never modified.
+        labels: optional (B,) integer labels in [0, C), used only for the margin.
+        scale: s, a float > 0 or a 0-dim tensor (learnable scale).
+        margin: float >= 0, subtracted from the target cosine when ``labels`` are given.
+
+    Returns:
+        (B, C) logits in fp32 (fp64 for fp64 inputs): a dense output. For a loss over very many classes
+        use :func:`norm_softmax_loss` with ``class_chunk``, which never builds it.
+    """
+    where = "cosine_logits"
+    C.check_embeddings(embeddings, "embeddings", where)
+    _check_class_weights(where, embeddings, weight)
+    if labels is not None:
+        labels = _check_class_labels(where, labels, embeddings, weight.shape[0])
+    scale = _check_scale(scale, where)
+    margin = C.check_margin(margin, "margin", where, allow_soft=False)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return _cosine.cosine_logits(embeddings, weight, scale, labels, margin)
+
+
+def norm_softmax_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, *,
+                      temperature: float = 0.05, class_chunk: Optional[int] = None,
+                      reduction: str = "mean") -> torch.Tensor:
+    """NormSoftmax (Zhai & Wu, BMVC 2019): cross-entropy on ``x̂ · Ŵᵀ / temperature``.
+
+    Args:
+        embeddings: (B, D) features, any float dtype (normalised here).
+        labels: (B,) integer labels in [0, C).
+        weight: (C, D) class weights (normalised here, never modified). Gradients flow to it.
+        temperature: T > 0; the logits are cosines times s = 1/T (default 0.05, s = 20).
+        class_chunk: ``None`` (default) builds the dense (B, C) logits and calls ``F.cross_entropy``;
+            an int streams the classes in chunks of that many with an online logsumexp, in forward and
+            backward, so memory is O(B·class_chunk) instead of O(B·C). Aim for a block of about 4M
+            entries, ``class_chunk ≈ 4_000_000 // B`` (see the README's benchmark).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` ((B,) per-row losses).
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 inputs); NaN/Inf in the inputs give NaN.
+    """
+    where = "norm_softmax_loss"
+    C.check_embeddings(embeddings, "embeddings", where)
+    _check_class_weights(where, embeddings, weight)
+    labels = _check_class_labels(where, labels, embeddings, weight.shape[0])
+    temperature = C.check_positive(temperature, "temperature", where)
+    class_chunk = _check_class_chunk(class_chunk, where)
+    C.check_option(reduction, "reduction", _cosine.CE_REDUCTIONS, where)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return _cosine.norm_softmax_op(embeddings, labels, weight, 1.0 / temperature, class_chunk, reduction)
+
+
+def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, *,
+                             margin: float = 0.2, scale: float = 1.0, decorrelation: str = "auto",
+                             decorrelation_weight: float = 1.0, reduction: str = "mean",
+                             class_chunk: Optional[int] = None) -> torch.Tensor:
+    """Decorrelated global centralized ranking loss (DGCRL, Zheng et al. AAAI 2019): **our reconstruction**.
+
+    The paper's formulas were not available; this implements the reconstruction of METHODS.md §3:
+    N-S features x̂_i = s·x_i/‖x_i‖ and centres ĉ_k = s·w_k/‖w_k‖, and per sample
+    ``ℓ_i = Σ_{k≠y_i} [margin + ‖x̂_i − ĉ_{y_i}‖² − ‖x̂_i − ĉ_k‖²]_+`` against all C centres.
+
+    Args:
+        embeddings: (B, D) features, any float dtype.
+        labels: (B,) integer labels in [0, C).
+        weight: (C, D) class-centre weights. Gradients flow to it.
+        margin: float >= 0, in squared-distance units of the radius-s sphere (distances lie in [0, 4s²]):
+            the loss at scale s equals s² times the loss at scale 1 with margin/s².
+        scale: s > 0, the N-S radius (default 1).
+        decorrelation: ``"qr"``: the centres are the Gram-Schmidt orthonormalisation of W's rows (a QR
+            re-parametrisation in forward; needs D >= C); ``"penalty"``: plain N-S centres plus
+            ``decorrelation_weight · mean((ŴŴᵀ − I)²)``; ``"none"``; ``"auto"`` (default): ``"qr"`` when
+            D >= C, else ``"penalty"``.
+        decorrelation_weight: λ >= 0 of the penalty (ignored unless the penalty is used).
+        reduction: ``"mean"`` over the B·(C − 1) (sample, rival class) terms (default), ``"mean_nonzero"``
+            over the active ones, ``"sum"``, or ``"none"`` ((B,) per-sample ℓ_i). The penalty is added once
+            to a reduced loss, and as λP/B to each entry of ``"none"``.
+        class_chunk: ``None`` processes all C classes as one (B, C) block; an int streams them in chunks of
+            that many, forward and backward, so no (B, C) tensor is needed.
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 inputs); NaN/Inf in the inputs give NaN.
+    """
+    where = "centralized_ranking_loss"
+    C.check_embeddings(embeddings, "embeddings", where)
+    _check_class_weights(where, embeddings, weight)
+    labels = _check_class_labels(where, labels, embeddings, weight.shape[0])
+    margin = C.check_margin(margin, "margin", where, allow_soft=False)
+    scale = C.check_positive(scale, "scale", where)
+    C.check_option(decorrelation, "decorrelation", _centralized.DECORRELATIONS, where)
+    decorrelation_weight = C.check_nonnegative(decorrelation_weight, "decorrelation_weight", where)
+    C.check_option(reduction, "reduction", REDUCTIONS, where)
+    class_chunk = _check_class_chunk(class_chunk, where)
+    num_classes, in_features = weight.shape
+    resolved = _centralized.resolve_decorrelation(decorrelation, in_features, num_classes)
+    if resolved == "qr" and in_features < num_classes:
+        raise ValueError(f"{where}: `decorrelation`='qr' needs in_features >= num_classes (orthonormal "
+                         f"centres), got in_features={in_features} < num_classes={num_classes}; "
+                         f"use 'penalty' or 'auto'")
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return _centralized.centralized_ranking_op(embeddings, labels, weight, margin, scale, resolved,
+                                                   decorrelation_weight, reduction, class_chunk)

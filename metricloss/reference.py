@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_loop", "warp_loss",
-           "warp_loss_loop"]
+           "warp_loss_loop", "normalize_scale", "cosine_logits", "norm_softmax_loss", "gram_schmidt_loop",
+           "centralized_ranking_loss"]
 
 Margin = Union[float, str]
 
@@ -262,3 +263,77 @@ def warp_loss_loop(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1
         per_row.append(row_loss)
     loss = _warp_reduce(torch.stack(per_row), reduction)
     return (loss, draws) if return_draws else loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# cosine normalize-scale: N-S layer, cosine logits, NormSoftmax, DGCRL (reconstruction)
+# ----------------------------------------------------------------------------------------------------
+
+def normalize_scale(x: torch.Tensor, scale: Union[float, torch.Tensor] = 20.0,
+                    eps: float = 1e-12) -> torch.Tensor:
+    """s · x / max(‖x‖, eps) per row, literally (fp32 at least). ``Tensor.norm`` has gradient 0 at a zero
+    row (√ would give 0·inf = NaN there); below eps the divisor is the constant eps."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return scale * x / torch.clamp(x.norm(dim=1, keepdim=True), min=eps)
+
+
+def cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                  scale: Union[float, torch.Tensor] = 20.0, margin: float = 0.0) -> torch.Tensor:
+    """s · (cos(x_i, w_c) − margin·[c = y_i]): (B, C); the margin applies only when labels are given."""
+    dtype = torch.promote_types(torch.promote_types(embeddings.dtype, weight.dtype), torch.float32)
+    cos = normalize_scale(embeddings.to(dtype), 1.0) @ normalize_scale(weight.to(dtype), 1.0).T
+    if labels is not None:
+        cos = cos - margin * F.one_hot(labels.long(), weight.shape[0]).to(dtype)
+    return scale * cos
+
+
+def norm_softmax_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                      temperature: float = 0.05, reduction: str = "mean") -> torch.Tensor:
+    """−log softmax(cos(x_i, W) / T)[y_i], from an explicit logsumexp; ``"mean"``, ``"sum"`` or ``"none"``."""
+    logits = cosine_logits(embeddings, weight, scale=1.0 / temperature)
+    per_row = torch.logsumexp(logits, dim=1) - logits[torch.arange(logits.shape[0]), labels.long()]
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+def gram_schmidt_loop(weight: torch.Tensor) -> torch.Tensor:
+    """Modified Gram-Schmidt on the rows of ``weight`` (C, D), C <= D, in order: row k is the unit vector
+    along the part of w_k orthogonal to the rows before it. A Python loop (differentiable)."""
+    rows = []
+    for w in weight.to(torch.promote_types(weight.dtype, torch.float32)):
+        for q in rows:
+            w = w - (q @ w) * q
+        rows.append(w / torch.sqrt(w @ w))
+    return torch.stack(rows)
+
+
+def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                             margin: float = 0.2, scale: float = 1.0, decorrelation: str = "auto",
+                             decorrelation_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """DGCRL reconstruction, densely (METHODS.md §3): distances from an explicit (B, C, D) difference.
+
+    ℓ_i = Σ_{k≠y_i} [m + ‖x̂_i − ĉ_{y_i}‖² − ‖x̂_i − ĉ_k‖²]_+ with x̂ = s·x/‖x‖ and ĉ = s·(Gram-Schmidt rows
+    of W) for ``"qr"`` (``"auto"`` with D >= C), else ĉ = s·w/‖w‖; ``"penalty"`` (``"auto"`` with D < C)
+    adds λ·mean((ŴŴᵀ − I)²) from the explicit C×C matrix. Reductions over the B·(C − 1) terms as
+    :func:`metricloss.functional.centralized_ranking_loss`; ``"none"`` adds λP/B to every row.
+    """
+    num_classes, in_features = weight.shape
+    mode = decorrelation
+    if mode == "auto":
+        mode = "qr" if in_features >= num_classes else "penalty"
+    x = normalize_scale(embeddings, scale)
+    centres = scale * gram_schmidt_loop(weight) if mode == "qr" else normalize_scale(weight, scale)
+    dist = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1)            # (B, C)
+    y = labels.long()
+    d_own = dist[torch.arange(x.shape[0]), y]
+    rival = torch.ones_like(dist, dtype=torch.bool)
+    rival[torch.arange(x.shape[0]), y] = False
+    hinge = torch.where(rival, F.relu(margin + d_own[:, None] - dist), torch.zeros_like(dist))
+    loss = _reduce(hinge.sum(1), hinge, rival, reduction)
+    if mode == "penalty" and decorrelation_weight > 0:
+        unit = normalize_scale(weight, 1.0)
+        gram = unit @ unit.T
+        penalty = decorrelation_weight * ((gram - torch.eye(num_classes, dtype=gram.dtype)) ** 2).mean()
+        loss = loss + (penalty / x.shape[0] if reduction == "none" else penalty)
+    return loss

@@ -1,6 +1,9 @@
 """``nn.Module`` drop-ins, one file per family. They hold hyper-parameters and buffers only."""
 
+from .centralized import CentralizedRankingLoss
+from .cosine import CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .warp import WARPLoss
 
-__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss"]
+__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss",
+           "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss"]
