@@ -237,4 +237,6 @@ def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, centro
                 embeddings.dtype if onehot else torch.promote_types(embeddings.dtype, centroids.dtype))
             c = None if onehot else centroids.to(dtype)
             loss = _centroid.centroid_triplet_loss_op(embeddings.to(dtype), labels, c, num, reduction, chunk_bytes)
-        return mask_nonfinite(loss, *((embeddings,) if onehot else (embeddings, centroids)))
+        # A non-finite embedding reaches its row (its own distance) and a non-finite centroid every row (through
+        # the own distance or the sum), so checking the result is enough: ±inf becomes NaN, no O(B·D) pass.
+        return mask_nonfinite(loss, loss)

@@ -9,20 +9,21 @@ c_0 … c_{C−1} and α = 1 / (3(C − 1)):
     ∂ℓ_i/∂x_i = (x_i − c_{y_i}) / ‖x_i − c_{y_i}‖ − α · (s_i · x_i − v_i),
     s_i = Σ_{m ≠ y_i} w_im,   v_i = Σ_{m ≠ y_i} w_im · c_m,   w_im = 1 / ‖x_i − c_m‖   (0 where x_i = c_m).
 
-The two terms are computed differently, on purpose:
+:class:`CentroidLossRows` (a custom autograd function) computes ℓ_i and its gradient; the two terms are
+computed differently, on purpose:
 
 * the **own term** ‖x_i − c_{y_i}‖ is the attractor (x converges onto its centroid), so it is computed
-  exactly from the difference (:func:`~metricloss.ops.distance.paired_distance`, safe √: value and
-  subgradient 0 at x = c), with ordinary autograd, O(B·D);
-* the **other C − 1 terms** go through :class:`CentroidDistanceSum`, a custom autograd function that walks
-  (row tile × class chunk) tiles under a memory budget and never holds a (B, C) matrix. Tensor centroids
-  take one GEMM per tile (:class:`~metricloss.ops.distance.GramFactors`, whose small, cancellation-prone
-  entries are recomputed exactly from the difference); one-hot centroids c_m = e_m need no GEMM at all:
-  ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m, with the same exact refinement. Row i of the sum depends on x_i only,
-  so the forward pass also accumulates s_i and v_i and keeps the (B, D) Jacobian rows s_i·x_i − v_i:
-  backward is one scaling, whatever the reduction. Gradients w.r.t. a centroid tensor that requires grad
-  (the centroids of the loss are fixed, but the functional accepts any tensor) are recomputed tile by
-  tile in backward.
+  exactly from the difference x_i − c_{y_i}, O(B·D), with value and subgradient 0 at x = c;
+* the **other C − 1 terms** are walked in (row tile × class chunk) tiles under a memory budget, never as
+  a (B, C) matrix. Tensor centroids take one GEMM per tile (:class:`~metricloss.ops.distance.GramFactors`,
+  whose small, cancellation-prone entries are recomputed exactly from the difference); one-hot centroids
+  c_m = e_m need no GEMM at all: ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m, with the same exact refinement. The
+  gradient's near pairs (the same small entries) are applied from their exact differences too.
+
+Row i depends on x_i only, so the forward pass also accumulates s_i and v_i and keeps the (B, D) Jacobian
+rows: backward is one scaling, whatever the reduction. Gradients w.r.t. a centroid tensor that requires
+grad (the loss's centroids are fixed, but the functional accepts any tensor) are recomputed tile by tile
+in backward.
 
 Peak extra memory is O(B·D + tile), tile ≤ ``chunk_bytes`` (and the cache-sized :data:`TILE_BYTES`).
 
@@ -38,7 +39,7 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .distance import REFINE_RATIO, GramFactors, _refine_small_entries, paired_distance, squared_norms
+from .distance import REFINE_RATIO, GramFactors, _refine_small_entries, squared_norms
 from .mining import default_chunk_bytes, rows_per_chunk
 from .reduction import reduce_loss, row_argmax
 
@@ -51,7 +52,7 @@ __all__ = [
     "onehot_centroids",
     "kmeans_sphere_centroids",
     "build_centroids",
-    "CentroidDistanceSum",
+    "CentroidLossRows",
     "centroid_triplet_loss_op",
 ]
 
@@ -67,7 +68,7 @@ KMEANS_MAX_ITERATIONS = 20
 
 # A tile's temporaries are kept cache-sized (L2/L3) whatever the budget: the per-tile element-wise passes
 # (clamp, √, masking, sums, 1/d) then run from cache, so time per sample does not grow with B.
-TILE_BYTES = 4 << 20
+TILE_BYTES = 8 << 20
 
 # Classes per chunk at most: a chunk rebuilds the (B, D + 2) GEMM operand of the rows once, so chunks
 # are wide enough to amortise it; narrower only when the budget forces it.
@@ -232,15 +233,18 @@ def _other_class_tiles(x: torch.Tensor, labels: torch.Tensor, centroids: Optiona
     for c0 in range(0, num_classes, classes):
         c1 = min(c0 + classes, num_classes)
         chunk = _OneHotChunk(x, x_sq, c0, c1) if centroids is None else _GramChunk(x, centroids, c0, c1)
+        # own class: column y_i − c0 of the rows whose class falls in this chunk (no host sync)
+        rel = labels - c0
+        col = rel.clamp(0, c1 - c0 - 1).unsqueeze(1)
+        inside = None if c1 - c0 == num_classes else ((rel >= 0) & (rel < c1 - c0)).unsqueeze(1)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             d = chunk.distances(r0, r1)
-            # own class: column y_i − c0 when it falls in this chunk (gather/scatter: no host sync)
-            rel = labels[r0:r1] - c0
-            inside = ((rel >= 0) & (rel < c1 - c0)).unsqueeze(1)
-            col = rel.clamp(0, c1 - c0 - 1).unsqueeze(1)
-            kept = d.gather(1, col)
-            d.scatter_(1, col, torch.where(inside, torch.zeros_like(kept), kept))
+            if inside is None:  # one chunk holds every class
+                d.scatter_(1, col[r0:r1], 0.0)
+            else:
+                kept = d.gather(1, col[r0:r1])
+                d.scatter_(1, col[r0:r1], torch.where(inside[r0:r1], torch.zeros_like(kept), kept))
             yield r0, r1, chunk, d
 
 
@@ -269,49 +273,64 @@ def _take_near_entries_(w: torch.Tensor, limit: torch.Tensor) -> Optional[Tuple[
     return rows, cols, vals
 
 
-class CentroidDistanceSum(torch.autograd.Function):
-    """Σ_{m ≠ y_i} ‖x_i − c_m‖ for every row, in tiles: O(B·D + tile) memory, never (B, C).
+def _own_difference(x: torch.Tensor, centroids: Optional[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """x_i − c_{y_i}, (B, D), from the difference (exact; one-hot: subtract 1 in column y_i)."""
+    if centroids is not None:
+        return x - centroids[labels]
+    diff = x.clone()
+    diff[torch.arange(x.shape[0], device=x.device), labels] -= 1.0
+    return diff
+
+
+class CentroidLossRows(torch.autograd.Function):
+    """Per-row centroid bound ℓ_i = ‖x_i − c_{y_i}‖ − α Σ_{m ≠ y_i} ‖x_i − c_m‖, in tiles; never (B, C).
 
     Inputs: prepared rows ``x`` (B, D) in the accumulation dtype, ``centroids`` (C, D) in the same dtype or
     None for one-hot centroids e_0 … e_{C−1} (needs D >= C), int64 ``labels`` (B,) in [0, C), ``num_classes``
-    C, ``chunk_bytes``, and whether x / the centroids need a gradient. Output: (B,).
+    C >= 2, ``chunk_bytes``, and whether x / the centroids need a gradient. Output: ℓ, (B,).
 
-    Forward accumulates, per row, the sum of distances and (when x needs a gradient) s_i = Σ w_im and
-    v_i = Σ w_im c_m with w_im = 1/‖x_i − c_m‖, and saves the Jacobian rows s_i·x_i − v_i (B, D): row i of
-    the output depends on x_i only, so backward is ``grad_out[:, None] * J`` for any reduction. The
-    centroid gradient Σ_i g_i w_im (c_m − x_i) depends on the upstream gradient and is recomputed tile by
-    tile in backward. Subgradient 0 where x_i = c_m. Not twice differentiable.
+    Row i of the output depends on x_i only, so forward also builds the Jacobian rows
+    J_i = ∂ℓ_i/∂x_i = (x_i − c_{y_i})/‖x_i − c_{y_i}‖ + α (v_i − s_i x_i) (B, D) and backward is
+    ``grad_out[:, None] * J`` for any reduction. The centroid gradient depends on the upstream gradient and
+    is recomputed tile by tile in backward. Subgradient 0 where x_i = c_m. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c):
         n = x.shape[0]
+        alpha = 1.0 / (3.0 * (num_classes - 1))
+        # 1. own term from the difference (exact; √0 = 0, and its subgradient is taken as 0 below)
+        diff = _own_difference(x, centroids, labels)
+        own = torch.linalg.vecdot(diff, diff, dim=1).sqrt_()
+        # 2. the other C − 1 distances: Σ_m d_im per row over (row tile × class chunk) tiles, own class 0
         sums = torch.zeros(n, dtype=x.dtype, device=x.device)
         if want_grad_x:
             w_sum = torch.zeros(n, dtype=x.dtype, device=x.device)
-            w_centroids = torch.zeros_like(x)
+            # v starts at (x − c_y)/(α‖x − c_y‖): the own term's gradient, so that J = α (v − s·x) below
+            # (0 instead of 0/0 on the own centroid)
+            w_centroids = diff * (_inverse_distances_(own.clone()) / alpha).unsqueeze(1)
         for r0, r1, chunk, d in _other_class_tiles(x, labels, centroids, num_classes, chunk_bytes):
-            # 1. Σ_m d_im over the chunk (own class is 0)
             sums[r0:r1] += d.sum(1)
             if want_grad_x:
-                # 2. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM, or a column add for one-hot)
+                # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM, or a column add for one-hot)
                 w = _inverse_distances_(d)
                 near = _take_near_entries_(w, chunk.near_limit[r0:r1])
                 w_sum[r0:r1] += w.sum(1)
                 chunk.add_weighted_centroids_(w_centroids[r0:r1], w)
                 if near is not None:
-                    # 3. near pairs exactly: v_i −= (x_i − c_m)·w_im, so s_i·x_i − v_i gains their exact term
+                    # near pairs exactly: v_i −= (x_i − c_m)·w_im, so v_i − s_i·x_i gains their exact term
                     rows, cols, vals = near
                     rows = rows + r0
                     exact = (x[rows] - chunk.rows(cols)).mul_(vals.unsqueeze(1))
                     w_centroids.index_add_(0, rows, exact, alpha=-1.0)
+        rows_loss = own - alpha * sums
         jacobian = None
         if want_grad_x:
-            # 4. ∂sum_i/∂x_i = Σ_m (x_i − c_m)/d_im = s_i·x_i − v_i, kept in v's buffer
-            jacobian = w_centroids.neg_().addcmul_(w_sum.unsqueeze(1), x)
+            # 4. J = (x − c_y)/‖x − c_y‖ + α (Σ_m w_im c_m − s·x) = α (v − s·x), in v's buffer
+            jacobian = w_centroids.addcmul_(w_sum.unsqueeze(1), x, value=-1.0).mul_(alpha)
         ctx.save_for_backward(jacobian, x if want_grad_c else None, centroids if want_grad_c else None, labels)
-        ctx.num_classes, ctx.chunk_bytes = num_classes, chunk_bytes
-        return sums
+        ctx.num_classes, ctx.chunk_bytes, ctx.alpha = num_classes, chunk_bytes, alpha
+        return rows_loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -325,12 +344,16 @@ class CentroidDistanceSum(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = jacobian * grad_out.unsqueeze(1)
         if ctx.needs_input_grad[1] and centroids is not None:
-            # ∂/∂c_m Σ_i g_i d_im = Σ_i g_i w_im (c_m − x_i) = (Σ_i g_i w_im)·c_m − Σ_i g_i w_im x_i
-            grad_c = torch.zeros_like(centroids)
+            # own term: ∂‖x_i − c_{y_i}‖/∂c_{y_i} = −(x_i − c_{y_i})/‖x_i − c_{y_i}‖
+            diff = _own_difference(x, centroids, labels)
+            inv_own = _inverse_distances_(torch.linalg.vecdot(diff, diff, dim=1).sqrt_())
+            grad_c = torch.zeros_like(centroids).index_add_(0, labels, diff.mul_((-grad_out * inv_own).unsqueeze(1)))
+            # others, weight −α g_i: ∂/∂c_m Σ_i g'_i d_im = (Σ_i g'_i w_im)·c_m − Σ_i g'_i w_im x_i
+            g_all = grad_out * -ctx.alpha
             for r0, r1, chunk, d in _other_class_tiles(x, labels, centroids, ctx.num_classes, ctx.chunk_bytes):
                 w = _inverse_distances_(d)
                 near = _take_near_entries_(w, chunk.near_limit[r0:r1])
-                g = grad_out[r0:r1]
+                g = g_all[r0:r1]
                 w.mul_(g.unsqueeze(1))
                 grad_c[chunk.c0:chunk.c1].addcmul_(w.sum(0).unsqueeze(1), chunk.c).addmm_(w.T, x[r0:r1], alpha=-1.0)
                 if near is not None:  # near pairs from their exact differences, as in forward
@@ -359,20 +382,9 @@ def centroid_triplet_loss_op(x: torch.Tensor, labels: torch.Tensor, centroids: O
     Returns:
         The reduced loss (``()``) or per-row losses (``(B,)``) for ``reduction="none"``.
     """
-    labels = labels.long()
-    n = x.shape[0]
-    # 1. own term, exact from the difference: ‖x_i − c_{y_i}‖ (safe √: subgradient 0 on the centroid)
-    if centroids is None:
-        own_centroid = torch.zeros_like(x).scatter_(1, labels.unsqueeze(1), 1.0)
-    else:
-        own_centroid = centroids[labels]
-    own = paired_distance(x, own_centroid, "euclidean")
-    # 2. the other C − 1 distances, summed per row in tiles
-    want_grad = torch.is_grad_enabled()
-    want_grad_x = want_grad and x.requires_grad
-    want_grad_c = want_grad and centroids is not None and centroids.requires_grad
-    others = CentroidDistanceSum.apply(x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c)
-    # 3. ℓ_i = own_i − others_i / (3(C − 1))
-    per_row = own - others / (3.0 * (num_classes - 1))
-    count = torch.tensor(n, device=x.device)
+    grad = torch.is_grad_enabled()
+    want_grad_x = grad and x.requires_grad
+    want_grad_c = grad and centroids is not None and centroids.requires_grad
+    per_row = CentroidLossRows.apply(x, centroids, labels.long(), num_classes, chunk_bytes, want_grad_x, want_grad_c)
+    count = torch.tensor(x.shape[0], device=x.device)
     return reduce_loss(per_row, count, count, reduction)
