@@ -17,6 +17,7 @@ own subprocess (:mod:`benchmarks.harness`: median time, peak RSS above the RSS a
 Usage:
     python benchmarks/centroid.py                          # everything, markdown on stdout
     python benchmarks/centroid.py --sizes 1024 4096 --skip-memory --skip-triplet
+    python benchmarks/centroid.py --sizes --skip-kmeans    # the memory case only
     python benchmarks/centroid.py --json-out results.json
 """
 
@@ -122,9 +123,41 @@ def fmt(r: dict, key: str, spec: str) -> str:
     return format(r[key], spec) if key in r else r.get("error", "?")
 
 
+def print_scaling(sizes, results) -> None:
+    print(f"Scaling: C={SCALING_CLASSES} (kmeans centroids), D={D}, uniform labels; "
+          f"triplet: B/4 classes × 4.\n")
+    print("| B | centroid time (s) | µs / sample | naive dense centroid (s) | batch-hard (s) | batch-all (s) "
+          "| speed-up vs batch-hard | vs batch-all | centroid peak extra (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    per_sample = []
+    for n in sizes:
+        ours = results[("centroid", n)]
+        if "median_s" in ours:
+            per_sample.append(ours["median_s"] / n * 1e6)
+        cells = [str(n), fmt(ours, "median_s", ".4f"),
+                 f"{ours['median_s'] / n * 1e6:.2f}" if "median_s" in ours else "–"]
+        naive = results.get(("naive", n), {})
+        cells.append(fmt(naive, "median_s", ".4f") if naive else "–")
+        for mining in ("batch_hard", "batch_all"):
+            r = results.get((mining, n), {})
+            cells.append(fmt(r, "median_s", ".3f") if r else "–")
+        for mining in ("batch_hard", "batch_all"):
+            r = results.get((mining, n), {})
+            ok = "median_s" in r and "median_s" in ours
+            cells.append(f"{r['median_s'] / ours['median_s']:.1f}×" if ok else "–")
+        cells.append(fmt(ours, "peak_extra_mib", ".0f"))
+        print("| " + " | ".join(cells) + " |")
+    if per_sample:
+        mean = sum(per_sample) / len(per_sample)
+        spread = ", ".join(f"{(p / mean - 1) * 100:+.0f}%" for p in per_sample)
+        print(f"\nTime per sample vs its mean over B: {spread}; "
+              f"max/min = {max(per_sample) / min(per_sample):.2f}.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096, 16384, 65536],
+                    help="batch sizes of the scaling table (none: skip it)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
@@ -167,32 +200,8 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
           f"2 threads, fp32, forward+backward\n")
-    print(f"Scaling: C={SCALING_CLASSES} (kmeans centroids), D={D}, uniform labels; triplet: B/4 classes × 4.\n")
-    print("| B | centroid time (s) | µs / sample | naive dense centroid (s) | batch-hard (s) | batch-all (s) "
-          "| speed-up vs batch-hard | vs batch-all | centroid peak extra (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    per_sample = []
-    for n in args.sizes:
-        ours = results[("centroid", n)]
-        if "median_s" in ours:
-            per_sample.append(ours["median_s"] / n * 1e6)
-        cells = [str(n), fmt(ours, "median_s", ".4f"),
-                 f"{ours['median_s'] / n * 1e6:.2f}" if "median_s" in ours else "–"]
-        naive = results.get(("naive", n), {})
-        cells.append(fmt(naive, "median_s", ".4f") if naive else "–")
-        for mining in ("batch_hard", "batch_all"):
-            r = results.get((mining, n), {})
-            cells.append(fmt(r, "median_s", ".3f") if r else "–")
-        for mining in ("batch_hard", "batch_all"):
-            r = results.get((mining, n), {})
-            ok = "median_s" in r and "median_s" in ours
-            cells.append(f"{r['median_s'] / ours['median_s']:.1f}×" if ok else "–")
-        cells.append(fmt(ours, "peak_extra_mib", ".0f"))
-        print("| " + " | ".join(cells) + " |")
-    if per_sample:
-        mean = sum(per_sample) / len(per_sample)
-        spread = ", ".join(f"{(p / mean - 1) * 100:+.0f}%" for p in per_sample)
-        print(f"\nTime per sample vs its mean over B: {spread}; max/min = {max(per_sample) / min(per_sample):.2f}.")
+    if args.sizes:
+        print_scaling(args.sizes, results)
     if not args.skip_memory:
         ours, naive = results[("memory", "metricloss")], results.get(("memory", "naive"), {})
         print(f"\nMemory: B={MEMORY_BATCH}, C={MEMORY_CLASSES}, D={D} (random unit centroids, "
@@ -201,18 +210,21 @@ def main() -> None:
         print("|---|---|---|")
         print(f"| metricloss | {fmt(ours, 'median_s', '.3f')} | {fmt(ours, 'peak_extra_mib', '.0f')} |")
         if naive:
-            print(f"| naive dense (cdist) | {fmt(naive, 'median_s', '.3f')} | {fmt(naive, 'peak_extra_mib', '.0f')} |")
+            print(f"| naive dense (cdist) | {fmt(naive, 'median_s', '.3f')} "
+                  f"| {fmt(naive, 'peak_extra_mib', '.0f')} |")
     if kmeans:
         print("\nK-means centroids (seed 0): max/min pairwise distance, beside random unit vectors.\n")
         print("| C | D | build time (s) | max/min distance | min, max distance | random unit vectors max/min "
               "| deterministic |")
         print("|---|---|---|---|---|---|---|")
         for r in kmeans:
-            print(f"| {r['C']} | {r['D']} | {r['build_s']:.2f} | {r['ratio']:.3f} | {r['min_d']:.3f}, {r['max_d']:.3f} "
+            print(f"| {r['C']} | {r['D']} | {r['build_s']:.2f} | {r['ratio']:.3f} "
+                  f"| {r['min_d']:.3f}, {r['max_d']:.3f} "
                   f"| {r['random_ratio']:.3f} | {r['deterministic']} |")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"runs": [dict(v, key=list(map(str, k))) for k, v in results.items()], "kmeans": kmeans},
+            runs = [dict(v, key=list(map(str, k))) for k, v in results.items()]
+            json.dump({"runs": runs, "kmeans": kmeans},
                       f, indent=1)
 
 

@@ -158,8 +158,8 @@ def _check_centroid_inputs(where: str, embeddings, labels, centroids, num_classe
     if isinstance(centroids, str):
         if centroids != "onehot":
             raise ValueError(f"{where}: `centroids` must be a (C, D) tensor or 'onehot', got {centroids!r} "
-                             f"(build 'kmeans' centroids once with metricloss.ops.centroid.build_centroids, or use "
-                             f"CentroidTripletLoss, which stores them)")
+                             f"(build 'kmeans' centroids once with metricloss.ops.centroid.build_centroids, "
+                             f"or use CentroidTripletLoss, which stores them)")
         if num_classes is None:
             raise ValueError(f"{where}: `num_classes` is required with centroids='onehot'")
         num = C.check_positive_int(num_classes, "num_classes", where, minimum=2)
@@ -171,7 +171,8 @@ def _check_centroid_inputs(where: str, embeddings, labels, centroids, num_classe
             raise TypeError(f"{where}: `centroids` must be a (C, D) torch.Tensor or 'onehot', "
                             f"got {type(centroids).__name__}")
         if not centroids.is_floating_point():
-            raise TypeError(f"{where}: `centroids` must be a floating-point tensor, got dtype {centroids.dtype}")
+            raise TypeError(f"{where}: `centroids` must be a floating-point tensor, "
+                            f"got dtype {centroids.dtype}")
         if centroids.dim() != 2 or centroids.shape[1] != dim:
             raise ValueError(f"{where}: `centroids` must have shape (C, D) with D={dim} like `embeddings`, "
                              f"got shape {tuple(centroids.shape)}")
@@ -180,14 +181,16 @@ def _check_centroid_inputs(where: str, embeddings, labels, centroids, num_classe
             raise ValueError(f"{where}: `centroids` must hold C >= 2 classes (the loss pushes each row away "
                              f"from the other C - 1 centroids), got C={num}")
         if num_classes is not None and (isinstance(num_classes, bool) or num_classes != num):
-            raise ValueError(f"{where}: `num_classes`={num_classes!r} does not match `centroids`.shape[0]={num}")
+            raise ValueError(f"{where}: `num_classes`={num_classes!r} does not match "
+                             f"`centroids`.shape[0]={num}")
         C.check_same_device([("embeddings", embeddings), ("centroids", centroids)], where)
     C.check_label_range(labels, num, "labels", where)
     return num
 
 
-def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, centroids: Union[torch.Tensor, str], *,
-                          num_classes: Optional[int] = None, reduction: str = "mean", backend: str = "auto",
+def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor,
+                          centroids: Union[torch.Tensor, str], *, num_classes: Optional[int] = None,
+                          reduction: str = "mean", backend: str = "auto",
                           chunk_bytes: Optional[int] = None) -> torch.Tensor:
     """Do et al.'s upper bound on the triplet loss with fixed class centroids, linear in the batch size.
 
@@ -236,7 +239,9 @@ def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, centro
             dtype = _distance.accumulation_dtype(
                 embeddings.dtype if onehot else torch.promote_types(embeddings.dtype, centroids.dtype))
             c = None if onehot else centroids.to(dtype)
-            loss = _centroid.centroid_triplet_loss_op(embeddings.to(dtype), labels, c, num, reduction, chunk_bytes)
-        # A non-finite embedding reaches its row (its own distance) and a non-finite centroid every row (through
-        # the own distance or the sum), so checking the result is enough: ±inf becomes NaN, no O(B·D) pass.
+            loss = _centroid.centroid_triplet_loss_op(embeddings.to(dtype), labels, c, num, reduction,
+                                                      chunk_bytes)
+        # A non-finite embedding reaches its row (its own distance) and a non-finite centroid every row
+        # (through the own distance or the sum), so checking the result is enough: ±inf becomes NaN, and no
+        # O(B·D) pass over the inputs.
         return mask_nonfinite(loss, loss)

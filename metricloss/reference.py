@@ -174,7 +174,8 @@ def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, centro
     when either input is fp64). ``reduction``: ``"mean"`` over rows, ``"sum"`` or ``"none"`` ((B,)).
     """
     if isinstance(centroids, str):
-        centroids = torch.eye(num_classes, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+        centroids = torch.eye(num_classes, embeddings.shape[1], dtype=embeddings.dtype,
+                              device=embeddings.device)
     dtype = torch.promote_types(torch.promote_types(embeddings.dtype, centroids.dtype), torch.float32)
     x, c = embeddings.to(dtype), centroids.to(dtype)
     num = c.shape[0]

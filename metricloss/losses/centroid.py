@@ -60,7 +60,8 @@ class CentroidTripletLoss(nn.Module):
     centroids: torch.Tensor
 
     def __init__(self, num_classes: int, embedding_dim: int, centroids: Union[str, torch.Tensor] = "onehot",
-                 reduction: str = "mean", backend: str = "auto", seed: int = 0, chunk_bytes: Optional[int] = None):
+                 reduction: str = "mean", backend: str = "auto", seed: int = 0,
+                 chunk_bytes: Optional[int] = None):
         super().__init__()
         where = type(self).__name__
         self.num_classes = C.check_positive_int(num_classes, "num_classes", where, minimum=2)
@@ -72,30 +73,35 @@ class CentroidTripletLoss(nn.Module):
         shape = (self.num_classes, self.embedding_dim)
         if isinstance(centroids, torch.Tensor):
             if not centroids.is_floating_point():
-                raise TypeError(f"{where}: `centroids` must be a floating-point tensor, got dtype {centroids.dtype}")
+                raise TypeError(f"{where}: `centroids` must be a floating-point tensor, "
+                                f"got dtype {centroids.dtype}")
             if tuple(centroids.shape) != shape:
-                raise ValueError(f"{where}: `centroids` must have shape (num_classes, embedding_dim) = {shape}, "
-                                 f"got {tuple(centroids.shape)}")
+                raise ValueError(f"{where}: `centroids` must have shape (num_classes, embedding_dim) = "
+                                 f"{shape}, got {tuple(centroids.shape)}")
             self.scheme = "tensor"
         else:
             self.scheme = C.check_option(centroids, "centroids", CENTROID_SCHEMES, where)
             if self.scheme == "onehot" and self.embedding_dim < self.num_classes:
-                raise ValueError(f"{where}: `centroids`='onehot' needs embedding_dim >= num_classes (c_m = e_m), "
-                                 f"got embedding_dim={self.embedding_dim} < num_classes={self.num_classes}; use "
-                                 f"centroids='kmeans' (any embedding_dim) or pass a (C, D) tensor")
-        self.register_buffer("centroids", build_centroids(centroids, self.num_classes, self.embedding_dim, self.seed))
+                raise ValueError(f"{where}: `centroids`='onehot' needs embedding_dim >= num_classes "
+                                 f"(c_m = e_m), got embedding_dim={self.embedding_dim} < "
+                                 f"num_classes={self.num_classes}; use centroids='kmeans' (any "
+                                 f"embedding_dim) or pass a (C, D) tensor")
+        built = build_centroids(centroids, self.num_classes, self.embedding_dim, self.seed)
+        self.register_buffer("centroids", built)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         where = type(self).__name__
         C.check_embeddings(embeddings, "embeddings", where)
         if embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(f"{where}: `embeddings` must have D={self.embedding_dim} columns (embedding_dim), "
+            raise ValueError(f"{where}: `embeddings` must have D={self.embedding_dim} columns "
+                             f"(embedding_dim), "
                              f"got shape {tuple(embeddings.shape)}")
         centroids = "onehot" if self.scheme == "onehot" else self.centroids
         return centroid_triplet_loss(embeddings, labels, centroids, num_classes=self.num_classes,
-                                     reduction=self.reduction, backend=self.backend, chunk_bytes=self.chunk_bytes)
+                                     reduction=self.reduction, backend=self.backend,
+                                     chunk_bytes=self.chunk_bytes)
 
     def extra_repr(self) -> str:
         seed = f", seed={self.seed}" if self.scheme == "kmeans" else ""
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, centroids={self.scheme!r}"
-                f"{seed}, reduction={self.reduction!r}, backend={self.backend!r}")
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"centroids={self.scheme!r}{seed}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -98,7 +98,8 @@ def kmeans_sphere_centroids(num_classes: int, embedding_dim: int, seed: int = 0,
     (METHODS.md §9). The K-means variant and any scaling are not given by the sources ([U]); this is the
     reconstruction:
 
-    1. ``points_per_class · C`` Gaussian vectors from a ``torch.Generator`` seeded with ``seed``, L2-normalised;
+    1. ``points_per_class · C`` Gaussian vectors from a ``torch.Generator`` seeded with ``seed``,
+       L2-normalised;
     2. initial centroids: C distinct points chosen by a seeded permutation;
     3. spherical Lloyd iterations: assign each point to the centroid of largest cosine (one GEMM per row
        chunk, first index on ties), then set each centroid to the normalised sum of its points; an empty
@@ -200,7 +201,8 @@ class _OneHotChunk:
         # 1. ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m: element-wise, no GEMM
         u = torch.add((self.x_sq[r0:r1] + 1.0).unsqueeze(1), self.x[r0:r1, self.c0:self.c1], alpha=-2.0)
         # 2. cancellation when x ≈ e_m: recompute those entries from x − e_m, exactly as GramFactors does
-        u = _refine_small_entries(u.clamp_min_(0), self.x[r0:r1], self.e, self.thresh[r0:r1], "euclidean", False)
+        u = _refine_small_entries(u.clamp_min_(0), self.x[r0:r1], self.e, self.thresh[r0:r1], "euclidean",
+                                  False)
         return u.sqrt_()
 
     def add_weighted_centroids_(self, out: torch.Tensor, w: torch.Tensor) -> None:
@@ -219,9 +221,10 @@ def _tile_shape(num_rows: int, num_classes: int, elem: int, chunk_bytes: Optiona
     return min(num_rows, rows_per_chunk(classes, per_elem, budget)), classes
 
 
-def _other_class_tiles(x: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor], num_classes: int,
-                       chunk_bytes: Optional[int]) -> Iterator[Tuple[int, int, object, torch.Tensor]]:
-    """Yield ``(r0, r1, chunk, d)``: d (r1 − r0, cc) = ‖x_i − c_m‖ for the chunk's classes, own class set to 0.
+def _other_class_tiles(x: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor],
+                       num_classes: int, chunk_bytes: Optional[int]
+                       ) -> Iterator[Tuple[int, int, Union[_GramChunk, _OneHotChunk], torch.Tensor]]:
+    """Yield ``(r0, r1, chunk, d)``: d (r1 − r0, cc) = ‖x_i − c_m‖ for the chunk's classes, own class 0.
 
     Class chunks outer (each builds its GEMM operand once), row tiles inner. ``d`` is a fresh buffer the
     caller may overwrite. Setting the own class to 0 removes it from the sums and, through w = 1/d → 0,
@@ -258,11 +261,11 @@ def _take_near_entries_(w: torch.Tensor, limit: torch.Tensor) -> Optional[Tuple[
     return them as ``(rows, cols, w)``, or None when there are none.
 
     The GEMM form of the gradient, s_i·x_i − v_i = Σ_m w_im (x_i − c_m), cancels when one w_im is large: a
-    pair at distance d contributes unit-size direction as the difference of terms of size ‖x‖/d. Near pairs
+    pair at distance d contributes a unit vector as the difference of two terms of size ‖x‖/d. Near pairs
     are therefore applied from their exact differences instead (a sparse O(k·D) gather), which bounds the
     amplification of rounding by the refinement ratio for everything left in the GEMM.
     """
-    hit = w.amax(1) > limit if w.shape[1] else torch.zeros_like(limit, dtype=torch.bool)
+    hit = w.amax(1) > limit
     if not bool(hit.any()):
         return None
     sel = hit.nonzero().squeeze(1)
@@ -309,10 +312,11 @@ class CentroidLossRows(torch.autograd.Function):
             # v starts at (x − c_y)/(α‖x − c_y‖): the own term's gradient, so that J = α (v − s·x) below
             # (0 instead of 0/0 on the own centroid)
             w_centroids = diff * (_inverse_distances_(own.clone()) / alpha).unsqueeze(1)
+        del diff  # O(B·D) less at the peak
         for r0, r1, chunk, d in _other_class_tiles(x, labels, centroids, num_classes, chunk_bytes):
             sums[r0:r1] += d.sum(1)
             if want_grad_x:
-                # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM, or a column add for one-hot)
+                # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM; one-hot: a column add)
                 w = _inverse_distances_(d)
                 near = _take_near_entries_(w, chunk.near_limit[r0:r1])
                 w_sum[r0:r1] += w.sum(1)
@@ -328,7 +332,8 @@ class CentroidLossRows(torch.autograd.Function):
         if want_grad_x:
             # 4. J = (x − c_y)/‖x − c_y‖ + α (Σ_m w_im c_m − s·x) = α (v − s·x), in v's buffer
             jacobian = w_centroids.addcmul_(w_sum.unsqueeze(1), x, value=-1.0).mul_(alpha)
-        ctx.save_for_backward(jacobian, x if want_grad_c else None, centroids if want_grad_c else None, labels)
+        ctx.save_for_backward(jacobian, x if want_grad_c else None, centroids if want_grad_c else None,
+                              labels)
         ctx.num_classes, ctx.chunk_bytes, ctx.alpha = num_classes, chunk_bytes, alpha
         return rows_loss
 
@@ -347,15 +352,18 @@ class CentroidLossRows(torch.autograd.Function):
             # own term: ∂‖x_i − c_{y_i}‖/∂c_{y_i} = −(x_i − c_{y_i})/‖x_i − c_{y_i}‖
             diff = _own_difference(x, centroids, labels)
             inv_own = _inverse_distances_(torch.linalg.vecdot(diff, diff, dim=1).sqrt_())
-            grad_c = torch.zeros_like(centroids).index_add_(0, labels, diff.mul_((-grad_out * inv_own).unsqueeze(1)))
+            own_grad = diff.mul_((-grad_out * inv_own).unsqueeze(1))
+            grad_c = torch.zeros_like(centroids).index_add_(0, labels, own_grad)
             # others, weight −α g_i: ∂/∂c_m Σ_i g'_i d_im = (Σ_i g'_i w_im)·c_m − Σ_i g'_i w_im x_i
             g_all = grad_out * -ctx.alpha
-            for r0, r1, chunk, d in _other_class_tiles(x, labels, centroids, ctx.num_classes, ctx.chunk_bytes):
+            tiles = _other_class_tiles(x, labels, centroids, ctx.num_classes, ctx.chunk_bytes)
+            for r0, r1, chunk, d in tiles:
                 w = _inverse_distances_(d)
                 near = _take_near_entries_(w, chunk.near_limit[r0:r1])
                 g = g_all[r0:r1]
                 w.mul_(g.unsqueeze(1))
-                grad_c[chunk.c0:chunk.c1].addcmul_(w.sum(0).unsqueeze(1), chunk.c).addmm_(w.T, x[r0:r1], alpha=-1.0)
+                grad_chunk = grad_c[chunk.c0:chunk.c1]
+                grad_chunk.addcmul_(w.sum(0).unsqueeze(1), chunk.c).addmm_(w.T, x[r0:r1], alpha=-1.0)
                 if near is not None:  # near pairs from their exact differences, as in forward
                     rows, cols, vals = near
                     exact = (chunk.c[cols] - x[r0 + rows]).mul_((vals * g[rows]).unsqueeze(1))
@@ -385,6 +393,7 @@ def centroid_triplet_loss_op(x: torch.Tensor, labels: torch.Tensor, centroids: O
     grad = torch.is_grad_enabled()
     want_grad_x = grad and x.requires_grad
     want_grad_c = grad and centroids is not None and centroids.requires_grad
-    per_row = CentroidLossRows.apply(x, centroids, labels.long(), num_classes, chunk_bytes, want_grad_x, want_grad_c)
+    per_row = CentroidLossRows.apply(x, centroids, labels.long(), num_classes, chunk_bytes, want_grad_x,
+                                     want_grad_c)
     count = torch.tensor(x.shape[0], device=x.device)
     return reduce_loss(per_row, count, count, reduction)

@@ -1,4 +1,4 @@
-"""CentroidTripletLoss and MF.centroid_triplet_loss vs the dense reference, gradients, buffers, edges, bad input."""
+"""CentroidTripletLoss and its functional twin: dense reference, gradients, buffers, edges, bad input."""
 
 import math
 
@@ -43,7 +43,8 @@ def centroid_cases(draw):
     if kind == "onehot":
         c, c_dense = "onehot", torch.eye(num, d, dtype=torch.float64)
     else:
-        c = c_dense = torch.randn(num, d, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.1, 1.0, 10.0]))
+        scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+        c = c_dense = torch.randn(num, d, generator=g, dtype=torch.float64) * scale
     x = torch.randn(b, d, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.1, 1.0, 30.0]))
     y = torch.randint(0, num, (b,), generator=g)
     # rows exactly on their own centroid (the attractor), exactly on or near another class's centroid
@@ -56,7 +57,8 @@ def centroid_cases(draw):
         x[-1] += 1e-3 * torch.randn(d, generator=g, dtype=torch.float64)
     if draw(st.booleans()) and b > 2:
         x[1] = x[2]  # duplicate rows
-    kwargs = dict(reduction=draw(st.sampled_from(REDUCTIONS)), chunk_bytes=draw(st.sampled_from([None, 16, 200, 4000])))
+    kwargs = dict(reduction=draw(st.sampled_from(REDUCTIONS)),
+                  chunk_bytes=draw(st.sampled_from([None, 16, 200, 4000])))
     if kind == "onehot" or draw(st.booleans()):
         kwargs["num_classes"] = num
     return x, y, c, kwargs
@@ -90,13 +92,17 @@ def test_gradcheck(kind, reduction):
     x = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 2])
     if kind == "onehot":
-        fn = lambda x_: MF.centroid_triplet_loss(x_, y, "onehot", num_classes=5, reduction=reduction,  # noqa: E731
-                                                 chunk_bytes=40)
+        def fn(x_):
+            return MF.centroid_triplet_loss(x_, y, "onehot", num_classes=5, reduction=reduction,
+                                            chunk_bytes=40)
+
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
     else:
         c = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-        fn = lambda x_, c_: MF.centroid_triplet_loss(x_, y, c_, reduction=reduction, chunk_bytes=40)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x, c), eps=1e-6, atol=1e-7)
+        def fn2(x_, c_):
+            return MF.centroid_triplet_loss(x_, y, c_, reduction=reduction, chunk_bytes=40)
+
+        assert torch.autograd.gradcheck(fn2, (x, c), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -125,7 +131,8 @@ def test_row_on_its_onehot_centroid_is_the_local_minimum():
     loss = MF.centroid_triplet_loss(x, y, "onehot", num_classes=num, reduction="none")
     torch.testing.assert_close(loss.detach(), torch.full((num,), -math.sqrt(2) / 3, dtype=torch.float64))
     loss.sum().backward()
-    want = torch.autograd.grad(reference.centroid_triplet_loss(x, y, "onehot", num_classes=num, reduction="sum"), x)[0]
+    dense = reference.centroid_triplet_loss(x, y, "onehot", num_classes=num, reduction="sum")
+    (want,) = torch.autograd.grad(dense, x)
     torch.testing.assert_close(x.grad, want)
     assert torch.isfinite(x.grad).all()
 
@@ -225,11 +232,13 @@ def test_no_grad_forward_equals_grad_forward():
 def test_module_and_functional_agree(scheme):
     g = torch.Generator().manual_seed(5)
     given_c = torch.randn(6, 10, generator=g)
-    module = ml.CentroidTripletLoss(6, 10, centroids=given_c if scheme == "tensor" else scheme, reduction="sum")
+    module = ml.CentroidTripletLoss(6, 10, centroids=given_c if scheme == "tensor" else scheme,
+                                    reduction="sum")
     x, y = torch.randn(25, 10, generator=g), torch.randint(0, 6, (25,), generator=g)
     c = "onehot" if scheme == "onehot" else module.centroids
-    torch.testing.assert_close(module(x, y), MF.centroid_triplet_loss(x, y, c, num_classes=6, reduction="sum"))
-    torch.testing.assert_close(module(x, y), reference.centroid_triplet_loss(x, y, module.centroids, reduction="sum"))
+    got = module(x, y)
+    torch.testing.assert_close(got, MF.centroid_triplet_loss(x, y, c, num_classes=6, reduction="sum"))
+    torch.testing.assert_close(got, reference.centroid_triplet_loss(x, y, module.centroids, reduction="sum"))
     assert f"centroids={scheme!r}" in repr(module) and "num_classes=6" in repr(module)
 
 
@@ -326,14 +335,14 @@ CEN = torch.randn(3, 4)
     (lambda: ml.CentroidTripletLoss(10, 4), ValueError, "centroids"),
     (lambda: ml.CentroidTripletLoss(3, 4, centroids="random"), ValueError, "centroids"),
     (lambda: ml.CentroidTripletLoss(3, 4, centroids=torch.randn(3, 5)), ValueError, "centroids"),
-    (lambda: ml.CentroidTripletLoss(3, 4, centroids=torch.ones(3, 4, dtype=torch.int64)), TypeError, "centroids"),
+    (lambda: ml.CentroidTripletLoss(3, 4, centroids=torch.ones(3, 4).long()), TypeError, "centroids"),
     (lambda: ml.CentroidTripletLoss(3, 4, reduction="mean_nonzero"), ValueError, "reduction"),
     (lambda: ml.CentroidTripletLoss(3, 4, backend="cuda"), ValueError, "backend"),
     (lambda: ml.CentroidTripletLoss(3, 4, seed=-1), ValueError, "seed"),
     (lambda: ml.CentroidTripletLoss(3, 4, seed=0.5), TypeError, "seed"),
     (lambda: ml.CentroidTripletLoss(3, 4, chunk_bytes=-5), ValueError, "chunk_bytes"),
     (lambda: ml.CentroidTripletLoss(3, 4)(torch.randn(6, 5), Y), ValueError, "embeddings"),
-    (lambda: ml.CentroidTripletLoss(3, 4, centroids="kmeans")(torch.randn(6, 5), Y), ValueError, "embeddings"),
+    (lambda: ml.CentroidTripletLoss(3, 4, "kmeans")(torch.randn(6, 5), Y), ValueError, "embeddings"),
     (lambda: ml.CentroidTripletLoss(3, 4)(X, torch.tensor([0, 1, 2, 3, 0, 1])), ValueError, "labels"),
 ])
 def test_bad_input_names_the_argument(call, exc, name):
