@@ -160,11 +160,11 @@ def build_centroids(scheme: Union[str, torch.Tensor], num_classes: int, embeddin
 
 
 # ----------------------------------------------------------------------------------------------------
-# distance tiles: one class chunk, row tiles on demand
+# distance tiles: one row tile × one class chunk
 # ----------------------------------------------------------------------------------------------------
 
-class _GramChunk:
-    """Distance tiles of the rows against tensor centroids ``c0:c1``: one GEMM per tile, exact refinement."""
+class _GramTile:
+    """Distances of a row tile to tensor centroids ``c0:c1``: one GEMM, small entries recomputed exactly."""
 
     def __init__(self, x: torch.Tensor, centroids: torch.Tensor, c0: int, c1: int):
         self.c0, self.c1 = c0, c1
@@ -173,9 +173,9 @@ class _GramChunk:
         # entries with d² below the refinement threshold were recomputed exactly; their gradient is too
         self.near_limit = self.gram.refine_thresh.rsqrt()
 
-    def distances(self, r0: int, r1: int) -> torch.Tensor:
-        """(r1 − r0, c1 − c0) distances ‖x_i − c_m‖, small entries recomputed exactly; a fresh buffer."""
-        return self.gram.distance_block(r0, r1, refine=True)
+    def distances(self) -> torch.Tensor:
+        """(rows, c1 − c0) distances ‖x_i − c_m‖, a fresh buffer."""
+        return self.gram.distance_block(0, self.gram.a.shape[0], refine=True)
 
     def add_weighted_centroids_(self, out: torch.Tensor, w: torch.Tensor) -> None:
         """out (rows, D) += Σ_m w_im · c_m over this chunk."""
@@ -186,24 +186,33 @@ class _GramChunk:
         return self.c[cols]
 
 
-class _OneHotChunk:
-    """Distance tiles against one-hot centroids e_c0 … e_{c1−1}, without a GEMM."""
+class _OneHotRows:
+    """Rows ``c0 + cols`` of the identity (one-hot centroids), built only when indexed: ``rows[cols]``."""
+
+    def __init__(self, c0: int, like: torch.Tensor):
+        self.c0, self.like = c0, like
+
+    def __getitem__(self, cols: torch.Tensor) -> torch.Tensor:
+        e = self.like.new_zeros(cols.shape[0], self.like.shape[1])
+        e[torch.arange(cols.shape[0], device=e.device), cols + self.c0] = 1.0
+        return e
+
+
+class _OneHotTile:
+    """Distances of a row tile to one-hot centroids e_c0 … e_{c1−1}, without a GEMM."""
 
     def __init__(self, x: torch.Tensor, x_sq: torch.Tensor, c0: int, c1: int):
         self.x, self.x_sq, self.c0, self.c1 = x, x_sq, c0, c1
-        self.e = torch.zeros(c1 - c0, x.shape[1], dtype=x.dtype, device=x.device)
-        self.e[torch.arange(c1 - c0, device=x.device), torch.arange(c0, c1, device=x.device)] = 1.0
+        self.e = _OneHotRows(c0, x)
         # the refinement threshold of GramFactors (REFINE_RATIO of the squared norms), with ‖e_m‖² = 1
         self.thresh = REFINE_RATIO * (x_sq + 1.0)
         self.near_limit = self.thresh.rsqrt()
 
-    def distances(self, r0: int, r1: int) -> torch.Tensor:
+    def distances(self) -> torch.Tensor:
         # 1. ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m: element-wise, no GEMM
-        u = torch.add((self.x_sq[r0:r1] + 1.0).unsqueeze(1), self.x[r0:r1, self.c0:self.c1], alpha=-2.0)
+        u = torch.add((self.x_sq + 1.0).unsqueeze(1), self.x[:, self.c0:self.c1], alpha=-2.0).clamp_min_(0)
         # 2. cancellation when x ≈ e_m: recompute those entries from x − e_m, exactly as GramFactors does
-        u = _refine_small_entries(u.clamp_min_(0), self.x[r0:r1], self.e, self.thresh[r0:r1], "euclidean",
-                                  False)
-        return u.sqrt_()
+        return _refine_small_entries(u, self.x, self.e, self.thresh, "euclidean", False).sqrt_()
 
     def add_weighted_centroids_(self, out: torch.Tensor, w: torch.Tensor) -> None:
         # Σ_m w_im · e_m puts w_im in column m
@@ -213,42 +222,38 @@ class _OneHotChunk:
         return self.e[cols]
 
 
-def _tile_shape(num_rows: int, num_classes: int, elem: int, chunk_bytes: Optional[int]) -> Tuple[int, int]:
+def _tile_shape(num_rows: int, num_classes: int, dim: int, elem: int,
+                chunk_bytes: Optional[int]) -> Tuple[int, int]:
     """(rows per tile, classes per chunk) so a tile's temporaries fit min(budget, TILE_BYTES)."""
     budget = min(default_chunk_bytes() if chunk_bytes is None else chunk_bytes, TILE_BYTES)
     per_elem = elem + 1  # the distance tile (then 1/d in place) + the refinement's bool scratch
     classes = max(1, min(num_classes, _CLASS_CHUNK, budget // per_elem))
-    return min(num_rows, rows_per_chunk(classes, per_elem, budget)), classes
+    # per row: the GEMM operand (D + 2), x − c_y and the Jacobian rows (D each)
+    rows = rows_per_chunk(classes, per_elem, budget, bytes_per_row=(3 * dim + 2) * elem)
+    return min(num_rows, rows), classes
 
 
-def _other_class_tiles(x: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor],
-                       num_classes: int, chunk_bytes: Optional[int]
-                       ) -> Iterator[Tuple[int, int, Union[_GramChunk, _OneHotChunk], torch.Tensor]]:
-    """Yield ``(r0, r1, chunk, d)``: d (r1 − r0, cc) = ‖x_i − c_m‖ for the chunk's classes, own class 0.
-
-    Class chunks outer (each builds its GEMM operand once), row tiles inner. ``d`` is a fresh buffer the
-    caller may overwrite. Setting the own class to 0 removes it from the sums and, through w = 1/d → 0,
-    from the gradient.
+def _other_class_tiles(x: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor], num_classes: int,
+                       classes: int) -> Iterator[Tuple[Union[_GramTile, _OneHotTile], torch.Tensor]]:
+    """For one row tile ``x`` (rows, D), yield ``(tile, d)`` per chunk of ``classes`` classes:
+    d (rows, cc) = ‖x_i − c_m‖ with the own class set to 0 (so it drops out of the sums and, through
+    w = 1/d → 0, out of the gradient). ``d`` is a fresh buffer the caller may overwrite.
     """
-    n = x.shape[0]
-    rows, classes = _tile_shape(n, num_classes, x.element_size(), chunk_bytes)
     x_sq = squared_norms(x) if centroids is None else None
     for c0 in range(0, num_classes, classes):
         c1 = min(c0 + classes, num_classes)
-        chunk = _OneHotChunk(x, x_sq, c0, c1) if centroids is None else _GramChunk(x, centroids, c0, c1)
+        tile = _OneHotTile(x, x_sq, c0, c1) if centroids is None else _GramTile(x, centroids, c0, c1)
+        d = tile.distances()
         # own class: column y_i − c0 of the rows whose class falls in this chunk (no host sync)
         rel = labels - c0
         col = rel.clamp(0, c1 - c0 - 1).unsqueeze(1)
-        inside = None if c1 - c0 == num_classes else ((rel >= 0) & (rel < c1 - c0)).unsqueeze(1)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            d = chunk.distances(r0, r1)
-            if inside is None:  # one chunk holds every class
-                d.scatter_(1, col[r0:r1], 0.0)
-            else:
-                kept = d.gather(1, col[r0:r1])
-                d.scatter_(1, col[r0:r1], torch.where(inside[r0:r1], torch.zeros_like(kept), kept))
-            yield r0, r1, chunk, d
+        if c1 - c0 == num_classes:  # one chunk holds every class
+            d.scatter_(1, col, 0.0)
+        else:
+            kept = d.gather(1, col)
+            inside = ((rel >= 0) & (rel < c1 - c0)).unsqueeze(1)
+            d.scatter_(1, col, torch.where(inside, torch.zeros_like(kept), kept))
+        yield tile, d
 
 
 def _inverse_distances_(d: torch.Tensor) -> torch.Tensor:
@@ -277,7 +282,7 @@ def _take_near_entries_(w: torch.Tensor, limit: torch.Tensor) -> Optional[Tuple[
 
 
 def _own_difference(x: torch.Tensor, centroids: Optional[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """x_i − c_{y_i}, (B, D), from the difference (exact; one-hot: subtract 1 in column y_i)."""
+    """x_i − c_{y_i}, (rows, D), from the difference (exact; one-hot: subtract 1 in column y_i)."""
     if centroids is not None:
         return x - centroids[labels]
     diff = x.clone()
@@ -292,50 +297,55 @@ class CentroidLossRows(torch.autograd.Function):
     None for one-hot centroids e_0 … e_{C−1} (needs D >= C), int64 ``labels`` (B,) in [0, C), ``num_classes``
     C >= 2, ``chunk_bytes``, and whether x / the centroids need a gradient. Output: ℓ, (B,).
 
-    Row i of the output depends on x_i only, so forward also builds the Jacobian rows
-    J_i = ∂ℓ_i/∂x_i = (x_i − c_{y_i})/‖x_i − c_{y_i}‖ + α (v_i − s_i x_i) (B, D) and backward is
-    ``grad_out[:, None] * J`` for any reduction. The centroid gradient depends on the upstream gradient and
-    is recomputed tile by tile in backward. Subgradient 0 where x_i = c_m. Not twice differentiable.
+    Row tiles outer, class chunks inner (the layout of a fused kernel: one program per row tile streaming
+    the centroids), so everything a row tile needs stays in cache. Row i depends on x_i only, so forward
+    also builds the Jacobian rows J_i = ∂ℓ_i/∂x_i = (x_i − c_{y_i})/‖x_i − c_{y_i}‖ + α (v_i − s_i x_i)
+    (B, D) and backward is ``grad_out[:, None] * J`` for any reduction. The centroid gradient depends on the
+    upstream gradient and is recomputed tile by tile in backward. Subgradient 0 where x_i = c_m. Not twice
+    differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c):
-        n = x.shape[0]
+        n, dim = x.shape
         alpha = 1.0 / (3.0 * (num_classes - 1))
-        # 1. own term from the difference (exact; √0 = 0, and its subgradient is taken as 0 below)
-        diff = _own_difference(x, centroids, labels)
-        own = torch.linalg.vecdot(diff, diff, dim=1).sqrt_()
-        # 2. the other C − 1 distances: Σ_m d_im per row over (row tile × class chunk) tiles, own class 0
-        sums = torch.zeros(n, dtype=x.dtype, device=x.device)
-        if want_grad_x:
-            w_sum = torch.zeros(n, dtype=x.dtype, device=x.device)
-            # v starts at (x − c_y)/(α‖x − c_y‖): the own term's gradient, so that J = α (v − s·x) below
-            # (0 instead of 0/0 on the own centroid)
-            w_centroids = diff * (_inverse_distances_(own.clone()) / alpha).unsqueeze(1)
-        del diff  # O(B·D) less at the peak
-        for r0, r1, chunk, d in _other_class_tiles(x, labels, centroids, num_classes, chunk_bytes):
-            sums[r0:r1] += d.sum(1)
+        rows, classes = _tile_shape(n, num_classes, dim, x.element_size(), chunk_bytes)
+        loss = torch.empty(n, dtype=x.dtype, device=x.device)
+        jacobian = torch.empty_like(x) if want_grad_x else None
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            xr, yr = x[r0:r1], labels[r0:r1]
+            # 1. own term from the difference (exact; √0 = 0, and its subgradient is taken as 0 below)
+            diff = _own_difference(xr, centroids, yr)
+            own = torch.linalg.vecdot(diff, diff, dim=1).sqrt_()
             if want_grad_x:
-                # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM; one-hot: a column add)
-                w = _inverse_distances_(d)
-                near = _take_near_entries_(w, chunk.near_limit[r0:r1])
-                w_sum[r0:r1] += w.sum(1)
-                chunk.add_weighted_centroids_(w_centroids[r0:r1], w)
-                if near is not None:
-                    # near pairs exactly: v_i −= (x_i − c_m)·w_im, so v_i − s_i·x_i gains their exact term
-                    rows, cols, vals = near
-                    rows = rows + r0
-                    exact = (x[rows] - chunk.rows(cols)).mul_(vals.unsqueeze(1))
-                    w_centroids.index_add_(0, rows, exact, alpha=-1.0)
-        rows_loss = own - alpha * sums
-        jacobian = None
-        if want_grad_x:
-            # 4. J = (x − c_y)/‖x − c_y‖ + α (Σ_m w_im c_m − s·x) = α (v − s·x), in v's buffer
-            jacobian = w_centroids.addcmul_(w_sum.unsqueeze(1), x, value=-1.0).mul_(alpha)
+                # v starts at (x − c_y)/(α‖x − c_y‖), the own term's gradient, so that J = α (v − s·x) below
+                v = torch.mul(diff, (_inverse_distances_(own.clone()) / alpha).unsqueeze(1), out=jacobian[r0:r1])
+                w_sum = torch.zeros_like(own)
+            del diff
+            # 2. the other C − 1 distances: Σ_m d_im over class chunks, own class 0
+            sums = torch.zeros_like(own)
+            for tile, d in _other_class_tiles(xr, yr, centroids, num_classes, classes):
+                sums += d.sum(1)
+                if want_grad_x:
+                    # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM; one-hot: a column add)
+                    w = _inverse_distances_(d)
+                    near = _take_near_entries_(w, tile.near_limit)
+                    w_sum += w.sum(1)
+                    tile.add_weighted_centroids_(v, w)
+                    if near is not None:
+                        # near pairs exactly: v_i −= (x_i − c_m)·w_im, so v_i − s_i·x_i gains their exact term
+                        near_rows, cols, vals = near
+                        exact = (xr[near_rows] - tile.rows(cols)).mul_(vals.unsqueeze(1))
+                        v.index_add_(0, near_rows, exact, alpha=-1.0)
+            torch.sub(own, sums, alpha=alpha, out=loss[r0:r1])
+            if want_grad_x:
+                # 4. J = (x − c_y)/‖x − c_y‖ + α (Σ_m w_im c_m − s·x) = α (v − s·x), in place
+                v.addcmul_(w_sum.unsqueeze(1), xr, value=-1.0).mul_(alpha)
         ctx.save_for_backward(jacobian, x if want_grad_c else None, centroids if want_grad_c else None,
                               labels)
         ctx.num_classes, ctx.chunk_bytes, ctx.alpha = num_classes, chunk_bytes, alpha
-        return rows_loss
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -349,25 +359,28 @@ class CentroidLossRows(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = jacobian * grad_out.unsqueeze(1)
         if ctx.needs_input_grad[1] and centroids is not None:
-            # own term: ∂‖x_i − c_{y_i}‖/∂c_{y_i} = −(x_i − c_{y_i})/‖x_i − c_{y_i}‖
-            diff = _own_difference(x, centroids, labels)
-            inv_own = _inverse_distances_(torch.linalg.vecdot(diff, diff, dim=1).sqrt_())
-            own_grad = diff.mul_((-grad_out * inv_own).unsqueeze(1))
-            grad_c = torch.zeros_like(centroids).index_add_(0, labels, own_grad)
-            # others, weight −α g_i: ∂/∂c_m Σ_i g'_i d_im = (Σ_i g'_i w_im)·c_m − Σ_i g'_i w_im x_i
-            g_all = grad_out * -ctx.alpha
-            tiles = _other_class_tiles(x, labels, centroids, ctx.num_classes, ctx.chunk_bytes)
-            for r0, r1, chunk, d in tiles:
-                w = _inverse_distances_(d)
-                near = _take_near_entries_(w, chunk.near_limit[r0:r1])
-                g = g_all[r0:r1]
-                w.mul_(g.unsqueeze(1))
-                grad_chunk = grad_c[chunk.c0:chunk.c1]
-                grad_chunk.addcmul_(w.sum(0).unsqueeze(1), chunk.c).addmm_(w.T, x[r0:r1], alpha=-1.0)
-                if near is not None:  # near pairs from their exact differences, as in forward
-                    rows, cols, vals = near
-                    exact = (chunk.c[cols] - x[r0 + rows]).mul_((vals * g[rows]).unsqueeze(1))
-                    grad_c.index_add_(0, cols + chunk.c0, exact)
+            grad_c = torch.zeros_like(centroids)
+            n, dim = x.shape
+            rows, classes = _tile_shape(n, ctx.num_classes, dim, x.element_size(), ctx.chunk_bytes)
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                xr, yr, g = x[r0:r1], labels[r0:r1], grad_out[r0:r1]
+                # own term: ∂‖x_i − c_{y_i}‖/∂c_{y_i} = −(x_i − c_{y_i})/‖x_i − c_{y_i}‖
+                diff = _own_difference(xr, centroids, yr)
+                inv_own = _inverse_distances_(torch.linalg.vecdot(diff, diff, dim=1).sqrt_())
+                grad_c.index_add_(0, yr, diff.mul_((-g * inv_own).unsqueeze(1)))
+                # others, weight g' = −α g: ∂/∂c_m Σ_i g'_i d_im = (Σ_i g'_i w_im)·c_m − Σ_i g'_i w_im x_i
+                g = g * -ctx.alpha
+                for tile, d in _other_class_tiles(xr, yr, centroids, ctx.num_classes, classes):
+                    w = _inverse_distances_(d)
+                    near = _take_near_entries_(w, tile.near_limit)
+                    w.mul_(g.unsqueeze(1))
+                    grad_chunk = grad_c[tile.c0:tile.c1]
+                    grad_chunk.addcmul_(w.sum(0).unsqueeze(1), tile.c).addmm_(w.T, xr, alpha=-1.0)
+                    if near is not None:  # near pairs from their exact differences, as in forward
+                        near_rows, cols, vals = near
+                        exact = (tile.c[cols] - xr[near_rows]).mul_((vals * g[near_rows]).unsqueeze(1))
+                        grad_c.index_add_(0, cols + tile.c0, exact)
         return grad_x, grad_c, None, None, None, None, None
 
 

@@ -64,8 +64,8 @@ def test_build_centroids_dispatches():
 @pytest.mark.parametrize("onehot", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [64, 5000, None])
 def test_tiles_stay_within_the_budget_and_cover_every_class(onehot, chunk_bytes):
-    # Never a (B, C) block: every tile fits the budget; together the tiles cover the (B, C) grid once, and
-    # the own class is 0 in its tile.
+    # Never a (B, C) block: every tile and its per-row temporaries fit the budget (a single row is the
+    # floor); together the tiles cover the (B, C) grid once, and the own class is 0 in its tile.
     b, num, d = 9, 120 if not onehot else 40, 48
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, d, generator=g, dtype=torch.float64)
@@ -75,12 +75,18 @@ def test_tiles_stay_within_the_budget_and_cover_every_class(onehot, chunk_bytes)
     dense[torch.arange(b), y] = 0
     covered = torch.zeros(b, num, dtype=torch.int64)
     budget = min(chunk_bytes or C.TILE_BYTES, C.TILE_BYTES)
-    per_elem = x.element_size() + 1  # the tile + the refinement's bool scratch
-    for r0, r1, chunk, tile in C._other_class_tiles(x, y, centroids, num, chunk_bytes):
-        assert tile.numel() * per_elem <= budget
-        torch.testing.assert_close(tile, dense[r0:r1, chunk.c0:chunk.c1], rtol=1e-12, atol=1e-12)
-        covered[r0:r1, chunk.c0:chunk.c1] += 1
+    per_elem, per_row = x.element_size() + 1, (3 * d + 2) * x.element_size()
+    rows, classes = C._tile_shape(b, num, d, x.element_size(), chunk_bytes)
+    for r0 in range(0, b, rows):
+        r1 = min(r0 + rows, b)
+        for tile, block in C._other_class_tiles(x[r0:r1], y[r0:r1], centroids, num, classes):
+            assert block.numel() * per_elem <= budget
+            assert block.numel() * per_elem + (r1 - r0) * per_row <= budget or r1 - r0 == 1
+            torch.testing.assert_close(block, dense[r0:r1, tile.c0:tile.c1], rtol=1e-12, atol=1e-12)
+            covered[r0:r1, tile.c0:tile.c1] += 1
     assert (covered == 1).all()
+    if chunk_bytes == 64:
+        assert rows < b and classes < num  # both loops run
 
 
 def test_large_class_count_with_small_budget_matches_one_tile():
