@@ -13,6 +13,7 @@ from . import functional, metrics, reference
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
+from .losses import CentroidTripletLoss
 
 __version__ = "0.1.0.dev0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "CosineClassifier",
     "NormSoftmaxLoss",
     "CentralizedRankingLoss",
+    "CentroidTripletLoss",
     "functional",
     "metrics",
     "reference",

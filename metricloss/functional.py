@@ -16,6 +16,7 @@ from . import _checks as C
 from ._backend import resolve_backend
 from .ops import centralized as _centralized
 from .ops import cosine as _cosine
+from .ops import centroid as _centroid
 from .ops import distance as _distance
 from .ops import mining as _mining
 from .ops import warp as _warp
@@ -23,7 +24,7 @@ from .ops.reduction import REDUCTIONS, mask_nonfinite
 from .ops.triplet import MININGS, triplet_backends, triplet_loss_op
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "warp_loss", "normalize_scale",
-           "cosine_logits", "norm_softmax_loss", "centralized_ranking_loss"]
+           "cosine_logits", "norm_softmax_loss", "centralized_ranking_loss", "centroid_triplet_loss"]
 
 Margin = Union[float, str]
 
@@ -405,3 +406,104 @@ def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, wei
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         return _centralized.centralized_ranking_op(embeddings, labels, weight, margin, scale, resolved,
                                                    decorrelation_weight, reduction, class_chunk)
+
+
+# ----------------------------------------------------------------------------------------------------
+# centroid bound (Do et al. CVPR 2019)
+# ----------------------------------------------------------------------------------------------------
+
+def _check_centroid_inputs(where: str, embeddings, labels, centroids, num_classes) -> int:
+    """Validate the centroid loss's inputs; return C. Reads the label range (one host sync)."""
+    C.check_embeddings(embeddings, "embeddings", where)
+    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
+    dim = embeddings.shape[1]
+    if isinstance(centroids, str):
+        if centroids != "onehot":
+            raise ValueError(f"{where}: `centroids` must be a (C, D) tensor or 'onehot', got {centroids!r} "
+                             f"(build 'kmeans' centroids once with metricloss.ops.centroid.build_centroids, "
+                             f"or use CentroidTripletLoss, which stores them)")
+        if num_classes is None:
+            raise ValueError(f"{where}: `num_classes` is required with centroids='onehot'")
+        num = C.check_positive_int(num_classes, "num_classes", where, minimum=2)
+        if dim < num:
+            raise ValueError(f"{where}: `centroids`='onehot' needs D >= C (one-hot c_m = e_m), got D={dim} < "
+                             f"C={num}; use centroids='kmeans' (CentroidTripletLoss) or pass a (C, D) tensor")
+    else:
+        if not isinstance(centroids, torch.Tensor):
+            raise TypeError(f"{where}: `centroids` must be a (C, D) torch.Tensor or 'onehot', "
+                            f"got {type(centroids).__name__}")
+        if not centroids.is_floating_point():
+            raise TypeError(f"{where}: `centroids` must be a floating-point tensor, "
+                            f"got dtype {centroids.dtype}")
+        if centroids.dim() != 2 or centroids.shape[1] != dim:
+            raise ValueError(f"{where}: `centroids` must have shape (C, D) with D={dim} like `embeddings`, "
+                             f"got shape {tuple(centroids.shape)}")
+        num = centroids.shape[0]
+        if num < 2:
+            raise ValueError(f"{where}: `centroids` must hold C >= 2 classes (the loss pushes each row away "
+                             f"from the other C - 1 centroids), got C={num}")
+        if num_classes is not None and (isinstance(num_classes, bool) or num_classes != num):
+            raise ValueError(f"{where}: `num_classes`={num_classes!r} does not match "
+                             f"`centroids`.shape[0]={num}")
+        C.check_same_device([("embeddings", embeddings), ("centroids", centroids)], where)
+    C.check_label_range(labels, num, "labels", where)
+    return num
+
+
+def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor,
+                          centroids: Union[torch.Tensor, str], *, num_classes: Optional[int] = None,
+                          reduction: str = "mean", backend: str = "auto",
+                          chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """Do et al.'s upper bound on the triplet loss with fixed class centroids, linear in the batch size.
+
+    Per row, with C centroids::
+
+        ℓ_i = ‖x_i − c_{y_i}‖ − 1/(3(C − 1)) · Σ_{m ≠ y_i} ‖x_i − c_m‖
+
+    (non-squared Euclidean distances, no hinge, no margin; the paper's constant factor G = 3(C−1)(N/C−1)(N/C)
+    is dropped). The loss is not normalised: embeddings are used as given.
+
+    Args:
+        embeddings: (B, D) float tensor, any float dtype; the loss is computed in fp32 (fp64 if embeddings
+            or centroids are fp64).
+        labels: (B,) integer class labels in [0, C).
+        centroids: (C, D) float tensor with C >= 2, or ``"onehot"`` for c_m = e_m (needs D >= C and
+            ``num_classes``; computed without any GEMM). Gradients flow to a centroid tensor that requires
+            grad (the loss's centroids are meant to be fixed: :class:`~metricloss.CentroidTripletLoss` keeps
+            them in a buffer).
+        num_classes: C; required with ``"onehot"``, optional (checked) with a tensor.
+        reduction: ``"mean"`` over rows (default), ``"sum"``, or ``"none"`` (per-row losses, (B,)).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (dense; small inputs only).
+        chunk_bytes: memory budget of one tile of distances (default 64 MiB).
+
+    Returns:
+        A scalar loss, or (B,) for ``"none"``, in fp32/fp64. NaN or Inf in the embeddings or centroids gives
+        a NaN loss.
+
+    Cost O(B·C·D) time and O(B·D + tile) extra memory: no (B, C) matrix. The distance to the own centroid
+    is exact (from the difference) with subgradient 0 when a row sits on it; the other distances come from
+    Gram tiles whose small entries are recomputed exactly.
+    """
+    where = "centroid_triplet_loss"
+    num = _check_centroid_inputs(where, embeddings, labels, centroids, num_classes)
+    C.check_option(reduction, "reduction", _centroid.CENTROID_REDUCTIONS, where)
+    C.check_option(backend, "backend", ("auto", "torch", "triton", "reference"), where)
+    C.check_chunk_bytes(chunk_bytes, where)
+    onehot = isinstance(centroids, str)
+    resolved = resolve_backend(backend, embeddings.device, where, implemented=("torch", "reference"))
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        if resolved == "reference":
+            from . import reference
+
+            loss = reference.centroid_triplet_loss(embeddings, labels, centroids, num_classes=num,
+                                                   reduction=reduction)
+        else:
+            dtype = _distance.accumulation_dtype(
+                embeddings.dtype if onehot else torch.promote_types(embeddings.dtype, centroids.dtype))
+            c = None if onehot else centroids.to(dtype)
+            loss = _centroid.centroid_triplet_loss_op(embeddings.to(dtype), labels, c, num, reduction,
+                                                      chunk_bytes)
+        # A non-finite embedding reaches its row (its own distance) and a non-finite centroid every row
+        # (through the own distance or the sum), so checking the result is enough: ±inf becomes NaN, and no
+        # O(B·D) pass over the inputs.
+        return mask_nonfinite(loss, loss)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_loop", "warp_loss",
            "warp_loss_loop", "normalize_scale", "cosine_logits", "norm_softmax_loss", "gram_schmidt_loop",
-           "centralized_ranking_loss"]
+           "centralized_ranking_loss", "centroid_triplet_loss"]
 
 Margin = Union[float, str]
 
@@ -337,3 +337,29 @@ def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, wei
         penalty = decorrelation_weight * ((gram - torch.eye(num_classes, dtype=gram.dtype)) ** 2).mean()
         loss = loss + (penalty / x.shape[0] if reduction == "none" else penalty)
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# centroid bound (Do et al. CVPR 2019)
+# ----------------------------------------------------------------------------------------------------
+
+def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, centroids: Union[torch.Tensor, str],
+                          num_classes: Optional[int] = None, reduction: str = "mean") -> torch.Tensor:
+    """Dense centroid bound (Do et al. 2019): ℓ_i = d(x_i, c_{y_i}) − 1/(3(C − 1)) · Σ_{m ≠ y_i} d(x_i, c_m).
+
+    ``centroids`` is a (C, D) tensor, or ``"onehot"`` (``torch.eye(num_classes, D)``). Distances are
+    Euclidean from explicit (B, C, D) differences, √ with gradient 0 at 0. Computed in fp32 at least (fp64
+    when either input is fp64). ``reduction``: ``"mean"`` over rows, ``"sum"`` or ``"none"`` ((B,)).
+    """
+    if isinstance(centroids, str):
+        centroids = torch.eye(num_classes, embeddings.shape[1], dtype=embeddings.dtype,
+                              device=embeddings.device)
+    dtype = torch.promote_types(torch.promote_types(embeddings.dtype, centroids.dtype), torch.float32)
+    x, c = embeddings.to(dtype), centroids.to(dtype)
+    num = c.shape[0]
+    d = _dist(x, c, "euclidean")                                         # (B, C)
+    own = F.one_hot(labels.long(), num).bool()
+    per_row = d[own] - torch.where(own, torch.zeros_like(d), d).sum(1) / (3 * (num - 1))
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()

@@ -2,8 +2,10 @@
 
 from .centralized import CentralizedRankingLoss
 from .cosine import CosineClassifier, NormalizeScale, NormSoftmaxLoss
+from .centroid import CentroidTripletLoss
 from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .warp import WARPLoss
 
 __all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss",
-           "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss"]
+           "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss",
+           "CentroidTripletLoss"]

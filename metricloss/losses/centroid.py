@@ -1,0 +1,107 @@
+"""The centroid upper bound on the triplet loss as an ``nn.Module``: :class:`CentroidTripletLoss`."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .. import _checks as C
+from .._backend import BACKENDS
+from ..functional import centroid_triplet_loss
+from ..ops.centroid import CENTROID_REDUCTIONS, CENTROID_SCHEMES, build_centroids
+
+__all__ = ["CentroidTripletLoss"]
+
+
+class CentroidTripletLoss(nn.Module):
+    """Do et al. (CVPR 2019): a linear-time upper bound on the triplet loss with fixed class centroids.
+
+    Per row, with C centroids and α = 1/(3(C − 1))::
+
+        ℓ_i = ‖x_i − c_{y_i}‖ − α · Σ_{m ≠ y_i} ‖x_i − c_m‖
+
+    Summed over all triplets of a class-balanced batch, the (margin-free) triplet loss is at most this
+    bound times a constant, which is dropped (METHODS.md §2). Cost O(B·C·D), linear in the batch size;
+    memory O(B·D) beyond a bounded tile, never a (B, C) matrix. Embeddings are used as given (no
+    normalisation; the loss grows with ‖x‖, so it is bounded below).
+
+    Args:
+        num_classes: C >= 2, the number of classes (labels lie in [0, C)).
+        embedding_dim: D, the embedding size.
+        centroids: how the fixed centroids are made:
+
+            * ``"onehot"`` (default): c_m = e_m, needs D >= C; the loss then needs no GEMM at all;
+            * ``"kmeans"``: the paper's data-free scheme, seeded K-means with K = C over random points on
+              the unit sphere (:func:`metricloss.ops.centroid.kmeans_sphere_centroids`; unit-norm centroids,
+              a reconstruction of details the sources leave open); built once here;
+            * a (C, D) float tensor, copied.
+        reduction: ``"mean"`` over rows (default), ``"sum"`` or ``"none"`` (per-row losses, (B,)).
+        backend: ``"auto"`` (default), ``"torch"``, ``"triton"`` or ``"reference"``.
+        seed: seed of the ``"kmeans"`` scheme (default 0): the same arguments give the same centroids.
+        chunk_bytes: memory budget of one tile of distances (default 64 MiB, or ``METRICLOSS_CHUNK_BYTES``).
+
+    The centroids are a buffer, ``self.centroids`` (C, D): saved in ``state_dict``, moved by ``.to()``, never
+    a parameter. With ``"onehot"`` the buffer holds ``torch.eye(C, D)`` and the loss uses the closed form
+    ‖x − e_m‖² = ‖x‖² + 1 − 2x_m instead of reading it.
+
+    Shapes:
+        - embeddings: (B, D) float (fp16/bf16/fp32/fp64); labels: (B,) int in [0, C).
+        - output: () or (B,) for ``reduction="none"``, fp32 (fp64 for fp64 input or centroids).
+
+    Example::
+
+        >>> criterion = CentroidTripletLoss(num_classes=100, embedding_dim=128)
+        >>> loss = criterion(torch.randn(32, 128, requires_grad=True), torch.randint(0, 100, (32,)))
+        >>> loss.backward()
+    """
+
+    centroids: torch.Tensor
+
+    def __init__(self, num_classes: int, embedding_dim: int, centroids: Union[str, torch.Tensor] = "onehot",
+                 reduction: str = "mean", backend: str = "auto", seed: int = 0,
+                 chunk_bytes: Optional[int] = None):
+        super().__init__()
+        where = type(self).__name__
+        self.num_classes = C.check_positive_int(num_classes, "num_classes", where, minimum=2)
+        self.embedding_dim = C.check_positive_int(embedding_dim, "embedding_dim", where)
+        self.seed = C.check_positive_int(seed, "seed", where, minimum=0)
+        self.reduction = C.check_option(reduction, "reduction", CENTROID_REDUCTIONS, where)
+        self.backend = C.check_option(backend, "backend", BACKENDS, where)
+        self.chunk_bytes = C.check_chunk_bytes(chunk_bytes, where)
+        shape = (self.num_classes, self.embedding_dim)
+        if isinstance(centroids, torch.Tensor):
+            if not centroids.is_floating_point():
+                raise TypeError(f"{where}: `centroids` must be a floating-point tensor, "
+                                f"got dtype {centroids.dtype}")
+            if tuple(centroids.shape) != shape:
+                raise ValueError(f"{where}: `centroids` must have shape (num_classes, embedding_dim) = "
+                                 f"{shape}, got {tuple(centroids.shape)}")
+            self.scheme = "tensor"
+        else:
+            self.scheme = C.check_option(centroids, "centroids", CENTROID_SCHEMES, where)
+            if self.scheme == "onehot" and self.embedding_dim < self.num_classes:
+                raise ValueError(f"{where}: `centroids`='onehot' needs embedding_dim >= num_classes "
+                                 f"(c_m = e_m), got embedding_dim={self.embedding_dim} < "
+                                 f"num_classes={self.num_classes}; use centroids='kmeans' (any "
+                                 f"embedding_dim) or pass a (C, D) tensor")
+        built = build_centroids(centroids, self.num_classes, self.embedding_dim, self.seed)
+        self.register_buffer("centroids", built)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        where = type(self).__name__
+        C.check_embeddings(embeddings, "embeddings", where)
+        if embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(f"{where}: `embeddings` must have D={self.embedding_dim} columns "
+                             f"(embedding_dim), "
+                             f"got shape {tuple(embeddings.shape)}")
+        centroids = "onehot" if self.scheme == "onehot" else self.centroids
+        return centroid_triplet_loss(embeddings, labels, centroids, num_classes=self.num_classes,
+                                     reduction=self.reduction, backend=self.backend,
+                                     chunk_bytes=self.chunk_bytes)
+
+    def extra_repr(self) -> str:
+        seed = f", seed={self.seed}" if self.scheme == "kmeans" else ""
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+                f"centroids={self.scheme!r}{seed}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -1,0 +1,412 @@
+"""The centroid op: Do et al.'s linear-time upper bound on the triplet loss, and its fixed centroids.
+
+Per row (METHODS.md §2, §9; Do, Tran, Reid, Kumar, Hoang, Carneiro, CVPR 2019), with C fixed centroids
+c_0 … c_{C−1} and α = 1 / (3(C − 1)):
+
+    ℓ_i = ‖x_i − c_{y_i}‖ − α · Σ_{m ≠ y_i} ‖x_i − c_m‖          (non-squared, no hinge; the constant
+                                                                 scale G = 3(C−1)(N/C−1)(N/C) is dropped)
+
+    ∂ℓ_i/∂x_i = (x_i − c_{y_i}) / ‖x_i − c_{y_i}‖ − α · (s_i · x_i − v_i),
+    s_i = Σ_{m ≠ y_i} w_im,   v_i = Σ_{m ≠ y_i} w_im · c_m,   w_im = 1 / ‖x_i − c_m‖   (0 where x_i = c_m).
+
+:class:`CentroidLossRows` (a custom autograd function) computes ℓ_i and its gradient; the two terms are
+computed differently, on purpose:
+
+* the **own term** ‖x_i − c_{y_i}‖ is the attractor (x converges onto its centroid), so it is computed
+  exactly from the difference x_i − c_{y_i}, O(B·D), with value and subgradient 0 at x = c;
+* the **other C − 1 terms** are walked in (row tile × class chunk) tiles under a memory budget, never as
+  a (B, C) matrix. Tensor centroids take one GEMM per tile (:class:`~metricloss.ops.distance.GramFactors`,
+  whose small, cancellation-prone entries are recomputed exactly from the difference); one-hot centroids
+  c_m = e_m need no GEMM at all: ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m, with the same exact refinement. The
+  gradient's near pairs (the same small entries) are applied from their exact differences too.
+
+Row i depends on x_i only, so the forward pass also accumulates s_i and v_i and keeps the (B, D) Jacobian
+rows: backward is one scaling, whatever the reduction. Gradients w.r.t. a centroid tensor that requires
+grad (the loss's centroids are fixed, but the functional accepts any tensor) are recomputed tile by tile
+in backward.
+
+Peak extra memory is O(B·D + tile), tile ≤ ``chunk_bytes`` (and the cache-sized :data:`TILE_BYTES`).
+
+Centroid construction lives here too (:func:`build_centroids`), so the module, the examples and later
+losses share one implementation: ``"onehot"`` (:func:`onehot_centroids`) and ``"kmeans"``
+(:func:`kmeans_sphere_centroids`, the paper's data-free scheme).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .distance import REFINE_RATIO, GramFactors, _refine_small_entries, squared_norms
+from .mining import default_chunk_bytes, rows_per_chunk
+from .reduction import reduce_loss, row_argmax
+
+__all__ = [
+    "CENTROID_SCHEMES",
+    "CENTROID_REDUCTIONS",
+    "KMEANS_POINTS_PER_CLASS",
+    "KMEANS_MAX_ITERATIONS",
+    "TILE_BYTES",
+    "onehot_centroids",
+    "kmeans_sphere_centroids",
+    "build_centroids",
+    "CentroidLossRows",
+    "centroid_triplet_loss_op",
+]
+
+CENTROID_SCHEMES = ("onehot", "kmeans")
+
+# The loss has no valid/invalid terms and can be negative, so "mean_nonzero" has no meaning here.
+CENTROID_REDUCTIONS = ("mean", "sum", "none")
+
+# K-means over random unit-sphere points: this many points per class (the lead's floor), and at most this
+# many Lloyd iterations. Measured: in D >= 128 the assignment is stable after 2–8 iterations.
+KMEANS_POINTS_PER_CLASS = 20
+KMEANS_MAX_ITERATIONS = 20
+
+# A tile's temporaries are kept cache-sized (L2/L3) whatever the budget: the per-tile element-wise passes
+# (clamp, √, masking, sums, 1/d) then run from cache, so time per sample does not grow with B.
+TILE_BYTES = 8 << 20
+
+# Classes per chunk at most: a chunk rebuilds the (B, D + 2) GEMM operand of the rows once, so chunks
+# are wide enough to amortise it; narrower only when the budget forces it.
+_CLASS_CHUNK = 1024
+
+
+# ----------------------------------------------------------------------------------------------------
+# centroid construction (one place: the module, the examples and later losses use these)
+# ----------------------------------------------------------------------------------------------------
+
+def onehot_centroids(num_classes: int, embedding_dim: int, dtype: torch.dtype = torch.float32,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """One-hot centroids c_m = e_m, shape (C, D), needs D >= C: orthonormal, every pair √2 apart."""
+    if embedding_dim < num_classes:
+        raise ValueError(f"one-hot centroids need `embedding_dim` >= `num_classes`, got D={embedding_dim} < "
+                         f"C={num_classes}; use centroids='kmeans' (any D) or pass a (C, D) tensor")
+    return torch.eye(num_classes, embedding_dim, dtype=dtype, device=device)
+
+
+def kmeans_sphere_centroids(num_classes: int, embedding_dim: int, seed: int = 0, *,
+                            points_per_class: int = KMEANS_POINTS_PER_CLASS,
+                            max_iterations: int = KMEANS_MAX_ITERATIONS,
+                            chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """The paper's data-free centroids: K-means with K = C over random points on the unit sphere.
+
+    Do et al. draw many random points on the unit sphere in D dimensions and run K-means with K = C
+    (METHODS.md §9). The K-means variant and any scaling are not given by the sources ([U]); this is the
+    reconstruction:
+
+    1. ``points_per_class · C`` Gaussian vectors from a ``torch.Generator`` seeded with ``seed``,
+       L2-normalised;
+    2. initial centroids: C distinct points chosen by a seeded permutation;
+    3. spherical Lloyd iterations: assign each point to the centroid of largest cosine (one GEMM per row
+       chunk, first index on ties), then set each centroid to the normalised sum of its points; an empty
+       cluster takes the point worst served by its centroid; stop when no assignment changes or after
+       ``max_iterations``.
+
+    Centroids are unit vectors, as one-hot centroids are, so switching schemes keeps the loss's scale; for
+    D >= C they are nearly orthogonal (pairwise ≈ √2).
+
+    Cost: O(iterations · points_per_class · C² · D) time on the CPU (about 1 s for C=1000, D=512 on 2
+    threads) and O(points_per_class · C · D + chunk) memory. For very large C, build them once and pass
+    the tensor (the module stores them in its ``state_dict``).
+
+    Returns:
+        (C, D) float32 CPU tensor with unit rows. Deterministic for a seed (same torch build and threads).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = points_per_class * num_classes
+    # 1. random points on the unit sphere
+    points = F.normalize(torch.randn(n, embedding_dim, generator=gen), dim=1)
+    # 2. initial centroids: C distinct random points
+    centroids = points[torch.randperm(n, generator=gen)[:num_classes]].clone()
+    rows = rows_per_chunk(num_classes, 2 * points.element_size(), chunk_bytes)
+    assignment: Optional[torch.Tensor] = None
+    for _ in range(max_iterations):
+        # 3a. assign: largest cosine (unit vectors), row chunks of the (n, C) similarity under the budget
+        best = torch.empty(n, dtype=points.dtype)
+        new = torch.empty(n, dtype=torch.int64)
+        for s in range(0, n, rows):
+            best[s:s + rows], new[s:s + rows] = row_argmax(points[s:s + rows] @ centroids.T)
+        if assignment is not None and torch.equal(new, assignment):
+            break
+        assignment = new
+        # 3b. update: normalised sum of each cluster's points; empty clusters take the worst-served points
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        empty = (torch.bincount(assignment, minlength=num_classes) == 0).nonzero().squeeze(1)
+        if empty.numel():
+            worst = torch.argsort(best, stable=True)[:empty.numel()]
+            sums[empty] = points[worst]
+        centroids = F.normalize(sums, dim=1)
+    return centroids
+
+
+def build_centroids(scheme: Union[str, torch.Tensor], num_classes: int, embedding_dim: int,
+                    seed: int = 0) -> torch.Tensor:
+    """Centroids for ``scheme``: ``"onehot"``, ``"kmeans"`` (seeded) or a (C, D) tensor (copied, detached).
+
+    Validation of the arguments is the caller's (the module's); this only builds. Returns float32 for the
+    named schemes, the tensor's own floating dtype otherwise.
+    """
+    if isinstance(scheme, torch.Tensor):
+        return scheme.detach().clone()
+    if scheme == "onehot":
+        return onehot_centroids(num_classes, embedding_dim)
+    if scheme == "kmeans":
+        return kmeans_sphere_centroids(num_classes, embedding_dim, seed)
+    raise ValueError(f"unknown centroid scheme {scheme!r}; expected one of {CENTROID_SCHEMES} or a tensor")
+
+
+# ----------------------------------------------------------------------------------------------------
+# distance tiles: one row tile × one class chunk
+# ----------------------------------------------------------------------------------------------------
+
+class _GramTile:
+    """Distances of a row tile to tensor centroids ``c0:c1``: one GEMM, small entries recomputed exactly."""
+
+    def __init__(self, x: torch.Tensor, centroids: torch.Tensor, c0: int, c1: int):
+        self.c0, self.c1 = c0, c1
+        self.c = centroids[c0:c1]
+        self.gram = GramFactors(x, self.c, "euclidean")
+        # entries with d² below the refinement threshold were recomputed exactly; their gradient is too
+        self.near_limit = self.gram.refine_thresh.rsqrt()
+
+    def distances(self) -> torch.Tensor:
+        """(rows, c1 − c0) distances ‖x_i − c_m‖, a fresh buffer."""
+        return self.gram.distance_block(0, self.gram.a.shape[0], refine=True)
+
+    def add_weighted_centroids_(self, out: torch.Tensor, w: torch.Tensor) -> None:
+        """out (rows, D) += Σ_m w_im · c_m over this chunk."""
+        out.addmm_(w, self.c)
+
+    def rows(self, cols: torch.Tensor) -> torch.Tensor:
+        """The centroids of chunk columns ``cols``, (k, D)."""
+        return self.c[cols]
+
+
+class _OneHotRows:
+    """Rows ``c0 + cols`` of the identity (one-hot centroids), built only when indexed: ``rows[cols]``."""
+
+    def __init__(self, c0: int, like: torch.Tensor):
+        self.c0, self.like = c0, like
+
+    def __getitem__(self, cols: torch.Tensor) -> torch.Tensor:
+        e = self.like.new_zeros(cols.shape[0], self.like.shape[1])
+        e[torch.arange(cols.shape[0], device=e.device), cols + self.c0] = 1.0
+        return e
+
+
+class _OneHotTile:
+    """Distances of a row tile to one-hot centroids e_c0 … e_{c1−1}, without a GEMM."""
+
+    def __init__(self, x: torch.Tensor, x_sq: torch.Tensor, c0: int, c1: int):
+        self.x, self.x_sq, self.c0, self.c1 = x, x_sq, c0, c1
+        self.e = _OneHotRows(c0, x)
+        # the refinement threshold of GramFactors (REFINE_RATIO of the squared norms), with ‖e_m‖² = 1
+        self.thresh = REFINE_RATIO * (x_sq + 1.0)
+        self.near_limit = self.thresh.rsqrt()
+
+    def distances(self) -> torch.Tensor:
+        # 1. ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m: element-wise, no GEMM
+        u = torch.add((self.x_sq + 1.0).unsqueeze(1), self.x[:, self.c0:self.c1], alpha=-2.0).clamp_min_(0)
+        # 2. cancellation when x ≈ e_m: recompute those entries from x − e_m, exactly as GramFactors does
+        return _refine_small_entries(u, self.x, self.e, self.thresh, "euclidean", False).sqrt_()
+
+    def add_weighted_centroids_(self, out: torch.Tensor, w: torch.Tensor) -> None:
+        # Σ_m w_im · e_m puts w_im in column m
+        out[:, self.c0:self.c1] += w
+
+    def rows(self, cols: torch.Tensor) -> torch.Tensor:
+        return self.e[cols]
+
+
+def _tile_shape(num_rows: int, num_classes: int, dim: int, elem: int,
+                chunk_bytes: Optional[int]) -> Tuple[int, int]:
+    """(rows per tile, classes per chunk) so a tile's temporaries fit min(budget, TILE_BYTES)."""
+    budget = min(default_chunk_bytes() if chunk_bytes is None else chunk_bytes, TILE_BYTES)
+    per_elem = elem + 1  # the distance tile (then 1/d in place) + the refinement's bool scratch
+    classes = max(1, min(num_classes, _CLASS_CHUNK, budget // per_elem))
+    # per row: the GEMM operand (D + 2), x − c_y and the Jacobian rows (D each)
+    rows = rows_per_chunk(classes, per_elem, budget, bytes_per_row=(3 * dim + 2) * elem)
+    return min(num_rows, rows), classes
+
+
+def _other_class_tiles(x: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor], num_classes: int,
+                       classes: int) -> Iterator[Tuple[Union[_GramTile, _OneHotTile], torch.Tensor]]:
+    """For one row tile ``x`` (rows, D), yield ``(tile, d)`` per chunk of ``classes`` classes:
+    d (rows, cc) = ‖x_i − c_m‖ with the own class set to 0 (so it drops out of the sums and, through
+    w = 1/d → 0, out of the gradient). ``d`` is a fresh buffer the caller may overwrite.
+    """
+    x_sq = squared_norms(x) if centroids is None else None
+    for c0 in range(0, num_classes, classes):
+        c1 = min(c0 + classes, num_classes)
+        tile = _OneHotTile(x, x_sq, c0, c1) if centroids is None else _GramTile(x, centroids, c0, c1)
+        d = tile.distances()
+        # own class: column y_i − c0 of the rows whose class falls in this chunk (no host sync)
+        rel = labels - c0
+        col = rel.clamp(0, c1 - c0 - 1).unsqueeze(1)
+        if c1 - c0 == num_classes:  # one chunk holds every class
+            d.scatter_(1, col, 0.0)
+        else:
+            kept = d.gather(1, col)
+            inside = ((rel >= 0) & (rel < c1 - c0)).unsqueeze(1)
+            d.scatter_(1, col, torch.where(inside, torch.zeros_like(kept), kept))
+        yield tile, d
+
+
+def _inverse_distances_(d: torch.Tensor) -> torch.Tensor:
+    """w = 1/d in place, 0 where d = 0 (the subgradient at x = c_m, and the masked own class)."""
+    return d.reciprocal_().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _take_near_entries_(w: torch.Tensor, limit: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
+    """Zero the weights of near pairs (w_im > limit_i, i.e. d² below the refinement threshold) in place and
+    return them as ``(rows, cols, w)``, or None when there are none.
+
+    The GEMM form of the gradient, s_i·x_i − v_i = Σ_m w_im (x_i − c_m), cancels when one w_im is large: a
+    pair at distance d contributes a unit vector as the difference of two terms of size ‖x‖/d. Near pairs
+    are therefore applied from their exact differences instead (a sparse O(k·D) gather), which bounds the
+    amplification of rounding by the refinement ratio for everything left in the GEMM.
+    """
+    hit = w.amax(1) > limit
+    if not bool(hit.any()):
+        return None
+    sel = hit.nonzero().squeeze(1)
+    sub_rows, cols = (w[sel] > limit[sel].unsqueeze(1)).nonzero(as_tuple=True)
+    rows = sel[sub_rows]
+    vals = w[rows, cols]
+    w[rows, cols] = 0.0
+    return rows, cols, vals
+
+
+def _own_difference(x: torch.Tensor, centroids: Optional[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """x_i − c_{y_i}, (rows, D), from the difference (exact; one-hot: subtract 1 in column y_i)."""
+    if centroids is not None:
+        return x - centroids[labels]
+    diff = x.clone()
+    diff[torch.arange(x.shape[0], device=x.device), labels] -= 1.0
+    return diff
+
+
+class CentroidLossRows(torch.autograd.Function):
+    """Per-row centroid bound ℓ_i = ‖x_i − c_{y_i}‖ − α Σ_{m ≠ y_i} ‖x_i − c_m‖, in tiles; never (B, C).
+
+    Inputs: prepared rows ``x`` (B, D) in the accumulation dtype, ``centroids`` (C, D) in the same dtype or
+    None for one-hot centroids e_0 … e_{C−1} (needs D >= C), int64 ``labels`` (B,) in [0, C), ``num_classes``
+    C >= 2, ``chunk_bytes``, and whether x / the centroids need a gradient. Output: ℓ, (B,).
+
+    Row tiles outer, class chunks inner (the layout of a fused kernel: one program per row tile streaming
+    the centroids), so everything a row tile needs stays in cache. Row i depends on x_i only, so forward
+    also builds the Jacobian rows J_i = ∂ℓ_i/∂x_i = (x_i − c_{y_i})/‖x_i − c_{y_i}‖ + α (v_i − s_i x_i)
+    (B, D) and backward is ``grad_out[:, None] * J`` for any reduction. The centroid gradient depends on the
+    upstream gradient and is recomputed tile by tile in backward. Subgradient 0 where x_i = c_m. Not twice
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c):
+        n, dim = x.shape
+        alpha = 1.0 / (3.0 * (num_classes - 1))
+        rows, classes = _tile_shape(n, num_classes, dim, x.element_size(), chunk_bytes)
+        loss = torch.empty(n, dtype=x.dtype, device=x.device)
+        jacobian = torch.empty_like(x) if want_grad_x else None
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            xr, yr = x[r0:r1], labels[r0:r1]
+            # 1. own term from the difference (exact; √0 = 0, and its subgradient is taken as 0 below)
+            diff = _own_difference(xr, centroids, yr)
+            own = torch.linalg.vecdot(diff, diff, dim=1).sqrt_()
+            if want_grad_x:
+                # v starts at (x − c_y)/(α‖x − c_y‖), the own term's gradient, so that J = α (v − s·x) below
+                v = torch.mul(diff, (_inverse_distances_(own.clone()) / alpha).unsqueeze(1), out=jacobian[r0:r1])
+                w_sum = torch.zeros_like(own)
+            del diff
+            # 2. the other C − 1 distances: Σ_m d_im over class chunks, own class 0
+            sums = torch.zeros_like(own)
+            for tile, d in _other_class_tiles(xr, yr, centroids, num_classes, classes):
+                sums += d.sum(1)
+                if want_grad_x:
+                    # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM; one-hot: a column add)
+                    w = _inverse_distances_(d)
+                    near = _take_near_entries_(w, tile.near_limit)
+                    w_sum += w.sum(1)
+                    tile.add_weighted_centroids_(v, w)
+                    if near is not None:
+                        # near pairs exactly: v_i −= (x_i − c_m)·w_im, so v_i − s_i·x_i gains their exact term
+                        near_rows, cols, vals = near
+                        exact = (xr[near_rows] - tile.rows(cols)).mul_(vals.unsqueeze(1))
+                        v.index_add_(0, near_rows, exact, alpha=-1.0)
+            torch.sub(own, sums, alpha=alpha, out=loss[r0:r1])
+            if want_grad_x:
+                # 4. J = (x − c_y)/‖x − c_y‖ + α (Σ_m w_im c_m − s·x) = α (v − s·x), in place
+                v.addcmul_(w_sum.unsqueeze(1), xr, value=-1.0).mul_(alpha)
+        ctx.save_for_backward(jacobian, x if want_grad_c else None, centroids if want_grad_c else None,
+                              labels)
+        ctx.num_classes, ctx.chunk_bytes, ctx.alpha = num_classes, chunk_bytes, alpha
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved Jacobian is a constant here, so a second derivative would be
+            # silently wrong; refuse instead.
+            raise RuntimeError("metricloss.centroid_triplet_loss is not twice differentiable "
+                               "(backward with create_graph=True)")
+        jacobian, x, centroids, labels = ctx.saved_tensors
+        grad_x = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_x = jacobian * grad_out.unsqueeze(1)
+        if ctx.needs_input_grad[1] and centroids is not None:
+            grad_c = torch.zeros_like(centroids)
+            n, dim = x.shape
+            rows, classes = _tile_shape(n, ctx.num_classes, dim, x.element_size(), ctx.chunk_bytes)
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                xr, yr, g = x[r0:r1], labels[r0:r1], grad_out[r0:r1]
+                # own term: ∂‖x_i − c_{y_i}‖/∂c_{y_i} = −(x_i − c_{y_i})/‖x_i − c_{y_i}‖
+                diff = _own_difference(xr, centroids, yr)
+                inv_own = _inverse_distances_(torch.linalg.vecdot(diff, diff, dim=1).sqrt_())
+                grad_c.index_add_(0, yr, diff.mul_((-g * inv_own).unsqueeze(1)))
+                # others, weight g' = −α g: ∂/∂c_m Σ_i g'_i d_im = (Σ_i g'_i w_im)·c_m − Σ_i g'_i w_im x_i
+                g = g * -ctx.alpha
+                for tile, d in _other_class_tiles(xr, yr, centroids, ctx.num_classes, classes):
+                    w = _inverse_distances_(d)
+                    near = _take_near_entries_(w, tile.near_limit)
+                    w.mul_(g.unsqueeze(1))
+                    grad_chunk = grad_c[tile.c0:tile.c1]
+                    grad_chunk.addcmul_(w.sum(0).unsqueeze(1), tile.c).addmm_(w.T, xr, alpha=-1.0)
+                    if near is not None:  # near pairs from their exact differences, as in forward
+                        near_rows, cols, vals = near
+                        exact = (tile.c[cols] - xr[near_rows]).mul_((vals * g[near_rows]).unsqueeze(1))
+                        grad_c.index_add_(0, cols + tile.c0, exact)
+        return grad_x, grad_c, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------
+
+def centroid_triplet_loss_op(x: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor],
+                             num_classes: int, reduction: str, chunk_bytes: Optional[int]) -> torch.Tensor:
+    """Chunked-torch centroid bound on validated, prepared inputs.
+
+    Args:
+        x: (B, D) rows in the accumulation dtype (fp32 or fp64).
+        labels: (B,) integer labels in [0, C).
+        centroids: (C, D) in x's dtype and device, or None for one-hot centroids e_m (needs D >= C).
+        num_classes: C >= 2.
+        reduction: one of :data:`CENTROID_REDUCTIONS`.
+        chunk_bytes: memory budget of one tile (default 64 MiB; tiles are also capped at :data:`TILE_BYTES`).
+
+    Returns:
+        The reduced loss (``()``) or per-row losses (``(B,)``) for ``reduction="none"``.
+    """
+    grad = torch.is_grad_enabled()
+    want_grad_x = grad and x.requires_grad
+    want_grad_c = grad and centroids is not None and centroids.requires_grad
+    per_row = CentroidLossRows.apply(x, centroids, labels.long(), num_classes, chunk_bytes, want_grad_x,
+                                     want_grad_c)
+    count = torch.tensor(x.shape[0], device=x.device)
+    return reduce_loss(per_row, count, count, reduction)
