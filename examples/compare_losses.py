@@ -83,8 +83,9 @@ def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.RandomState) -
     """P classes × K samples per batch (with replacement inside small classes), about one epoch's worth."""
     classes = np.unique(labels)
     members = {c: np.flatnonzero(labels == c) for c in classes}
-    for _ in range(len(labels) // (p * k)):
-        chosen = rng.choice(classes, size=min(p, len(classes)), replace=False)
+    p = min(p, len(classes))
+    for _ in range(max(1, len(labels) // (p * k))):
+        chosen = rng.choice(classes, size=p, replace=False)
         yield np.concatenate([rng.choice(members[c], size=k, replace=len(members[c]) < k) for c in chosen])
 
 
@@ -125,7 +126,7 @@ def _cosine_cross_entropy(num_classes: int):
 
 def _norm_softmax(num_classes: int):
     head = ml.NormSoftmaxLoss(EMBED_DIM, num_classes, temperature=0.05)
-    return head, lambda emb, y, h: h(emb, y), lambda emb, h: h.logits(emb)
+    return head, lambda emb, y, h: h(emb, y), lambda emb, h: h.get_logits(emb)
 
 
 def _warp(num_classes: int):
