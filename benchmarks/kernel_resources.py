@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from metricloss.kernels.aot import inspect_in_subprocess  # noqa: E402
+from metricloss.kernels.centroid import all_centroid_configs, centroid_aot_jobs  # noqa: E402
 from metricloss.kernels.mining import SMEM_LIMIT_BYTES, aot_job, all_mining_configs  # noqa: E402
 
 
@@ -25,12 +26,20 @@ def main() -> None:
              for variant in ("self_euclidean", "ref_cosine")]
     jobs = [aot_job(arch, dtype, cfg, cosine=v == "ref_cosine", self_ref=v == "self_euclidean")
             for arch, dtype, cfg, v in cases]
-    reports = inspect_in_subprocess(jobs)
-    print("| kernel | arch | dtype | BLOCK_M×N×K | warps | stages | variant | registers | spills (stack B / STL / LDL) "
+    print("| kernel | arch | dtype | tiles (BLOCK_M×N×K) | warps | stages | variant | registers | spills (stack B / STL / LDL) "
           "| shared (B, limit) | tensor-core ops |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (arch, dtype, cfg, variant), rep in zip(cases, reports):
-        print(f"| batch_hard_mining | sm_{arch} | {str(dtype)[6:]} | {cfg.BLOCK_M}×{cfg.BLOCK_N}×{cfg.BLOCK_K} | "
+    rows = [("batch_hard_mining", arch, dtype, f"{cfg.BLOCK_M}×{cfg.BLOCK_N}×{cfg.BLOCK_K}", cfg, variant)
+            for arch, dtype, cfg, variant in cases]
+    for arch, dtype, cfg in all_centroid_configs():
+        for job in centroid_aot_jobs(arch, dtype, cfg):
+            name = job["kernel"].split(":")[1].replace("_kernel", "")
+            tiles = f"{cfg.BLOCK_M}×{cfg.BLOCK_N}×{cfg.BLOCK_K}" + (f", v {cfg.BLOCK_D}" if "weighted" in name else "")
+            rows.append((name, arch, dtype, tiles, cfg, "-"))
+            jobs.append(job)
+    reports = inspect_in_subprocess(jobs)
+    for (name, arch, dtype, tiles, cfg, variant), rep in zip(rows, reports):
+        print(f"| {name} | sm_{arch} | {str(dtype)[6:]} | {tiles} | "
               f"{cfg.num_warps} | {cfg.num_stages} | {variant} | {rep.registers} | "
               f"{rep.stack_bytes} / {rep.spill_stores} / {rep.spill_loads} | "
               f"{rep.shared_bytes} ({SMEM_LIMIT_BYTES[arch]}) | {rep.mma_count} × {', '.join(rep.mma)} |")

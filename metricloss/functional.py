@@ -490,7 +490,7 @@ def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor,
     C.check_option(backend, "backend", ("auto", "torch", "triton", "reference"), where)
     C.check_chunk_bytes(chunk_bytes, where)
     onehot = isinstance(centroids, str)
-    resolved = resolve_backend(backend, embeddings.device, where, implemented=("torch", "reference"))
+    resolved = resolve_backend(backend, embeddings.device, where, implemented=_centroid.centroid_backends(onehot))
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if resolved == "reference":
             from . import reference
@@ -502,7 +502,7 @@ def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                 embeddings.dtype if onehot else torch.promote_types(embeddings.dtype, centroids.dtype))
             c = None if onehot else centroids.to(dtype)
             loss = _centroid.centroid_triplet_loss_op(embeddings.to(dtype), labels, c, num, reduction,
-                                                      chunk_bytes)
+                                                      chunk_bytes, backend=resolved)
         # A non-finite embedding reaches its row (its own distance) and a non-finite centroid every row
         # (through the own distance or the sum), so checking the result is enough: ±inf becomes NaN, and no
         # O(B·D) pass over the inputs.

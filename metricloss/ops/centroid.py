@@ -53,6 +53,7 @@ __all__ = [
     "kmeans_sphere_centroids",
     "build_centroids",
     "CentroidLossRows",
+    "centroid_backends",
     "centroid_triplet_loss_op",
 ]
 
@@ -290,6 +291,73 @@ def _own_difference(x: torch.Tensor, centroids: Optional[torch.Tensor], labels: 
     return diff
 
 
+def _rows_torch(x: torch.Tensor, centroids: Optional[torch.Tensor], labels: torch.Tensor, num_classes: int,
+                chunk_bytes: Optional[int], want_grad_x: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-row losses ℓ (B,) and, with ``want_grad_x``, the Jacobian rows J = ∂ℓ_i/∂x_i (B, D): the tiled torch
+    path (row tiles outer, class chunks inner)."""
+    n, dim = x.shape
+    alpha = 1.0 / (3.0 * (num_classes - 1))
+    rows, classes = _tile_shape(n, num_classes, dim, x.element_size(), chunk_bytes)
+    loss = torch.empty(n, dtype=x.dtype, device=x.device)
+    jacobian = torch.empty_like(x) if want_grad_x else None
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        xr, yr = x[r0:r1], labels[r0:r1]
+        # 1. own term from the difference (exact; √0 = 0, and its subgradient is taken as 0 below)
+        diff = _own_difference(xr, centroids, yr)
+        own = torch.linalg.vecdot(diff, diff, dim=1).sqrt_()
+        if want_grad_x:
+            # v starts at (x − c_y)/(α‖x − c_y‖), the own term's gradient, so that J = α (v − s·x) below
+            v = torch.mul(diff, (_inverse_distances_(own.clone()) / alpha).unsqueeze(1), out=jacobian[r0:r1])
+            w_sum = torch.zeros_like(own)
+        del diff
+        # 2. the other C − 1 distances: Σ_m d_im over class chunks, own class 0
+        sums = torch.zeros_like(own)
+        for tile, d in _other_class_tiles(xr, yr, centroids, num_classes, classes):
+            sums += d.sum(1)
+            if want_grad_x:
+                # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM; one-hot: a column add)
+                w = _inverse_distances_(d)
+                near = _take_near_entries_(w, tile.near_limit)
+                w_sum += w.sum(1)
+                tile.add_weighted_centroids_(v, w)
+                if near is not None:
+                    # near pairs exactly: v_i −= (x_i − c_m)·w_im, so v_i − s_i·x_i gains their exact term
+                    near_rows, cols, vals = near
+                    exact = (xr[near_rows] - tile.rows(cols)).mul_(vals.unsqueeze(1))
+                    v.index_add_(0, near_rows, exact, alpha=-1.0)
+        torch.sub(own, sums, alpha=alpha, out=loss[r0:r1])
+        if want_grad_x:
+            # 4. J = (x − c_y)/‖x − c_y‖ + α (Σ_m w_im c_m − s·x) = α (v − s·x), in place
+            v.addcmul_(w_sum.unsqueeze(1), xr, value=-1.0).mul_(alpha)
+    return loss, jacobian
+
+
+def _rows_triton(x: torch.Tensor, centroids: Optional[torch.Tensor], labels: torch.Tensor, num_classes: int,
+                 chunk_bytes: Optional[int], want_grad_x: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`_rows_torch` from the fused Triton kernels (:mod:`metricloss.kernels.centroid`), fp32 rows and
+    tensor centroids only. Rows the kernels flag as having a *near* pair (x within the refinement radius
+    of another class's centroid, where the Gram expansion cancels) are recomputed with the torch path."""
+    from ..kernels.centroid import centroid_sums_triton
+
+    alpha = 1.0 / (3.0 * (num_classes - 1))
+    own, sums, near, s, v = centroid_sums_triton(x, labels, centroids, want_grad_x)
+    loss = (own - alpha * sums).to(x.dtype)
+    jacobian = None
+    if want_grad_x:
+        # J = (x − c_y)/‖x − c_y‖ − α (s·x − v), subgradient 0 at x = c_y
+        diff = _own_difference(x, centroids, labels)
+        jacobian = diff.mul_(_inverse_distances_(own.clone()).unsqueeze(1).to(x.dtype))
+        jacobian.add_((v.to(x.dtype) - s.to(x.dtype).unsqueeze(1) * x).mul_(alpha))
+    redo = (near > 0).nonzero().squeeze(1)
+    if redo.numel():
+        sub_loss, sub_jac = _rows_torch(x[redo], centroids, labels[redo], num_classes, chunk_bytes, want_grad_x)
+        loss[redo] = sub_loss
+        if want_grad_x:
+            jacobian[redo] = sub_jac
+    return loss, jacobian
+
+
 class CentroidLossRows(torch.autograd.Function):
     """Per-row centroid bound ℓ_i = ‖x_i − c_{y_i}‖ − α Σ_{m ≠ y_i} ‖x_i − c_m‖, in tiles; never (B, C).
 
@@ -306,42 +374,12 @@ class CentroidLossRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c):
-        n, dim = x.shape
+    def forward(ctx, x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c, backend="torch"):
         alpha = 1.0 / (3.0 * (num_classes - 1))
-        rows, classes = _tile_shape(n, num_classes, dim, x.element_size(), chunk_bytes)
-        loss = torch.empty(n, dtype=x.dtype, device=x.device)
-        jacobian = torch.empty_like(x) if want_grad_x else None
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            xr, yr = x[r0:r1], labels[r0:r1]
-            # 1. own term from the difference (exact; √0 = 0, and its subgradient is taken as 0 below)
-            diff = _own_difference(xr, centroids, yr)
-            own = torch.linalg.vecdot(diff, diff, dim=1).sqrt_()
-            if want_grad_x:
-                # v starts at (x − c_y)/(α‖x − c_y‖), the own term's gradient, so that J = α (v − s·x) below
-                v = torch.mul(diff, (_inverse_distances_(own.clone()) / alpha).unsqueeze(1), out=jacobian[r0:r1])
-                w_sum = torch.zeros_like(own)
-            del diff
-            # 2. the other C − 1 distances: Σ_m d_im over class chunks, own class 0
-            sums = torch.zeros_like(own)
-            for tile, d in _other_class_tiles(xr, yr, centroids, num_classes, classes):
-                sums += d.sum(1)
-                if want_grad_x:
-                    # 3. w = 1/d in place; s_i += Σ_m w_im, v_i += Σ_m w_im c_m (GEMM; one-hot: a column add)
-                    w = _inverse_distances_(d)
-                    near = _take_near_entries_(w, tile.near_limit)
-                    w_sum += w.sum(1)
-                    tile.add_weighted_centroids_(v, w)
-                    if near is not None:
-                        # near pairs exactly: v_i −= (x_i − c_m)·w_im, so v_i − s_i·x_i gains their exact term
-                        near_rows, cols, vals = near
-                        exact = (xr[near_rows] - tile.rows(cols)).mul_(vals.unsqueeze(1))
-                        v.index_add_(0, near_rows, exact, alpha=-1.0)
-            torch.sub(own, sums, alpha=alpha, out=loss[r0:r1])
-            if want_grad_x:
-                # 4. J = (x − c_y)/‖x − c_y‖ + α (Σ_m w_im c_m − s·x) = α (v − s·x), in place
-                v.addcmul_(w_sum.unsqueeze(1), xr, value=-1.0).mul_(alpha)
+        if backend == "triton":
+            loss, jacobian = _rows_triton(x, centroids, labels, num_classes, chunk_bytes, want_grad_x)
+        else:
+            loss, jacobian = _rows_torch(x, centroids, labels, num_classes, chunk_bytes, want_grad_x)
         ctx.save_for_backward(jacobian, x if want_grad_c else None, centroids if want_grad_c else None,
                               labels)
         ctx.num_classes, ctx.chunk_bytes, ctx.alpha = num_classes, chunk_bytes, alpha
@@ -381,15 +419,22 @@ class CentroidLossRows(torch.autograd.Function):
                         near_rows, cols, vals = near
                         exact = (tile.c[cols] - xr[near_rows]).mul_((vals * g[near_rows]).unsqueeze(1))
                         grad_c.index_add_(0, cols + tile.c0, exact)
-        return grad_x, grad_c, None, None, None, None, None
+        return grad_x, grad_c, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------
 
+def centroid_backends(onehot: bool) -> Tuple[str, ...]:
+    """Backends of :func:`centroid_triplet_loss_op`: Triton kernels for tensor centroids (one-hot centroids need no
+    GEMM; their element-wise torch path is what a kernel would do)."""
+    return ("torch", "reference") if onehot else ("torch", "triton", "reference")
+
+
 def centroid_triplet_loss_op(x: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor],
-                             num_classes: int, reduction: str, chunk_bytes: Optional[int]) -> torch.Tensor:
+                             num_classes: int, reduction: str, chunk_bytes: Optional[int],
+                             backend: str = "torch") -> torch.Tensor:
     """Chunked-torch centroid bound on validated, prepared inputs.
 
     Args:
@@ -399,6 +444,8 @@ def centroid_triplet_loss_op(x: torch.Tensor, labels: torch.Tensor, centroids: O
         num_classes: C >= 2.
         reduction: one of :data:`CENTROID_REDUCTIONS`.
         chunk_bytes: memory budget of one tile (default 64 MiB; tiles are also capped at :data:`TILE_BYTES`).
+        backend: ``"torch"``, or ``"triton"`` for fp32 rows and tensor centroids (fp64 runs on torch: the
+            kernels accumulate in fp32).
 
     Returns:
         The reduced loss (``()``) or per-row losses (``(B,)``) for ``reduction="none"``.
@@ -406,7 +453,9 @@ def centroid_triplet_loss_op(x: torch.Tensor, labels: torch.Tensor, centroids: O
     grad = torch.is_grad_enabled()
     want_grad_x = grad and x.requires_grad
     want_grad_c = grad and centroids is not None and centroids.requires_grad
+    if backend == "triton" and (centroids is None or x.dtype != torch.float32):
+        backend = "torch"
     per_row = CentroidLossRows.apply(x, centroids, labels.long(), num_classes, chunk_bytes, want_grad_x,
-                                     want_grad_c)
+                                     want_grad_c, backend)
     count = torch.tensor(x.shape[0], device=x.device)
     return reduce_loss(per_row, count, count, reduction)

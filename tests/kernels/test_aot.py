@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from metricloss.kernels.aot import cuobjdump_path, inspect_in_subprocess  # noqa: E402
+from metricloss.kernels.centroid import all_centroid_configs, centroid_aot_jobs  # noqa: E402
 from metricloss.kernels.mining import SMEM_LIMIT_BYTES, all_mining_configs, aot_job  # noqa: E402
 
 if not os.path.exists(cuobjdump_path()):
@@ -23,11 +24,17 @@ CASES = [(arch, dtype, cfg, variant) for arch, dtype, cfg in all_mining_configs(
 IDS = [f"sm{a}-{str(d)[6:]}-{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-w{c.num_warps}-{v}" for a, d, c, v in CASES]
 
 
+CENTROID_CASES = [(arch, dtype, cfg, job) for arch, dtype, cfg in all_centroid_configs()
+                  for job in centroid_aot_jobs(arch, dtype, cfg)]
+CENTROID_IDS = [f"sm{a}-{str(d)[6:]}-{j['kernel'].split(':')[1]}-{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-d{c.BLOCK_D}"
+                f"-w{c.num_warps}" for a, d, c, j in CENTROID_CASES]
+
+
 @pytest.fixture(scope="module")
 def reports():
     jobs = [aot_job(arch, dtype, cfg, cosine=variant == "ref_cosine", self_ref=variant == "self_euclidean")
-            for arch, dtype, cfg, variant in CASES]
-    return dict(zip(IDS, inspect_in_subprocess(jobs)))
+            for arch, dtype, cfg, variant in CASES] + [job for _, _, _, job in CENTROID_CASES]
+    return dict(zip(IDS + CENTROID_IDS, inspect_in_subprocess(jobs)))
 
 
 @pytest.mark.parametrize("case_id", IDS)
@@ -38,6 +45,14 @@ def test_mining_kernel_compiles_clean(reports, case_id):
     assert rep.mma_count > 0, rep
     prefixes = ("HMMA",) if rep.arch == 80 else ("HGMMA", "HMMA")
     assert all(op.startswith(prefixes) for op in rep.mma), rep
+
+
+@pytest.mark.parametrize("case_id", CENTROID_IDS)
+def test_centroid_kernels_compile_clean(reports, case_id):
+    rep = reports[case_id]
+    assert not rep.spills, rep
+    assert rep.shared_bytes <= SMEM_LIMIT_BYTES[rep.arch], rep
+    assert rep.mma_count > 0, rep  # both kernels run their Gram term (and v) on tensor cores
 
 
 def test_every_dtype_and_arch_is_covered():
