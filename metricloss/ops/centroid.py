@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .distance import REFINE_RATIO, GramFactors, _refine_small_entries, squared_norms
+from .distance import REFINE_RATIO, GramFactors, refine_small_entries, squared_norms
 from .mining import default_chunk_bytes, rows_per_chunk
 from .reduction import reduce_loss, row_argmax
 
@@ -213,7 +213,7 @@ class _OneHotTile:
         # 1. ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m: element-wise, no GEMM
         u = torch.add((self.x_sq + 1.0).unsqueeze(1), self.x[:, self.c0:self.c1], alpha=-2.0).clamp_min_(0)
         # 2. cancellation when x ≈ e_m: recompute those entries from x − e_m, exactly as GramFactors does
-        return _refine_small_entries(u, self.x, self.e, self.thresh, "euclidean", False).sqrt_()
+        return refine_small_entries(u, self.x, self.e, self.thresh, "euclidean", False).sqrt_()
 
     def add_weighted_centroids_(self, out: torch.Tensor, w: torch.Tensor) -> None:
         # Σ_m w_im · e_m puts w_im in column m

@@ -41,6 +41,7 @@ __all__ = [
     "paired_distance",
     "paired_distance_grad",
     "GramFactors",
+    "refine_small_entries",
     "scale_distance_weights_",
     "gram_backward",
     "pairwise_distance",
@@ -184,7 +185,7 @@ class GramFactors:
             u = u.index_put(diag, torch.full_like(rows, float("inf"), dtype=u.dtype)) if track else \
                 u.index_put_(diag, torch.tensor(float("inf"), dtype=u.dtype, device=u.device))
         if refine:
-            u = _refine_small_entries(u, self.a[s:e], self.r, self.refine_thresh[s:e], self.distance, track)
+            u = refine_small_entries(u, self.a[s:e], self.r, self.refine_thresh[s:e], self.distance, track)
         if diag is not None:
             u = u.index_put(diag, torch.zeros_like(diag[0], dtype=u.dtype)) if track else \
                 u.index_put_(diag, torch.tensor(0.0, dtype=u.dtype, device=u.device))
@@ -193,7 +194,7 @@ class GramFactors:
         return u
 
 
-def _refine_small_entries(u: torch.Tensor, a: torch.Tensor, r: torch.Tensor, thresh: torch.Tensor,
+def refine_small_entries(u: torch.Tensor, a: torch.Tensor, r: torch.Tensor, thresh: torch.Tensor,
                           distance: str, track: bool) -> torch.Tensor:
     """Overwrite entries ``u[i, j] < thresh[i]`` with the exact squared distance (or exact cosine)."""
     # A read-only amin pass finds the rows with small entries; usually few or none, so the bool mask

@@ -292,11 +292,12 @@ def test_reference_backend_agrees_with_torch():
 
 
 def test_triton_request_falls_back_loudly(monkeypatch):
+    # one-hot centroids have no Triton kernel (no GEMM); tensor centroids do (tests/kernels)
     monkeypatch.setattr(_backend, "_warned", set())
-    x, y, c = torch.randn(20, 6), torch.randint(0, 4, (20,)), torch.randn(4, 6)
+    x, y = torch.randn(20, 6), torch.randint(0, 4, (20,))
     with pytest.warns(UserWarning, match="centroid_triplet_loss: backend='triton'"):
-        got = MF.centroid_triplet_loss(x, y, c, backend="triton")
-    torch.testing.assert_close(got, MF.centroid_triplet_loss(x, y, c, backend="torch"))
+        got = MF.centroid_triplet_loss(x, y, "onehot", num_classes=4, backend="triton")
+    torch.testing.assert_close(got, MF.centroid_triplet_loss(x, y, "onehot", num_classes=4, backend="torch"))
 
 
 # ----------------------------------------------------------------------------------------------------
