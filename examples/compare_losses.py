@@ -54,7 +54,7 @@ EMBED_DIM = 64
 class SmallCNN(nn.Module):
     """3 conv blocks (conv-BN-ReLU ×2, max-pool) → global average pool → linear embedding."""
 
-    def __init__(self, embed_dim: int = EMBED_DIM, width: int = 32):
+    def __init__(self, embed_dim: int = EMBED_DIM, width: int = 16):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
@@ -190,7 +190,7 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
             opt.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     if bar is not None:
         bar.close()
     return time.perf_counter() - start
@@ -308,7 +308,7 @@ def write_outputs(rows: List[Dict], args) -> str:
     axes[1].set_yticks(pos, [])
     axes[1].invert_yaxis()
     axes[1].set_xlabel("retrieval on unseen classes")
-    axes[1].legend(loc="lower right", fontsize=8)
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"metricloss loss comparison: {args.dataset}, {args.epochs} epochs")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "results.png"), dpi=110)
@@ -319,13 +319,13 @@ def write_outputs(rows: List[Dict], args) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=("fonts", "digits"), default="fonts")
-    ap.add_argument("--epochs", type=int, default=12, help="epochs of every loss trained from scratch")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs of every loss trained from scratch")
     ap.add_argument("--finetune-epochs", type=int, default=4, help="epochs of WARP fine-tuning the CE model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="examples/out")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--width", type=int, default=32, help="channels of the first conv block")
+    ap.add_argument("--width", type=int, default=16, help="channels of the first conv block")
     ap.add_argument("--renders", type=int, default=3, help="jittered renders per glyph (fonts)")
     ap.add_argument("--max-fonts", type=int, default=None)
     ap.add_argument("--font-dir", action="append", default=[], help="extra font directory (repeatable)")
