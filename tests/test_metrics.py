@@ -80,6 +80,20 @@ def test_hand_computed_ranking():
     assert got["R-precision"] == pytest.approx(2 / 3)
 
 
+def test_research_ap_example_0789():
+    # The research's first AP illustration (0.789) is reproduced by relevant items at ranks 1, 2, 4, 7, 8 of 8:
+    # AP = (1/1 + 2/2 + 3/4 + 4/7 + 5/8) / 5 = 0.78929. (Its second value, 0.8768, matches no ranking of
+    # up to 10 items, with or without relevant items missing from the list, so it is not reconstructed.)
+    q = torch.tensor([[0.0]])
+    gal = torch.arange(1, 9, dtype=torch.float32).unsqueeze(1) / 10
+    relevant = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1])
+    got = retrieval_metrics(q, torch.tensor([1]), gallery=gal, gallery_labels=relevant, metric="euclidean", ks=(1,))
+    assert got["mAP"] == pytest.approx((1 + 1 + 3 / 4 + 4 / 7 + 5 / 8) / 5)
+    assert round(got["mAP"], 3) == 0.789
+    assert got["MAP@R"] == pytest.approx((1 + 1 + 3 / 4) / 5)     # R = 5: ranks 1, 2, 4 count
+    assert got["R-precision"] == pytest.approx(3 / 5)
+
+
 def test_hand_computed_second_case_and_tie_break_by_index():
     # Relevant at ranks 2 and 3 of 4 -> AP = (1/2 + 2/3) / 2 = 0.58333; R@1 = 0, R@2 = 1.
     q = torch.tensor([[0.0]])
