@@ -37,6 +37,7 @@ import triton.language as tl
 from .._backend import triton_interpreting
 from ..ops.distance import REFINE_RATIO
 from .mining import SMEM_LIMIT_BYTES, _block_k, input_precision_for
+from .tiles import element_bytes, enumerate_configs, gram_tile, target_arch
 
 __all__ = [
     "CentroidConfig",
@@ -97,18 +98,8 @@ def centroid_distance_sums_kernel(
         col_ok = rn < n_classes
         rn64 = rn.to(tl.int64)
         # 2. Gram tile acc = X[rm] · C[rn]ᵀ over D in BLOCK_K slices
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start_k in range(0, n_feat, BLOCK_K):
-            kk = start_k + rk
-            k_ok = kk < n_feat
-            x = tl.load(X_ptr + rm64[:, None] * X_stride + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            c = tl.load(C_ptr + rn64[:, None] * C_stride + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            if CAST_F32:
-                x = x.to(tl.float32)
-                c = c.to(tl.float32)
-            acc = tl.dot(x, tl.trans(c), acc, input_precision=INPUT_PRECISION)
+        acc = gram_tile(X_ptr, X_stride, rm64, row_ok, C_ptr, C_stride, rn64, col_ok, n_feat, CAST_F32,
+                        INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         # 3. d² = ‖x‖² + ‖c‖² − 2x·c (clamped); other classes only; near pairs counted, not summed
         cn = tl.load(CN_ptr + rn, mask=col_ok, other=0.0)
         d2 = tl.maximum(xn[:, None] + cn[None, :] - 2.0 * acc, 0.0)
@@ -143,7 +134,6 @@ def centroid_weighted_sums_kernel(
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < n_rows
     rm64 = rm.to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = rd < n_feat
     y = tl.load(Y_ptr + rm, mask=row_ok, other=0)
@@ -157,18 +147,8 @@ def centroid_weighted_sums_kernel(
         col_ok = rn < n_classes
         rn64 = rn.to(tl.int64)
         # 1. the distances of the tile, as in the forward kernel
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start_k in range(0, n_feat, BLOCK_K):
-            kk = start_k + rk
-            k_ok = kk < n_feat
-            x = tl.load(X_ptr + rm64[:, None] * X_stride + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            c = tl.load(C_ptr + rn64[:, None] * C_stride + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            if CAST_F32:
-                x = x.to(tl.float32)
-                c = c.to(tl.float32)
-            acc = tl.dot(x, tl.trans(c), acc, input_precision=INPUT_PRECISION)
+        acc = gram_tile(X_ptr, X_stride, rm64, row_ok, C_ptr, C_stride, rn64, col_ok, n_feat, CAST_F32,
+                        INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         cn = tl.load(CN_ptr + rn, mask=col_ok, other=0.0)
         d2 = tl.maximum(xn[:, None] + cn[None, :] - 2.0 * acc, 0.0)
         far = col_ok[None, :] & (rn64[None, :] != y[:, None]) & (d2 >= thresh[:, None]) & (d2 > 0.0)
@@ -233,21 +213,14 @@ def fit_centroid_config_to_smem(cfg: CentroidConfig, elem_bytes: int, arch: int)
 
 def centroid_config(n_feat: int, dtype: torch.dtype, arch: int) -> CentroidConfig:
     """The tile configuration for D = ``n_feat``, input ``dtype`` and compute capability ``arch``."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = element_bytes(dtype)
     pick = heuristic_centroid_config_sm90 if arch >= 90 else heuristic_centroid_config_sm80
     return fit_centroid_config_to_smem(pick(n_feat, elem), elem, arch)
 
 
 def all_centroid_configs() -> List[Tuple[int, torch.dtype, CentroidConfig]]:
     """Every (arch, dtype, config) the heuristics can pick."""
-    seen = []
-    for arch in (80, 90):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for n_feat in (1, 16, 17, 32, 33, 64, 128, 700):
-                entry = (arch, dtype, centroid_config(n_feat, dtype, arch))
-                if entry not in seen:
-                    seen.append(entry)
-    return seen
+    return enumerate_configs(centroid_config, (1, 16, 17, 32, 33, 64, 128, 700))
 
 
 _POINTER_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -299,11 +272,7 @@ def centroid_sums_triton(x: torch.Tensor, labels: torch.Tensor, centroids: torch
     cn = torch.linalg.vecdot(centroids.float(), centroids.float(), dim=1)
     # the refinement threshold of GramFactors: REFINE_RATIO of ‖x‖² + max ‖c‖²
     thresh = REFINE_RATIO * (xn + cn.max())
-    arch = 90
-    if x.is_cuda:
-        major, minor = torch.cuda.get_device_capability(x.device)
-        arch = major * 10 + minor
-    cfg = centroid_config(d, x.dtype, arch)
+    cfg = centroid_config(d, x.dtype, target_arch(x))
     common = dict(CAST_F32=triton_interpreting(), INPUT_PRECISION=input_precision_for(x.dtype),
                   BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .tiles import element_bytes, enumerate_configs, gram_tile, target_arch
 
 __all__ = [
     "MiningConfig",
@@ -101,7 +102,6 @@ def batch_hard_mining_kernel(
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < n_rows
     rm64 = rm.to(tl.int64)  # offsets in int64: N·D can exceed 2³¹ (triton #1058)
-    rk = tl.arange(0, BLOCK_K)
 
     # 1. per-anchor constants: label and ‖x‖² (fp32, precomputed by the driver)
     lx = tl.load(LX_ptr + rm, mask=row_ok, other=0)
@@ -121,18 +121,8 @@ def batch_hard_mining_kernel(
         rn64 = rn.to(tl.int64)
 
         # 2. Gram tile: acc = X[rm] · Y[rn]ᵀ, over D in BLOCK_K slices (split-D), fp32 accumulation
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start_k in range(0, n_feat, BLOCK_K):
-            kk = start_k + rk
-            k_ok = kk < n_feat
-            x = tl.load(X_ptr + rm64[:, None] * X_stride + kk[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            y = tl.load(Y_ptr + rn64[:, None] * Y_stride + kk[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if CAST_F32:
-                x = x.to(tl.float32)
-                y = y.to(tl.float32)
-            acc = tl.dot(x, tl.trans(y), acc, input_precision=INPUT_PRECISION)
+        acc = gram_tile(X_ptr, X_stride, rm64, row_ok, Y_ptr, Y_stride, rn64, col_ok, n_feat, CAST_F32,
+                        INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
         # 3. distance key, monotone in the distance: d² = ‖x‖² + ‖y‖² − 2x·y, or 1 − x·y (cosine)
         if COSINE:
@@ -233,21 +223,14 @@ def fit_mining_config_to_smem(cfg: MiningConfig, elem_bytes: int, arch: int) -> 
 
 def mining_config(n_feat: int, dtype: torch.dtype, arch: int) -> MiningConfig:
     """The tile configuration for D = ``n_feat``, input ``dtype`` and compute capability ``arch`` (80, 90)."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = element_bytes(dtype)
     pick = heuristic_mining_config_sm90 if arch >= 90 else heuristic_mining_config_sm80
     return fit_mining_config_to_smem(pick(n_feat, elem), elem, arch)
 
 
 def all_mining_configs() -> List[Tuple[int, torch.dtype, MiningConfig]]:
     """Every (arch, dtype, config) the heuristics can pick, for the AOT compilation test and reports."""
-    seen = []
-    for arch in (80, 90):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for n_feat in (1, 16, 17, 32, 33, 64, 65, 128, 700, 4096):
-                entry = (arch, dtype, mining_config(n_feat, dtype, arch))
-                if entry not in seen:
-                    seen.append(entry)
-    return seen
+    return enumerate_configs(mining_config, (1, 16, 17, 32, 33, 64, 65, 128, 700, 4096))
 
 
 _POINTER_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -303,11 +286,7 @@ def mine_batch_hard_triton(a: torch.Tensor, labels: torch.Tensor, r: torch.Tenso
     yn = xn if (self_ref or cosine) else torch.linalg.vecdot(r.float(), r.float(), dim=1)
     pos = torch.empty(n, dtype=torch.int32, device=a.device)
     neg = torch.empty(n, dtype=torch.int32, device=a.device)
-    arch = 90
-    if a.is_cuda:
-        major, minor = torch.cuda.get_device_capability(a.device)
-        arch = major * 10 + minor
-    cfg = mining_config(d, a.dtype, arch)
+    cfg = mining_config(d, a.dtype, target_arch(a))
     grid = (triton.cdiv(n, cfg.BLOCK_M),)
     batch_hard_mining_kernel[grid](
         a, a.stride(0), xn, lx,
