@@ -161,11 +161,15 @@ class GramFactors:
         else:
             self.refine_thresh = REFINE_RATIO * (self.a_sq + (self.r_sq.max() if r.shape[0] else 0.0))
 
-    def raw_block(self, s: int, e: int) -> torch.Tensor:
-        """(e − s, M) unclamped d² (or cosine d) of anchors s:e: orders each row like the distance."""
-        return torch.mm(self.A[s:e], self.R.T)
+    def raw_block(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(e − s, M) unclamped d² (or cosine d) of anchors s:e: orders each row like the distance.
 
-    def distance_block(self, s: int, e: int, refine: bool = True) -> torch.Tensor:
+        ``out``: an (e − s, M) buffer to write into (chunk loops reuse one, avoiding a fresh allocation and
+        its page faults per chunk).
+        """
+        return torch.mm(self.A[s:e], self.R.T, out=out)
+
+    def distance_block(self, s: int, e: int, refine: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(e − s, M) distances of anchors s:e to all references, clamped at 0, optionally refined.
 
         ``refine`` recomputes exactly (from ``a − r``) the entries small enough for cancellation to matter
@@ -174,7 +178,7 @@ class GramFactors:
         expression (used by :func:`pairwise_distance`).
         """
         track = torch.is_grad_enabled() and (self.a.requires_grad or self.r.requires_grad)
-        u = self.raw_block(s, e)
+        u = self.raw_block(s, e, out=None if track else out)
         u = u.clamp_min(0) if track else u.clamp_min_(0)
         diag = None
         if self.self_ref:

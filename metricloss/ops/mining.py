@@ -110,11 +110,12 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
     gram = GramFactors(a, r, distance)
     pos_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     neg_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
+    block = torch.empty((min(rows, n), m), dtype=a.dtype, device=a.device)  # reused by every chunk
     for s in range(0, n, rows):
         e = min(s + rows, n)
         c = cls[s:e]
         # 1. one GEMM: key_ij = d²(a_i, r_j) (cosine: d) unclamped, orders row i like the distance
-        key = gram.raw_block(s, e)
+        key = gram.raw_block(s, e, out=block[:e - s])
         members, in_class = index.positive_table(c, width)
         # 2. hardest positive: the largest key among the anchor's K-wide member table row
         if width > 0:
@@ -131,7 +132,8 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
 
 
 def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor,
-                           in_class: torch.Tensor, self_cols: Optional[torch.Tensor]) -> torch.Tensor:
+                           in_class: torch.Tensor, self_cols: Optional[torch.Tensor],
+                           scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """TF-Addons semi-hard negatives for one anchor chunk.
 
     For each (anchor i, positive slot k) the negative is argmin{d_in : d_in > d_ap[i, k]}; where no
@@ -142,6 +144,7 @@ def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torc
             anchors' own-class cells (and self) are +inf, i.e. it holds the negatives' distances.
         d_ap: (c, W) anchor-positive distances of the member table.
         members, in_class: (c, W) the positive table; self_cols as in :func:`mask_own_class_`.
+        scratch: an optional (c, M) buffer like ``dist`` for the per-slot candidates.
 
     Returns:
         (c, W) int64 reference indices. Entries for padding slots or anchors without negatives are
@@ -165,7 +168,7 @@ def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torc
         return torch.where(found, order.gather(1, qc), far_idx.unsqueeze(1))
     # 3b. few positives (P×K batches): one masked argmin pass per positive slot
     out = torch.empty((c, width), dtype=torch.int64, device=dist.device)
-    cand = torch.empty_like(neg)
+    cand = torch.empty_like(neg) if scratch is None else scratch
     inf = torch.full((), float("inf"), dtype=neg.dtype, device=neg.device)
     for k in range(width):
         torch.where(neg > d_ap[:, k:k + 1], neg, inf, out=cand)
