@@ -79,4 +79,5 @@ if pytest is not None:
 
     @pytest.mark.parametrize("method", ["streamed", "unchunked"])
     def test_dgcrl_large(run_case, method):
-        run_case(CASE, {"method": method, "b": 1024, "d": 512, "c": 10000}, group="dgcrl B=1024 D=512 C=10000")
+        run_case(CASE, {"method": method, "b": 1024, "d": 512, "c": 10000},
+                 group="dgcrl B=1024 D=512 C=10000")

@@ -36,7 +36,7 @@ def _two_threads():
 
 @pytest.fixture
 def run_case(benchmark, request):
-    """``run_case(case, params, group=..., rounds=3)``: time ``load_case(case)(**params)`` with pytest-benchmark.
+    """``run_case(case, params, group=..., rounds=3)``: time ``load_case(case)(**params)``.
 
     One untimed warm-up round, then ``rounds`` timed rounds of one call each. ``params`` go to
     ``extra_info`` so the JSON output says what was measured.

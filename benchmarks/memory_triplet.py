@@ -54,10 +54,10 @@ def make_inputs(n: int, d: int = D, seed: int = 0):
 def build_loss(method: str, mining: str):
     """A callable (embeddings, labels) -> loss for one configuration.
 
-    ``method``: ``"metricloss"`` (chunked torch backend), ``"dense"`` (:func:`metricloss.reference.triplet_loss`:
-    explicit (N, N, D) differences and, for batch-all / semi-hard, (N, N, N) cubes), ``"pml"`` or ``"matmul"``
-    (one bare ``x @ x.T``, the floor). ``mining``: one of :data:`MININGS`; all use ``reduction="mean_nonzero"``
-    (PML's AvgNonZero) and margin 0.2.
+    ``method``: ``"metricloss"`` (chunked torch backend), ``"dense"``
+    (:func:`metricloss.reference.triplet_loss`: explicit (N, N, D) differences and, for batch-all /
+    semi-hard, (N, N, N) cubes), ``"pml"`` or ``"matmul"`` (one bare ``x @ x.T``, the floor). ``mining``:
+    one of :data:`MININGS`; all use ``reduction="mean_nonzero"`` (PML's AvgNonZero) and margin 0.2.
     """
     if method == "matmul":
         import torch.nn.functional as F
@@ -76,7 +76,8 @@ def build_loss(method: str, mining: str):
     if method == "dense":
         from metricloss import reference
 
-        return lambda e, y: reference.triplet_loss(e, y, margin=MARGIN, mining=mining, reduction="mean_nonzero")
+        return lambda e, y: reference.triplet_loss(e, y, margin=MARGIN, mining=mining,
+                                                   reduction="mean_nonzero")
     if method == "pml":
         from pytorch_metric_learning import losses, miners
 

@@ -28,7 +28,7 @@ RSS once the inputs exist.
 
 Usage (wrap it in ``flock /tmp/metricloss-bench.lock ...`` on a shared machine):
 
-    python benchmarks/report.py                          # the full grid, ~10-15 minutes on 2 cores
+    python benchmarks/report.py                          # the full grid, about 9 minutes on 2 cores
     python benchmarks/report.py --only batch_hard warp   # some families
     python benchmarks/report.py --quick --out /tmp/r     # tiny sizes: checks that the script runs
 """
@@ -127,25 +127,30 @@ FAMILIES = {f.key: f for f in [
                 "same loss."),
     Family("warp", "WARP", "B={warp_b} rows, fp32 logits ~ N(0, 1), uniform labels; `WARPLoss()` (sampled, "
            "`max_trials=None`) and `WARPLoss(mode=\"exact\")`", "C",
-           (Impl("warp", "metricloss WARP sampled", OURS), Impl("warp_exact", "metricloss WARP exact", VARIANT),
+           (Impl("warp", "metricloss WARP sampled", OURS),
+            Impl("warp_exact", "metricloss WARP exact", VARIANT),
             Impl("cross_entropy", "F.cross_entropy", BASELINE)),
-           note="`F.cross_entropy` is a different loss on the same logits: the cost of the usual alternative."),
-    Family("centroid", "centroid bound", "`CentroidTripletLoss`, C=1000 random unit centroids, D=128, uniform "
-           "labels", "B",
+           note="`F.cross_entropy` is a different loss on the same logits: the cost of the usual "
+                "alternative."),
+    Family("centroid", "centroid bound",
+           "`CentroidTripletLoss`, C=1000 random unit centroids, D=128, uniform labels", "B",
            (Impl("metricloss", "metricloss", OURS), Impl("naive", "naive dense (cdist)", BASELINE)),
            note="PML 2.9.0 has no centroid loss. The naive version is `torch.cdist` to all centroids with "
-                "(B, C) masks (`benchmarks/centroid.py`); `metricloss.reference` builds (B, C, D) differences "
-                "and is the tests' ground truth, not a baseline."),
-    Family("norm_softmax", "NormSoftmax", "B={cos_b}, D={cos_d}, T=0.05, gradients w.r.t. the embeddings and the "
-           "(C, D) weights; streamed: `class_chunk = 4_000_000 // B`; unchunked: `class_chunk=None`", "C",
+                "(B, C) masks (`benchmarks/centroid.py`); `metricloss.reference` builds (B, C, D) "
+                "differences and is the tests' ground truth, not a baseline."),
+    Family("norm_softmax", "NormSoftmax",
+           "B={cos_b}, D={cos_d}, T=0.05, gradients w.r.t. the embeddings and the (C, D) weights; streamed: "
+           "`class_chunk = 4_000_000 // B`; unchunked: `class_chunk=None`", "C",
            (Impl("chunked", "metricloss streamed", OURS), Impl("dense", "metricloss unchunked", BASELINE),
             Impl("reference", "dense reference", BASELINE), Impl("pml", "PML", BASELINE)),
            note="Peak memory includes the (C, D) weight gradient every method produces (C·D·4 bytes)."),
     Family("dgcrl", "DGCRL (CentralizedRankingLoss)", "B={cos_b}, D={cos_d}, defaults (the orthogonality "
            "penalty when D < C), gradients w.r.t. the embeddings and the (C, D) weights; streamed: "
            "`class_chunk = 4_000_000 // B`; unchunked: `class_chunk=None`", "C",
-           (Impl("streamed", "metricloss streamed", OURS), Impl("unchunked", "metricloss unchunked", BASELINE)),
-           note="PML 2.9.0 has no DGCRL; its dense reference builds (B, C, D) differences (tens of GiB here)."),
+           (Impl("streamed", "metricloss streamed", OURS),
+            Impl("unchunked", "metricloss unchunked", BASELINE)),
+           note="PML 2.9.0 has no DGCRL; its dense reference builds (B, C, D) differences (tens of GiB "
+                "here)."),
 ]}
 
 # one colour per implementation label, so a line means the same thing in every panel
@@ -206,9 +211,9 @@ def build_grid(quick: bool) -> List[Point]:
     for c in size["dgcrl_c"]:
         for impl in FAMILIES["dgcrl"].impls:
             chunk = bench_centralized.default_chunk(b) if impl.key == "streamed" else None
+            warm = {"method": impl.key, "b": 64, "d": 32, "c": 100, "chunk": 16 if chunk else None}
             points.append(Point("dgcrl", impl.key, c, bench_centralized.CASE,
-                                {"method": impl.key, "b": b, "d": d, "c": c, "chunk": chunk},
-                                {"method": impl.key, "b": 64, "d": 32, "c": 100, "chunk": 16 if chunk else None}))
+                                {"method": impl.key, "b": b, "d": d, "c": c, "chunk": chunk}, warm))
     return points
 
 
@@ -219,8 +224,9 @@ def run_grid(points: List[Point], repeats: int, jobs: int, mem_limit_gb: float, 
 
     def one(p: Point) -> Dict[str, Any]:
         reps, warm = (1, 0) if (p.slow or quick) else (repeats, 1)
+        # --quick runs points side by side: one thread each, so they do not oversubscribe the cores
         res = measure(p.case, p.params, warmup_params=None if quick else p.warmup_params, repeats=reps,
-                      warmup=warm, threads=THREADS, mem_limit_gb=mem_limit_gb)
+                      warmup=warm, threads=1 if quick else THREADS, mem_limit_gb=mem_limit_gb)
         print(json.dumps(dict(res, family=p.family, impl=p.impl)), file=sys.stderr, flush=True)
         return res
 
@@ -308,7 +314,8 @@ def headline(family: Family, points: List[Point]) -> Optional[str]:
     return None
 
 
-def machine_lines(command: str, started: float, elapsed: float, load: Tuple[float, float]) -> List[str]:
+def machine_lines(command: str, started: float, elapsed: float, load: Tuple[float, float],
+                  threads: int) -> List[str]:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -329,7 +336,8 @@ def machine_lines(command: str, started: float, elapsed: float, load: Tuple[floa
         f"- Machine: {platform.machine()}, {cpu}, {os.cpu_count()} CPUs visible, {platform.system()} "
         f"{platform.release()}; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end.",
         f"- Software: Python {platform.python_version()}, torch {torch.__version__}, {pml}.",
-        f"- {THREADS} threads (`torch.set_num_threads`), CPU, fp32, forward+backward.",
+        f"- {threads} thread{'s' if threads > 1 else ''} per point (`torch.set_num_threads`), CPU, fp32, "
+        "forward+backward.",
     ]
 
 
@@ -340,15 +348,16 @@ def write_markdown(path: str, families: List[Family], points: List[Point], heade
     out = ["# metricloss benchmark results", "",
            "Generated by `benchmarks/report.py`; ratios compare figures from this one run. Absolute times "
            "depend on the machine and its load.", ""] + header + [
-        f"- Each point runs in its own subprocess (`benchmarks/harness.py`): {runs}; † marks slow baselines "
-        "timed once without a warm-up. Peak extra memory is the peak RSS above the RSS once the inputs exist.",
-        "- Ratios are the implementation's figure divided by metricloss's at the same size (above 1: metricloss "
-        "is faster or leaner).", ""]
+        f"- Each point runs in its own subprocess (`benchmarks/harness.py`): {runs}; † marks slow "
+        "baselines timed once without a warm-up. Peak extra memory is the peak RSS above the RSS once the "
+        "inputs exist.",
+        "- Ratios are the implementation's figure divided by metricloss's at the same size (above 1: "
+        "metricloss is faster or leaner).", ""]
     rows = [r for r in (headline(f, [p for p in points if p.family == f.key]) for f in families) if r]
     if rows:
         out += ["## Headline", "",
-                "Each family at the largest size where metricloss and a baseline both ran, against the fastest "
-                "baseline there.", "",
+                "Each family at the largest size where metricloss and a baseline both ran, against the "
+                "fastest baseline there.", "",
                 "| family | size | metricloss (s) | metricloss peak (MiB) | best baseline | baseline (s) "
                 "| baseline peak (MiB) | speed-up | memory ratio | baselines that failed at larger sizes |",
                 "|---|---|---|---|---|---|---|---|---|---|"] + rows + [""]
@@ -359,8 +368,8 @@ def write_markdown(path: str, families: List[Family], points: List[Point], heade
             out += [family.note, ""]
         out += family_table(family, pts) + [""]
         if family.key == "batch_hard":
-            out += ["Batch-hard forward+backward against one bare N×N×D matmul (`x @ x.T` of the normalised "
-                    "embeddings, no grad) at the same N:", ""] + matmul_table(pts) + [""]
+            out += ["Batch-hard forward+backward against one bare N×N×D matmul (`x @ x.T` of the "
+                    "normalised embeddings, no grad) at the same N:", ""] + matmul_table(pts) + [""]
     if png:
         out += [f"![time and peak memory against the size]({os.path.basename(png)})", ""]
     with open(path, "w") as f:
@@ -371,12 +380,18 @@ def write_markdown(path: str, families: List[Family], points: List[Point], heade
 # plot
 # ----------------------------------------------------------------------------------------------------
 
+def compact(x: float) -> str:
+    """Tick label of a size: 100000 -> "100k", 16384 -> "16384"."""
+    x = int(round(x))
+    return f"{x // 1000}k" if x >= 10000 and x % 1000 == 0 else str(x)
+
+
 def write_png(path: str, families: List[Family], points: List[Point], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     cols = 2 if len(families) == 1 else 4
     rows = math.ceil(2 * len(families) / cols)
@@ -395,6 +410,7 @@ def write_png(path: str, families: List[Family], points: List[Point], title: str
             ax_t.plot(xs, [p.result["median_s"] for p in pts], **style)
             if impl.role != FLOOR:
                 ax_m.plot(xs, [max(p.result["peak_extra_mib"], 1.0) for p in pts], **style)
+        sizes = sorted({p.x for p in points if p.family == family.key and ok(p)})
         for ax, what in ((ax_t, "time (s)"), (ax_m, "peak extra memory (MiB)")):
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -402,10 +418,16 @@ def write_png(path: str, families: List[Family], points: List[Point], title: str
             ax.set_ylabel(what)
             ax.set_title(f"{family.title}: {what.split(' (')[0]}", fontsize=9)
             ax.grid(True, which="both", linewidth=0.3)
-            for axis in (ax.xaxis, ax.yaxis):  # 1, 2, 5 × 10^k as plain numbers, also on a narrow range
-                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.set_minor_formatter(NullFormatter())
+            # x: a tick at each measured size; y: plain numbers, denser ticks on a narrow range
+            ax.xaxis.set_major_locator(FixedLocator(sizes))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: compact(v)))
+            ax.xaxis.set_minor_locator(NullLocator())
+            lo, hi = ax.get_ylim()
+            decades = math.log10(hi / lo) if lo > 0 else 3.0
+            subs = (1.0,) if decades > 2.5 else (1.0, 2.0, 5.0) if decades > 0.8 else tuple(range(1, 10))
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax_t.legend(fontsize=7)
     for ax in flat[2 * len(families):]:
         ax.set_visible(False)
@@ -418,14 +440,16 @@ def write_png(path: str, families: List[Family], points: List[Point], title: str
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes, one run each, points in parallel: checks that the script and the plot work")
+                    help="tiny sizes, one run each, points in parallel: checks that the script and the "
+                         "plot work")
     ap.add_argument("--only", nargs="+", choices=list(FAMILIES), metavar="FAMILY",
                     help=f"families to run, among: {', '.join(FAMILIES)}")
-    ap.add_argument("--out", default=HERE, help="directory of RESULTS.md and results.png (default: benchmarks/)")
+    ap.add_argument("--out", default=HERE,
+                    help="directory of RESULTS.md and results.png (default: benchmarks/)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per point (slow baselines: 1)")
     ap.add_argument("--jobs", type=int, default=None,
-                    help="points measured at once (default 1; with --quick 2-4, by the CPU count). Above 1 the "
-                         "timings interfere.")
+                    help="points measured at once (default 1; with --quick 2-4, by the CPU count). Above 1 "
+                         "the timings interfere.")
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each subprocess")
     ap.add_argument("--json-out", default=None, help="also write every raw result to this JSON file")
     args = ap.parse_args(argv)
@@ -434,16 +458,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     load_start = os.getloadavg()[0]
     families = [FAMILIES[k] for k in (args.only or FAMILIES)]
     points = [p for p in build_grid(args.quick) if p.family in {f.key for f in families}]
-    jobs = args.jobs if args.jobs is not None else (max(2, min(4, os.cpu_count() or 2)) if args.quick else 1)
+    jobs = args.jobs
+    if jobs is None:
+        jobs = max(2, min(4, os.cpu_count() or 2)) if args.quick else 1
     run_grid(points, args.repeats, jobs, args.mem_limit_gb, args.quick)
 
     os.makedirs(args.out, exist_ok=True)
-    command = "python benchmarks/report.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    header = machine_lines(command, started, time.time() - started, (load_start, os.getloadavg()[0]))
+    command = "python benchmarks/report.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None
+                                                                       else argv))
+    threads = 1 if args.quick else THREADS
+    header = machine_lines(command, started, time.time() - started, (load_start, os.getloadavg()[0]), threads)
     png: Optional[str] = os.path.join(args.out, "results.png")
     try:
-        write_png(png, families, points, f"metricloss vs baselines: CPU, {THREADS} threads, fp32, forward+backward "
-                  "(memory floored at 1 MiB)")
+        write_png(png, families, points, f"metricloss vs baselines: CPU, {threads} thread(s), fp32, "
+                  "forward+backward (memory floored at 1 MiB)")
     except ImportError:
         print("matplotlib is not installed: no results.png (pip install matplotlib)", file=sys.stderr)
         png = None
