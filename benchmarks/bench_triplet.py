@@ -1,67 +1,49 @@
 """Triplet losses, forward+backward: metricloss (chunked torch) vs the dense torch reference vs PML.
 
-Run: ``pytest benchmarks/bench_triplet.py --benchmark-only --benchmark-group-by=group``.
-Peak memory is measured per process by ``benchmarks/memory_triplet.py`` and ``benchmarks/report.py``.
+    pytest benchmarks/bench_triplet.py --benchmark-only --benchmark-group-by=group [--bench-memory]
+
+D=128, fp32, N/4 classes × 4 samples, margin 0.2, ``reduction="mean_nonzero"`` (PML's AvgNonZero), the
+cases of :func:`benchmarks.memory_triplet.case`:
+
+* ``metricloss``: ``ml.TripletLoss(mining=..., backend="torch")``;
+* ``dense``: :func:`metricloss.reference.triplet_loss` ((N, N, D) differences, (N, N, N) cubes); skipped
+  where it would need more than ``DENSE_MAX_GIB`` (see :func:`~benchmarks.memory_triplet.dense_gib`);
+* ``pml``: ``TripletMarginLoss`` + ``BatchHardMiner`` (batch-hard, the same loss), no miner (batch-all,
+  the same loss), ``TripletMarginMiner(type_of_triplets="semihard")`` (semi-hard: PML's semi-hard is a
+  different loss, timing only); skipped when pytorch-metric-learning is not installed;
+* ``matmul``: one bare N×N×D ``x @ x.T`` (no grad), the floor batch-hard mining is measured against.
+
+Time and peak memory over a grid of N, one subprocess per point: ``python benchmarks/report.py``.
 """
 
+import importlib.util
+
 import pytest
-import torch
 
-import metricloss as ml
-from metricloss import reference
+from .memory_triplet import DENSE_MAX_GIB, dense_gib
 
-from .memory_triplet import make_inputs
+CASE = "benchmarks.memory_triplet:case"
+SIZES = {"batch_hard": (1024, 4096), "batch_all": (256, 1024), "semi_hard": (256, 1024)}
+IMPLS = ("metricloss", "dense", "pml")
+HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 
-MARGIN = 0.2
-
-
-def _pml(mining):
-    losses = pytest.importorskip("pytorch_metric_learning.losses")
-    miners = pytest.importorskip("pytorch_metric_learning.miners")
-    loss_fn = losses.TripletMarginLoss(margin=MARGIN)
-    if mining == "batch_hard":
-        miner = miners.BatchHardMiner()
-        return lambda e, y: loss_fn(e, y, miner(e, y))
-    if mining == "semi_hard":
-        miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard")
-        return lambda e, y: loss_fn(e, y, miner(e, y))
-    return lambda e, y: loss_fn(e, y)
+CASES = [(mining, n, impl) for mining, sizes in SIZES.items() for n in sizes for impl in IMPLS]
 
 
-def _impl(name, mining):
-    # PML's reducer is AvgNonZero; compare like with like (semi-hard: PML's miner keeps only the
-    # semi-hard triplets, so its loss differs; the timing is still the cost of PML's path)
-    if name == "metricloss":
-        return ml.TripletLoss(margin=MARGIN, mining=mining, reduction="mean_nonzero", backend="torch")
-    if name == "dense":
-        return lambda e, y: reference.triplet_loss(e, y, margin=MARGIN, mining=mining, reduction="mean_nonzero")
-    return _pml(mining)
-
-
-CASES = [(mining, n, impl)
-         for mining, sizes in (("batch_hard", (1024, 4096)), ("batch_all", (256, 1024)), ("semi_hard", (256, 1024)))
-         for n in sizes for impl in ("metricloss", "dense", "pml")]
+def group(mining: str, n: int) -> str:
+    return f"triplet {mining} N={n} D=128"
 
 
 @pytest.mark.parametrize("mining, n, impl", CASES, ids=[f"{m}-N{n}-{i}" for m, n, i in CASES])
-def test_triplet_forward_backward(benchmark, mining, n, impl):
-    if impl == "dense" and mining != "batch_hard" and n > 512:
-        pytest.skip("the dense reference's N×N×N cube is the point being avoided")
-    emb0, labels = make_inputs(n)
-    fn = _impl(impl, mining)
-    benchmark.group = f"triplet {mining} N={n} D=128"
-
-    def step():
-        emb = emb0.clone().requires_grad_()
-        fn(emb, labels).backward()
-
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+def test_triplet_forward_backward(run_case, mining, n, impl):
+    if impl == "dense" and dense_gib(mining, n) > DENSE_MAX_GIB:
+        pytest.skip(f"the dense reference would need ~{dense_gib(mining, n):.0f} GiB at N={n}")
+    if impl == "pml" and not HAVE_PML:
+        pytest.skip("pytorch-metric-learning is not installed")
+    run_case(CASE, {"method": impl, "mining": mining, "n": n}, group=group(mining, n))
 
 
-@pytest.mark.parametrize("n", [1024, 4096])
-def test_matmul_floor(benchmark, n):
+@pytest.mark.parametrize("n", SIZES["batch_hard"])
+def test_matmul_floor(run_case, n):
     """One bare N×N×D matmul: the floor batch-hard mining is measured against."""
-    emb0, _ = make_inputs(n)
-    x = torch.nn.functional.normalize(emb0, dim=1)
-    benchmark.group = f"triplet batch_hard N={n} D=128"
-    benchmark.pedantic(lambda: x @ x.T, rounds=5, warmup_rounds=1)
+    run_case(CASE, {"method": "matmul", "mining": "-", "n": n}, group=group("batch_hard", n), rounds=5)

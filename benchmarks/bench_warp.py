@@ -8,11 +8,14 @@ violate, so sampling needs more trials per row). 2 threads, CPU.
 * ``warp``: ``metricloss.WARPLoss()`` (sampled, harmonic, max_trials=None = C − 1), forward+backward.
 * ``warp_exact``: ``WARPLoss(mode="exact")``.
 * ``cross_entropy``: ``F.cross_entropy(logits, labels)``, forward+backward.
+* ``dense``: ``metricloss.reference.warp_loss`` (exact WARP from a (B, C, C) cube), small B only.
 * ``loop``: ``metricloss.reference.warp_loss_loop`` (one example and one draw at a time), small B only.
 
 Two ways to run it:
 
-    pytest benchmarks/bench_warp.py --benchmark-only      # pytest-benchmark timings (in-process)
+    pytest benchmarks/bench_warp.py --benchmark-only --benchmark-group-by=group
+                                                          # pytest-benchmark timings (in-process,
+                                                          # C <= 10000; --bench-memory adds memory)
     python benchmarks/bench_warp.py                       # markdown table: time and peak extra memory,
                                                           # one fresh subprocess per case (harness.py)
 
@@ -26,7 +29,7 @@ import json
 import os
 import platform
 import sys
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `metricloss` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,6 +64,8 @@ def build_loss(method: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tens
         return ml.WARPLoss(mode="exact")
     if method == "cross_entropy":
         return F.cross_entropy
+    if method == "dense":
+        return reference.warp_loss
     if method == "loop":
         gen = torch.Generator().manual_seed(1)
         return lambda s, y: reference.warp_loss_loop(s, y, generator=gen)
@@ -81,35 +86,8 @@ def case(method: str, b: int, c: int, regime: str = "random") -> Callable[[], No
 
 
 # ----------------------------------------------------------------------------------------------------
-# pytest-benchmark suite
+# pytest-benchmark suite (the run_case fixture of benchmarks/conftest.py times case(**params))
 # ----------------------------------------------------------------------------------------------------
-
-_cached: Dict[Tuple[int, int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _inputs(b: int, c: int, regime: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    key = (b, c, regime)
-    if key not in _cached:
-        _cached.clear()  # one size resident at a time: B=4096, C=100000 logits are 1.6 GB
-        logits, labels = make_inputs(b, c, regime)
-        _cached[key] = (logits.requires_grad_(), labels)
-    return _cached[key]
-
-
-def _run(benchmark, method: str, b: int, c: int, regime: str = "random", rounds: int = 3) -> None:
-    torch.set_num_threads(THREADS)
-    logits, labels = _inputs(b, c, regime)
-    fn = build_loss(method)
-
-    def setup():
-        logits.grad = None
-
-    def step():
-        fn(logits, labels).backward()
-
-    benchmark.extra_info.update({"method": method, "B": b, "C": c, "regime": regime, "threads": THREADS})
-    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-
 
 try:
     import pytest
@@ -118,25 +96,24 @@ except ImportError:  # pragma: no cover - the script mode does not need pytest
 
 if pytest is not None:
 
-    @pytest.mark.parametrize("method", ["warp", "cross_entropy"])
-    @pytest.mark.parametrize("c", [1000, 100000])
-    def test_warp_vs_cross_entropy(benchmark, c, method):
-        benchmark.group = f"B=4096 C={c} random logits"
-        _run(benchmark, method, 4096, c, rounds=5 if c <= 1000 else 3)
+    def _group(b: int, c: int, regime: str = "random") -> str:
+        logits = "random logits" if regime == "random" else f"ranked logits (positive +{RANKED_BOOST:g})"
+        return f"warp B={b} C={c} {logits}"
+
+    @pytest.mark.parametrize("method", ["warp", "warp_exact", "cross_entropy"])
+    @pytest.mark.parametrize("c", [1000, 10000])
+    def test_warp_vs_cross_entropy(run_case, c, method):
+        run_case(CASE, {"method": method, "b": 4096, "c": c}, group=_group(4096, c), rounds=5)
 
     @pytest.mark.parametrize("method", ["warp", "cross_entropy"])
-    def test_ranked_logits_c100000(benchmark, method):
-        benchmark.group = "B=4096 C=100000 ranked logits (positive +3)"
-        _run(benchmark, method, 4096, 100000, regime="ranked", rounds=3)
+    def test_ranked_logits(run_case, method):
+        params = {"method": method, "b": 4096, "c": 10000, "regime": "ranked"}
+        run_case(CASE, params, group=_group(4096, 10000, "ranked"), rounds=5)
 
-    def test_warp_exact_c1000(benchmark):
-        benchmark.group = "B=4096 C=1000 random logits"
-        _run(benchmark, "warp_exact", 4096, 1000, rounds=5)
-
-    @pytest.mark.parametrize("method", ["warp", "loop"])
-    def test_warp_vs_reference_loop(benchmark, method):
-        benchmark.group = "B=64 C=1000 random logits"
-        _run(benchmark, method, 64, 1000, rounds=3)
+    @pytest.mark.parametrize("method", ["warp", "warp_exact", "dense", "loop"])
+    def test_warp_vs_reference(run_case, method):
+        """The dense (B, C, C) reference and the paper's sequential loop need a small batch."""
+        run_case(CASE, {"method": method, "b": 64, "c": 1000}, group=_group(64, 1000), rounds=3)
 
 
 # ----------------------------------------------------------------------------------------------------

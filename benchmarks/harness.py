@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["measure", "peak_rss_mib", "current_rss_mib"]
+__all__ = ["measure", "load_case", "peak_rss_mib", "current_rss_mib"]
 
 
 def peak_rss_mib() -> float:
@@ -47,7 +47,8 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _load(case: str) -> Callable[..., Callable[[], Any]]:
+def load_case(case: str) -> Callable[..., Callable[[], Any]]:
+    """The case function named ``"module.path:function"`` (also used in-process by the pytest suites)."""
     module, func = case.split(":")
     return getattr(importlib.import_module(module), func)
 
@@ -57,7 +58,7 @@ def _run_child(case: str, params: Dict[str, Any], warmup_params: Optional[Dict[s
     import torch
 
     torch.set_num_threads(threads)
-    build = _load(case)
+    build = load_case(case)
     if warmup_params is not None:
         build(**warmup_params)()
     step = build(**params)

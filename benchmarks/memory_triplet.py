@@ -37,6 +37,8 @@ D = 128
 MARGIN = 0.2
 SAMPLES_PER_CLASS = 4
 CASE = "benchmarks.memory_triplet:case"
+MININGS = ("batch_hard", "batch_all", "semi_hard")
+DENSE_MAX_GIB = 3.0  # the suites and the report skip dense cases whose dense_gib() is above this
 
 
 def make_inputs(n: int, d: int = D, seed: int = 0):
@@ -50,7 +52,13 @@ def make_inputs(n: int, d: int = D, seed: int = 0):
 
 
 def build_loss(method: str, mining: str):
-    """A callable (embeddings, labels) -> loss for one configuration."""
+    """A callable (embeddings, labels) -> loss for one configuration.
+
+    ``method``: ``"metricloss"`` (chunked torch backend), ``"dense"``
+    (:func:`metricloss.reference.triplet_loss`: explicit (N, N, D) differences and, for batch-all /
+    semi-hard, (N, N, N) cubes), ``"pml"`` or ``"matmul"`` (one bare ``x @ x.T``, the floor). ``mining``:
+    one of :data:`MININGS`; all use ``reduction="mean_nonzero"`` (PML's AvgNonZero) and margin 0.2.
+    """
     if method == "matmul":
         import torch.nn.functional as F
 
@@ -59,11 +67,17 @@ def build_loss(method: str, mining: str):
             return x @ x.T
 
         return floor
+    if mining not in MININGS:
+        raise ValueError(mining)
     if method == "metricloss":
         import metricloss as ml
 
-        cls = ml.BatchHardTripletLoss if mining == "batch_hard" else ml.BatchAllTripletLoss
-        return cls(margin=MARGIN, reduction="mean_nonzero", backend="torch")
+        return ml.TripletLoss(margin=MARGIN, mining=mining, reduction="mean_nonzero", backend="torch")
+    if method == "dense":
+        from metricloss import reference
+
+        return lambda e, y: reference.triplet_loss(e, y, margin=MARGIN, mining=mining,
+                                                   reduction="mean_nonzero")
     if method == "pml":
         from pytorch_metric_learning import losses, miners
 
@@ -71,8 +85,24 @@ def build_loss(method: str, mining: str):
         if mining == "batch_hard":
             miner = miners.BatchHardMiner()
             return lambda e, y: loss_fn(e, y, miner(e, y))
+        if mining == "semi_hard":
+            # PML's semi-hard miner keeps the triplets with d_ap < d_an < d_ap + m: a different loss from
+            # TF-Addons semi-hard (one negative per positive pair), so this is a timing comparison only
+            miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard")
+            return lambda e, y: loss_fn(e, y, miner(e, y))
         return lambda e, y: loss_fn(e, y)
     raise ValueError(method)
+
+
+def dense_gib(mining: str, n: int, d: int = D) -> float:
+    """Rough peak extra memory of the dense reference's forward+backward, GiB.
+
+    Measured (harness, fp32, D=128): batch-hard 2079 MiB at N=1024; batch-all 2953 MiB and semi-hard
+    1298 MiB at N=512. That is about four (N, N, D) difference-sized fp32 tensors, plus four (N, N, N)
+    fp32 cubes for batch-all and two for semi-hard.
+    """
+    cubes = {"batch_hard": 0, "batch_all": 4, "semi_hard": 2}[mining]
+    return 4 * (4 * n * n * d + cubes * n**3) / 2**30
 
 
 def case(method: str, mining: str, n: int):
@@ -96,7 +126,7 @@ def fmt(r: dict, key: str, spec: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--minings", nargs="+", default=["batch_hard", "batch_all"])
+    ap.add_argument("--minings", nargs="+", default=["batch_hard", "batch_all"], choices=MININGS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)

@@ -8,6 +8,8 @@ gradients w.r.t. the embeddings and the (C, D) class weights. Configurations:
   ``F.cross_entropy``, the way one writes it by hand;
 * ``chunked``: the same module with ``class_chunk=k`` (online logsumexp over class chunks, forward and
   backward; no (B, C) tensor) for each k in ``--chunks``;
+* ``reference``: :func:`metricloss.reference.norm_softmax_loss` on the same weight (dense (B, C) cosine logits
+  and an explicit logsumexp);
 * ``pml``: pytorch-metric-learning's ``NormalizedSoftmaxLoss(C, D, temperature=0.05)`` (the same loss);
 * ``matmul``: one bare (B, D)×(D, C) GEMM without grad, the floor of any exact method (forward+backward of
   an exact method needs about 3 of these dense, 4 streamed: the softmax needs the final logsumexp, so the
@@ -54,11 +56,16 @@ def case(method: str, b: int, d: int, c: int, chunk: int = 0):
     g = torch.Generator().manual_seed(0)
     emb0 = torch.randn(b, d, generator=g)
     labels = torch.randint(0, c, (b,), generator=g)
-    if method in ("dense", "chunked", "matmul"):
+    if method in ("dense", "chunked", "matmul", "reference"):
         import metricloss as ml
 
         module = ml.NormSoftmaxLoss(d, c, temperature=TEMPERATURE, class_chunk=chunk if method == "chunked" else None)
         weight = module.weight
+        if method == "reference":
+            from metricloss import reference
+
+            def module(e, y):  # the same weight, through the dense reference formula
+                return reference.norm_softmax_loss(e, y, weight, temperature=TEMPERATURE)
     elif method == "pml":
         from pytorch_metric_learning import losses
 
