@@ -26,7 +26,8 @@ def main() -> None:
              for variant in ("self_euclidean", "ref_cosine")]
     jobs = [aot_job(arch, dtype, cfg, cosine=v == "ref_cosine", self_ref=v == "self_euclidean")
             for arch, dtype, cfg, v in cases]
-    print("| kernel | arch | dtype | tiles (BLOCK_M×N×K) | warps | stages | variant | registers | spills (stack B / STL / LDL) "
+    print("| kernel | arch | dtype | tiles (BLOCK_M×N×K) | warps | stages | variant | registers "
+          "| spills (stack B / STL / LDL) "
           "| shared (B, limit) | tensor-core ops |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [("batch_hard_mining", arch, dtype, f"{cfg.BLOCK_M}×{cfg.BLOCK_N}×{cfg.BLOCK_K}", cfg, variant)

@@ -79,7 +79,8 @@ def load_fonts(size: int = 32, renders: int = 3, seed: int = 0, max_fonts: Optio
     try:
         from PIL import ImageFont
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the fonts dataset needs Pillow (installed with matplotlib: pip install '.[examples]')") from err
+        raise ImportError("the fonts dataset needs Pillow (installed with matplotlib: "
+                          "pip install '.[examples]')") from err
     rng = np.random.RandomState(seed)
     seen_names, seen_glyphs = set(), set()
     images, labels, names = [], [], []

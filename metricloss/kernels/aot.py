@@ -3,8 +3,9 @@
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` runs the whole NVIDIA pipeline
 (TTIR → TTGIR → LLVM → PTX → ptxas → cubin) on a CPU-only machine. Triton's wheel bundles
 ``cuobjdump``, which reads the cubin's resource usage (registers, stack and local memory: where ptxas
-puts spilled registers, static shared memory) and its SASS (tensor-core instructions: ``HMMA`` on sm_80, ``HGMMA`` (wgmma) or ``HMMA`` on
-sm_90). The AOT tests and ``benchmarks/kernel_resources.py`` both use :func:`compile_and_inspect`.
+puts spilled registers, static shared memory) and its SASS (tensor-core instructions: ``HMMA`` on
+sm_80, ``HGMMA`` (wgmma) or ``HMMA`` on sm_90). The AOT tests and ``benchmarks/kernel_resources.py``
+both use :func:`compile_and_inspect`.
 
 Compile in a process that has never run the Triton interpreter: with ``TRITON_INTERPRET=1`` set, repeated
 compilations of one kernel with different constexprs fail inside Triton's code generator (seen with
