@@ -112,6 +112,8 @@ def _retrieval_metrics(q: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, g
     # differently. Deduplicated gallery rows get one column each; the block is expanded back by index.
     g_unique, g_inverse = torch.unique(g, dim=0, return_inverse=True)
     expand = g_unique.shape[0] < n_gallery
+    if not expand:
+        g_unique = g_inverse = None  # no duplicates: do not keep a second (G, D) copy alive
     # The Gram block is 1 − cos (cosine) or d² (euclidean): smaller is closer, so similarity = −block.
     gram = GramFactors(q, g_unique if expand else g, "cosine" if metric == "cosine" else "squared_euclidean")
     # per element: fp32 block, int64 key, int64 position; per row: the member table and histogram
