@@ -35,3 +35,29 @@ def test_report_quick_writes_markdown_and_png(tmp_path):
         png = (out / "results.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
         assert "![time and peak memory" in md
+
+
+def test_metrics_memory_script_runs_small_sizes(tmp_path):
+    raw = tmp_path / "metrics.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "metrics_memory.py"), "--sizes", "300", "600",
+           "--dim", "16", "--json-out", str(raw)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| 300 |" in p.stdout and "| 600 |" in p.stdout and "error" not in p.stdout.lower()
+    import json
+
+    rows = json.loads(raw.read_text())
+    assert [r["params"]["n"] for r in rows] == [300, 600]
+    assert all(r["median_s"] > 0 and r["peak_extra_mib"] >= 0 for r in rows)
+
+
+def test_metrics_memory_case_gives_finite_nontrivial_metrics():
+    import math
+
+    from benchmarks.metrics_memory import case
+
+    out = case(n=500, d=16)()
+    assert set(out) >= {"R@1", "mAP", "MAP@R", "R-precision"}
+    # overlapping clusters: better than chance (1/10 classes), not perfect
+    assert all(math.isfinite(v) for v in out.values())
+    assert 0.1 < out["mAP"] < 1.0
