@@ -37,7 +37,7 @@ import triton.language as tl
 from .._backend import triton_interpreting
 from ..ops.distance import REFINE_RATIO
 from .mining import SMEM_LIMIT_BYTES, _block_k, input_precision_for
-from .tiles import element_bytes, enumerate_configs, gram_tile, target_arch
+from .tiles import POINTER_TYPE, element_bytes, enumerate_configs, gram_tile, target_arch
 
 __all__ = [
     "CentroidConfig",
@@ -223,12 +223,9 @@ def all_centroid_configs() -> List[Tuple[int, torch.dtype, CentroidConfig]]:
     return enumerate_configs(centroid_config, (1, 16, 17, 32, 33, 64, 128, 700))
 
 
-_POINTER_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def centroid_aot_jobs(arch: int, dtype: torch.dtype, cfg: CentroidConfig) -> List[Dict]:
     """Compilation jobs (:func:`metricloss.kernels.aot.inspect_in_subprocess`) for both kernels."""
-    ptr = _POINTER_TYPE[dtype]
+    ptr = POINTER_TYPE[dtype]
     base = {"X_ptr": ptr, "X_stride": "i32", "XN_ptr": "*fp32", "Y_ptr": "*i64", "THRESH_ptr": "*fp32",
             "C_ptr": ptr, "C_stride": "i32", "CN_ptr": "*fp32", "n_rows": "i32", "n_classes": "i32",
             "n_feat": "i32"}

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
-from .tiles import element_bytes, enumerate_configs, gram_tile, target_arch
+from .tiles import POINTER_TYPE, element_bytes, enumerate_configs, gram_tile, target_arch
 
 __all__ = [
     "MiningConfig",
@@ -233,13 +233,10 @@ def all_mining_configs() -> List[Tuple[int, torch.dtype, MiningConfig]]:
     return enumerate_configs(mining_config, (1, 16, 17, 32, 33, 64, 65, 128, 700, 4096))
 
 
-_POINTER_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def aot_job(arch: int, dtype: torch.dtype, cfg: MiningConfig, cosine: bool = False, self_ref: bool = True) -> Dict:
     """A compilation job for :func:`metricloss.kernels.aot.inspect_in_subprocess`: this kernel as a real
     launch with 16-byte-aligned contiguous ``dtype`` tensors (row length a multiple of 16) would build it."""
-    ptr = _POINTER_TYPE[dtype]
+    ptr = POINTER_TYPE[dtype]
     types = {"X_ptr": ptr, "X_stride": "i32", "XN_ptr": "*fp32", "LX_ptr": "*i64",
              "Y_ptr": ptr, "Y_stride": "i32", "YN_ptr": "*fp32", "LY_ptr": "*i64",
              "POS_ptr": "*i32", "NEG_ptr": "*i32", "n_rows": "i32", "n_cols": "i32", "n_feat": "i32"}

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gram_tile", "target_arch", "enumerate_configs", "element_bytes"]
+__all__ = ["gram_tile", "target_arch", "enumerate_configs", "element_bytes", "POINTER_TYPE"]
 
 Config = TypeVar("Config")
 
@@ -43,6 +43,10 @@ def target_arch(x: torch.Tensor) -> int:
         major, minor = torch.cuda.get_device_capability(x.device)
         return major * 10 + minor
     return 90
+
+
+# Triton signature type of a pointer to each supported input dtype (for ahead-of-time compilation jobs).
+POINTER_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def element_bytes(dtype: torch.dtype) -> int:
