@@ -47,15 +47,18 @@ _PAD_KEY = torch.iinfo(torch.int64).min + 1       # member-table padding: below 
 def _order_keys(similarity: torch.Tensor) -> torch.Tensor:
     """int64 keys ordering (similarity desc, column index asc) as plain integers descending.
 
-    The float32 bit pattern is made order-preserving as a signed int32 (negative floats have their
-    magnitude bits flipped), shifted to the high half; the low half holds ``G − 1 − index``.
+    ``similarity``: a (rows, G) fp32 block the caller no longer needs: it is overwritten (its bits become
+    the order-preserving int32). The float32 bit pattern is made order-preserving as a signed int32
+    (negative floats have their magnitude bits flipped), shifted to the high half; the low half holds
+    ``G − 1 − index``. Temporaries: one int32 block beside the int64 result (12 bytes per element).
     """
-    sim = similarity.float() + 0.0  # -0.0 becomes +0.0, so they tie (and break by index)
+    sim = similarity.add_(0.0)  # -0.0 becomes +0.0, so they tie (and break by index)
     bits = sim.view(torch.int32)
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    # b ^ 0x7FFFFFFF for negative b only: (b >> 31) is -1 for negatives and 0 otherwise
+    bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF))
     g = sim.shape[1]
-    tiebreak = (g - 1) - torch.arange(g, device=sim.device, dtype=torch.int64)
-    return (ordered << _INDEX_BITS) | tiebreak
+    keys = bits.to(torch.int64).bitwise_left_shift_(_INDEX_BITS)
+    return keys.bitwise_or_((g - 1) - torch.arange(g, device=sim.device, dtype=torch.int64))
 
 
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 2, 4, 8), *,
@@ -114,10 +117,21 @@ def _retrieval_metrics(q: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, g
     expand = g_unique.shape[0] < n_gallery
     if not expand:
         g_unique = g_inverse = None  # no duplicates: do not keep a second (G, D) copy alive
-    # The Gram block is 1 − cos (cosine) or d² (euclidean): smaller is closer, so similarity = −block.
-    gram = GramFactors(q, g_unique if expand else g, "cosine" if metric == "cosine" else "squared_euclidean")
-    # per element: fp32 block, int64 key, int64 position; per row: the member table and histogram
-    rows = rows_per_chunk(n_gallery, 4 + 8 + 8, chunk_bytes, bytes_per_row=width * 40)
+    g_ranked = g_unique if expand else g
+    if metric == "cosine":
+        # unit rows: the similarity is the plain product, no augmented operands ((G, D) copies) needed
+        def similarity_block(s: int, e: int) -> torch.Tensor:
+            return torch.mm(q[s:e], g_ranked.T)
+    else:
+        # the Gram block is d²: smaller is closer, so similarity = −block
+        gram = GramFactors(q, g_ranked, "squared_euclidean")
+
+        def similarity_block(s: int, e: int) -> torch.Tensor:
+            return gram.raw_block(s, e).neg_()
+    # Peak per element: the int64 key with the fp32 block and an int32 temporary while the keys are
+    # built (16 bytes), then the int64 key and its int64 position (16 bytes); with duplicates, the
+    # unexpanded block lives beside them (+4). Per row: the member table, its keys and the histogram.
+    rows = rows_per_chunk(n_gallery, 16 + (4 if expand else 0), chunk_bytes, bytes_per_row=width * 40)
     sums = {f"R@{k}": 0.0 for k in ks}
     sums.update({"mAP": 0.0, "MAP@R": 0.0, "R-precision": 0.0})
     counted = 0
@@ -134,8 +148,9 @@ def _retrieval_metrics(q: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, g
         if width == 0:  # no query has a relevant gallery item: all lone
             continue
         # 1. keys: larger = ranked earlier; the left-out query sinks below everything
-        block = gram.raw_block(s, e)
-        keys = _order_keys((block[:, g_inverse] if expand else block).neg_())
+        block = similarity_block(s, e)
+        keys = _order_keys(block[:, g_inverse] if expand else block)
+        del block  # overwritten by the keys' construction; free it before the positions exist
         if leave_one_out:
             keys[torch.arange(e - s, device=keys.device), torch.arange(s, e, device=keys.device)] = _SELF_KEY
         # 2. the relevant items' keys, ascending, padding first
@@ -145,13 +160,15 @@ def _retrieval_metrics(q: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, g
         # 3. above_i = #{gallery items ranked above the i-th relevant key} = #{k : pos_k >= i + 1},
         #    where pos_k = #{relevant keys < key_k}: a suffix sum of the histogram of pos
         pos = torch.searchsorted(rel, keys)
-        hist = torch.zeros((e - s, width + 1), dtype=torch.int64, device=keys.device)
-        hist.scatter_add_(1, pos, torch.ones_like(pos))
+        del keys
+        hist = torch.zeros((e - s, width + 1), dtype=torch.int64, device=pos.device)
+        hist.scatter_add_(1, pos, torch.ones((1, 1), dtype=pos.dtype, device=pos.device).expand_as(pos))
+        del pos
         suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
         rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
         # 4. per query: the n-th best relevant item sits at ascending slot width − n
         num_rel = c.num_pos
-        slots = torch.arange(width, device=keys.device)
+        slots = torch.arange(width, device=hist.device)
         is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
         nth = (width - slots).unsqueeze(0).double()          # n for each slot (valid where is_rel)
         prec = torch.where(is_rel, nth / rank, torch.zeros_like(rank))
