@@ -35,18 +35,24 @@ def _shape(t: torch.Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
 
-def check_embeddings(x: object, name: str = "embeddings", where: str = "") -> torch.Tensor:
-    """Check a (B, D) floating-point tensor with B >= 1 and D >= 1."""
-    prefix = f"{where}: " if where else ""
+def _check_float_batch(x: object, name: str, prefix: str, cols: str) -> torch.Tensor:
+    """Check a non-empty (B, ``cols``) floating-point tensor (B >= 1); the caller checks the columns."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{prefix}`{name}` must be a torch.Tensor of shape (B, D), got {type(x).__name__}")
+        raise TypeError(f"{prefix}`{name}` must be a torch.Tensor of shape (B, {cols}), got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{prefix}`{name}` must be a floating-point tensor (float16/bfloat16/float32/float64), "
                         f"got dtype {x.dtype}")
     if x.dim() != 2:
-        raise ValueError(f"{prefix}`{name}` must be 2-D with shape (B, D), got shape {_shape(x)}")
+        raise ValueError(f"{prefix}`{name}` must be 2-D with shape (B, {cols}), got shape {_shape(x)}")
     if x.shape[0] == 0:
         raise ValueError(f"{prefix}`{name}` is an empty batch (shape {_shape(x)}); B must be >= 1")
+    return x
+
+
+def check_embeddings(x: object, name: str = "embeddings", where: str = "") -> torch.Tensor:
+    """Check a (B, D) floating-point tensor with B >= 1 and D >= 1."""
+    prefix = f"{where}: " if where else ""
+    x = _check_float_batch(x, name, prefix, "D")
     if x.shape[1] == 0:
         raise ValueError(f"{prefix}`{name}` has no features (shape {_shape(x)}); D must be >= 1")
     return x
@@ -186,15 +192,7 @@ def check_same_device(tensors: Iterable[Tuple[str, torch.Tensor]], where: str = 
 def check_scores(scores: object, name: str = "scores", where: str = "", min_classes: int = 2) -> torch.Tensor:
     """Check a (B, C) floating-point score (logit) matrix with B >= 1 and C >= ``min_classes``."""
     prefix = f"{where}: " if where else ""
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"{prefix}`{name}` must be a torch.Tensor of shape (B, C), got {type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise TypeError(f"{prefix}`{name}` must be a floating-point tensor (float16/bfloat16/float32/float64), "
-                        f"got dtype {scores.dtype}")
-    if scores.dim() != 2:
-        raise ValueError(f"{prefix}`{name}` must be 2-D with shape (B, C), got shape {_shape(scores)}")
-    if scores.shape[0] == 0:
-        raise ValueError(f"{prefix}`{name}` is an empty batch (shape {_shape(scores)}); B must be >= 1")
+    scores = _check_float_batch(scores, name, prefix, "C")
     if scores.shape[1] < min_classes:
         raise ValueError(f"{prefix}`{name}` must have at least {min_classes} columns (classes), "
                          f"got shape {_shape(scores)}")
