@@ -51,6 +51,25 @@ __all__ = [
 
 
 @triton.jit
+def centroid_sq_distance_tile(X_ptr, X_stride, rm64, row_ok, xn, C_ptr, C_stride, CN_ptr, start_n, n_classes, n_feat,
+                              CAST_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """d² (BLOCK_M, BLOCK_N) fp32 = max(‖x‖² + ‖c‖² − 2x·c, 0) of a row block to the class tile at ``start_n``.
+
+    ``xn``: the rows' fp32 squared norms. Returns ``(d2, rn64, col_ok)``: the tile, its int64 class
+    indices and their mask. Both centroid kernels walk the classes through this one tile.
+    """
+    rn = start_n + tl.arange(0, BLOCK_N)
+    col_ok = rn < n_classes
+    rn64 = rn.to(tl.int64)
+    # Gram tile acc = X[rm] · C[rn]ᵀ over D in BLOCK_K slices
+    acc = gram_tile(X_ptr, X_stride, rm64, row_ok, C_ptr, C_stride, rn64, col_ok, n_feat, CAST_F32,
+                    INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    cn = tl.load(CN_ptr + rn, mask=col_ok, other=0.0)
+    return tl.maximum(xn[:, None] + cn[None, :] - 2.0 * acc, 0.0), rn64, col_ok
+
+
+@triton.jit
 def centroid_distance_sums_kernel(
     X_ptr, X_stride, XN_ptr, Y_ptr, THRESH_ptr,
     C_ptr, C_stride, CN_ptr,
@@ -94,15 +113,11 @@ def centroid_distance_sums_kernel(
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     near = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for start_n in range(0, n_classes, BLOCK_N):
-        rn = start_n + tl.arange(0, BLOCK_N)
-        col_ok = rn < n_classes
-        rn64 = rn.to(tl.int64)
-        # 2. Gram tile acc = X[rm] · C[rn]ᵀ over D in BLOCK_K slices
-        acc = gram_tile(X_ptr, X_stride, rm64, row_ok, C_ptr, C_stride, rn64, col_ok, n_feat, CAST_F32,
-                        INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        # 3. d² = ‖x‖² + ‖c‖² − 2x·c (clamped); other classes only; near pairs counted, not summed
-        cn = tl.load(CN_ptr + rn, mask=col_ok, other=0.0)
-        d2 = tl.maximum(xn[:, None] + cn[None, :] - 2.0 * acc, 0.0)
+        # 2. d² = ‖x‖² + ‖c‖² − 2x·c (clamped) to the class tile, by a Gram tile over D
+        d2, rn64, col_ok = centroid_sq_distance_tile(X_ptr, X_stride, rm64, row_ok, xn, C_ptr, C_stride, CN_ptr,
+                                                     start_n, n_classes, n_feat, CAST_F32, INPUT_PRECISION,
+                                                     BLOCK_M, BLOCK_N, BLOCK_K)
+        # 3. other classes only; near pairs counted, not summed
         other = col_ok[None, :] & (rn64[None, :] != y[:, None])
         is_near = other & (d2 < thresh[:, None])
         far = other & (d2 >= thresh[:, None])
@@ -143,14 +158,10 @@ def centroid_weighted_sums_kernel(
     w_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     v = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, n_classes, BLOCK_N):
-        rn = start_n + tl.arange(0, BLOCK_N)
-        col_ok = rn < n_classes
-        rn64 = rn.to(tl.int64)
         # 1. the distances of the tile, as in the forward kernel
-        acc = gram_tile(X_ptr, X_stride, rm64, row_ok, C_ptr, C_stride, rn64, col_ok, n_feat, CAST_F32,
-                        INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        cn = tl.load(CN_ptr + rn, mask=col_ok, other=0.0)
-        d2 = tl.maximum(xn[:, None] + cn[None, :] - 2.0 * acc, 0.0)
+        d2, rn64, col_ok = centroid_sq_distance_tile(X_ptr, X_stride, rm64, row_ok, xn, C_ptr, C_stride, CN_ptr,
+                                                     start_n, n_classes, n_feat, CAST_F32, INPUT_PRECISION,
+                                                     BLOCK_M, BLOCK_N, BLOCK_K)
         far = col_ok[None, :] & (rn64[None, :] != y[:, None]) & (d2 >= thresh[:, None]) & (d2 > 0.0)
         # 2. w = 1/d on far pairs, 0 elsewhere
         w = tl.where(far, 1.0 / tl.sqrt(tl.where(far, d2, 1.0)), 0.0)
