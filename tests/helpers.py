@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -75,3 +75,24 @@ def tie_free_case(n: int, d: int, labels: torch.Tensor, margin, seed: int = 0,
         if ok:
             return x, r
     raise RuntimeError("no tie-free case found")
+
+
+def assert_row_normalised_losses_match(loss: Callable, want_loss: Callable, x: torch.Tensor, w: torch.Tensor,
+                                       seed: int = 0, rtol: float = 1e-9, atol: float = 1e-10) -> None:
+    """``loss(x, w)`` equals ``want_loss(x, w)``, value and gradients w.r.t. both (B, D) and (C, D) inputs.
+
+    Shapes of the loss: any (a scalar or per-row "none"; random upstream weights then). Both inputs pass
+    through a row normalisation, which scales their gradients by 1/‖row‖: gradients are compared after
+    multiplying each row by max(‖row‖, 1e-12), with tolerances relative to the largest entry.
+    """
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    got, want = loss(xs, ws), want_loss(xr, wr)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    for t, got_grad, want_grad in ((x, xs.grad, xr.grad), (w, ws.grad, wr.grad)):
+        row_norm = t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        got_grad, want_grad = got_grad * row_norm, want_grad * row_norm
+        torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=atol * max(1.0, want_grad.abs().max().item()))

@@ -11,27 +11,17 @@ import metricloss as ml
 import metricloss.functional as MF
 from metricloss import reference
 from metricloss.ops import centralized as centralized_ops
+from ..helpers import assert_row_normalised_losses_match
 
 REDUCTIONS = ["mean", "mean_nonzero", "sum", "none"]
 
 
 def assert_matches_reference(x, y, w, kwargs, seed=0, rtol=1e-9, atol=1e-10):
-    """Loss and gradients (embeddings, weight; random upstream weights for "none") equal the reference's.
-
-    Gradients pass through a row normalisation, which scales them by 1/‖row‖; they are compared after
-    multiplying each row by max(‖row‖, eps), with tolerances relative to the largest entry."""
-    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    got = MF.centralized_ranking_loss(xs, y, ws, **kwargs)
-    want = reference.centralized_ranking_loss(xr, y, wr, **{k: v for k, v in kwargs.items() if k != "class_chunk"})
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
-    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype)
-    (got * upstream).sum().backward()
-    (want * upstream).sum().backward()
-    for t, a, b in ((x, xs.grad, xr.grad), (w, ws.grad, wr.grad)):
-        row_norm = t.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        a, b = a * row_norm, b * row_norm
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
+    """Loss and gradients (embeddings, weight) equal the reference's (see the helper for how)."""
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "class_chunk"}
+    assert_row_normalised_losses_match(lambda x_, w_: MF.centralized_ranking_loss(x_, y, w_, **kwargs),
+                                       lambda x_, w_: reference.centralized_ranking_loss(x_, y, w_, **ref_kwargs),
+                                       x, w, seed=seed, rtol=rtol, atol=atol)
 
 
 @st.composite

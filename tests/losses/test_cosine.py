@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import metricloss as ml
 import metricloss.functional as MF
 from metricloss import reference
+from ..helpers import assert_row_normalised_losses_match
 
 
 def _randn(g, *shape, scale=1.0):
@@ -156,21 +157,11 @@ def _dense_ce(x, y, w, temperature, reduction):
 
 
 def assert_matches_cross_entropy(x, y, w, temperature, class_chunk, reduction, seed=0, rtol=1e-10, atol=1e-12):
-    """Loss and both gradients equal F.cross_entropy's. Gradients pass through a row normalisation, which
-    scales them by 1/‖row‖; they are compared after multiplying each row by max(‖row‖, eps), with
-    tolerances relative to the largest entry."""
-    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    got = MF.norm_softmax_loss(xs, y, ws, temperature=temperature, class_chunk=class_chunk, reduction=reduction)
-    want = _dense_ce(xr, y, wr, temperature, reduction)
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
-    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype)
-    (got * upstream).sum().backward()
-    (want * upstream).sum().backward()
-    for t, got_grad, want_grad in ((x, xs.grad, xr.grad), (w, ws.grad, wr.grad)):
-        row_norm = t.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        got_grad, want_grad = got_grad * row_norm, want_grad * row_norm
-        torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=atol * max(1.0, want_grad.abs().max().item()))
+    """Loss and both gradients equal F.cross_entropy's (see the helper for how)."""
+    assert_row_normalised_losses_match(
+        lambda x_, w_: MF.norm_softmax_loss(x_, y, w_, temperature=temperature, class_chunk=class_chunk,
+                                            reduction=reduction),
+        lambda x_, w_: _dense_ce(x_, y, w_, temperature, reduction), x, w, seed=seed, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("class_chunk", [1, 3, 4, 12, 50, None])   # C = 12: divides, does not, one, >C
