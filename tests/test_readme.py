@@ -33,5 +33,5 @@ def test_commands_name_existing_scripts(script):
 def test_test_command_is_the_ci_command():
     assert 'pip install ".[test]" && pytest' in README
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    assert 'pip install ".[test]"' in ci or "pip install '.[test]'" in ci or '.[test]' in ci
+    assert ".[test]" in ci
     assert "pytest" in ci
