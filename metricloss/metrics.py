@@ -132,9 +132,10 @@ def _retrieval_metrics(q: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, g
     # built (16 bytes), then the int64 key and its int64 position (16 bytes); with duplicates, the
     # unexpanded block lives beside them (+4). Per row: the member table, its keys and the histogram.
     rows = rows_per_chunk(n_gallery, 16 + (4 if expand else 0), chunk_bytes, bytes_per_row=width * 40)
-    sums = {f"R@{k}": 0.0 for k in ks}
-    sums.update({"mAP": 0.0, "MAP@R": 0.0, "R-precision": 0.0})
-    counted = 0
+    names = [f"R@{k}" for k in ks] + ["mAP", "MAP@R", "R-precision"]
+    k_values = torch.tensor(list(ks), dtype=torch.float64, device=q.device)
+    # per-metric sums over the counted queries, then their count; on the device, read once at the end
+    totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=q.device)
     starts = range(0, n_query, rows)
     if progress:
         try:
@@ -175,13 +176,14 @@ def _retrieval_metrics(q: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, g
         within_r = is_rel & (rank <= num_rel.unsqueeze(1))
         r_q = num_rel.clamp_min(1).double()
         keep = num_rel > 0
-        best_rank = rank[:, -1]
-        sums["mAP"] += float((prec.sum(1) / r_q)[keep].sum())
-        sums["MAP@R"] += float((torch.where(within_r, prec, torch.zeros_like(prec)).sum(1) / r_q)[keep].sum())
-        sums["R-precision"] += float((within_r.sum(1) / r_q)[keep].sum())
-        for k in ks:
-            sums[f"R@{k}"] += float((best_rank <= k)[keep].sum())
-        counted += int(keep.sum())
+        best_rank = rank[:, -1:]
+        per_query = torch.cat([(best_rank <= k_values).double(),                       # R@K hits
+                               (prec.sum(1) / r_q).unsqueeze(1),                         # AP
+                               (torch.where(within_r, prec, torch.zeros_like(prec)).sum(1) / r_q).unsqueeze(1),
+                               (within_r.sum(1) / r_q).unsqueeze(1),                    # R-precision
+                               torch.ones_like(r_q).unsqueeze(1)], dim=1)               # counted
+        totals += (per_query * keep.unsqueeze(1)).sum(0)
+    *sums, counted = totals.tolist()
     if counted == 0:
-        return {name: float("nan") for name in sums}
-    return {name: value / counted for name, value in sums.items()}
+        return {name: float("nan") for name in names}
+    return {name: value / counted for name, value in zip(names, sums)}
