@@ -13,7 +13,7 @@ fp32, 2 threads, labels uniform over the classes, default hyper-parameters (marg
 * ``reference``: :func:`metricloss.reference.centralized_ranking_loss` on the same weight (explicit
   (B, C, D) differences: small sizes only).
 
-pytorch-metric-learning 2.9.0 has no DGCRL (PML.md). Time and peak memory, one subprocess per point:
+pytorch-metric-learning 2.9.0 has no DGCRL. Time and peak memory, one subprocess per point:
 ``python benchmarks/report.py --only dgcrl``.
 """
 

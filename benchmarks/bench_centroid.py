@@ -12,7 +12,7 @@ the cases of :func:`benchmarks.centroid.case`:
   explicit (B, C, D) differences (2 GiB per tensor at B=4096), so it is the tests' ground truth, not a
   baseline here.
 
-pytorch-metric-learning 2.9.0 has no centroid triplet loss (PML.md), so there is no PML column. Scaling to
+pytorch-metric-learning 2.9.0 has no centroid triplet loss, so there is no PML column. Scaling to
 B=65536, memory at C=100000 and the K-means centroids: ``python benchmarks/centroid.py``.
 """
 

@@ -1,4 +1,4 @@
-"""Backend selection shared by every op (DESIGN.md §4).
+"""Backend selection shared by every op (docs/design.md §4).
 
 ``backend="auto" | "torch" | "triton" | "reference"``:
 

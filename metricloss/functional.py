@@ -78,7 +78,7 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
         ref_embeddings, ref_labels: optional reference set (M, D), (M,). Without it the anchors are mined
             against each other and an anchor is never its own positive (excluded by index).
         distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (DESIGN.md §4).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (docs/design.md §4).
         chunk_bytes: memory budget of one anchor chunk's temporaries (default 64 MiB).
 
     Returns:
@@ -192,7 +192,7 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
     positive set. A negative j *violates* when z_j = s_j + (m − s_p) > 0 (strict; the positive itself is
     never a violator). L(k) is the rank weight (harmonic: L(k) = Σ_{j≤k} 1/j, L(0) = 0).
 
-    Provenance (METHODS.md §1, §9): the harmonic L and the ⌊(Y − 1)/N⌋ estimate are confirmed by
+    Provenance (docs/methods.md §1, §9): the harmonic L and the ⌊(Y − 1)/N⌋ estimate are confirmed by
     independent implementations, not by the paper's text. For multi-hot rows, |𝒩| replaces the paper's
     Y − 1 in the rank estimate and the trial cap. That is our reconstruction [U]: the paper states Y.
 
@@ -362,7 +362,7 @@ def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, wei
                              class_chunk: Optional[int] = None) -> torch.Tensor:
     """Decorrelated global centralized ranking loss (DGCRL, Zheng et al. AAAI 2019): **our reconstruction**.
 
-    The paper's formulas were not available; this implements the reconstruction of METHODS.md §3:
+    The paper's formulas were not available; this implements the reconstruction of docs/methods.md §3:
     N-S features x̂_i = s·x_i/‖x_i‖ and centres ĉ_k = s·w_k/‖w_k‖, and per sample
     ``ℓ_i = Σ_{k≠y_i} [margin + ‖x̂_i − ĉ_{y_i}‖² − ‖x̂_i − ĉ_k‖²]_+`` against all C centres.
 

@@ -1,4 +1,4 @@
-"""Retrieval metrics (METHODS.md §7), chunked: R@K, full mAP, MAP@R and R-precision.
+"""Retrieval metrics (docs/methods.md §7), chunked: R@K, full mAP, MAP@R and R-precision.
 
 Protocol: every query is ranked against a gallery by similarity (cosine by default). Without a separate
 gallery the query set is its own gallery and each query is left out of its own ranking (by index).

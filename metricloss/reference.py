@@ -311,7 +311,7 @@ def gram_schmidt_loop(weight: torch.Tensor) -> torch.Tensor:
 def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                              margin: float = 0.2, scale: float = 1.0, decorrelation: str = "auto",
                              decorrelation_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """DGCRL reconstruction, densely (METHODS.md §3): distances from an explicit (B, C, D) difference.
+    """DGCRL reconstruction, densely (docs/methods.md §3): distances from an explicit (B, C, D) difference.
 
     ℓ_i = Σ_{k≠y_i} [m + ‖x̂_i − ĉ_{y_i}‖² − ‖x̂_i − ĉ_k‖²]_+ with x̂ = s·x/‖x‖ and ĉ = s·(Gram-Schmidt rows
     of W) for ``"qr"`` (``"auto"`` with D >= C), else ĉ = s·w/‖w‖; ``"penalty"`` (``"auto"`` with D < C)

@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md §4): auto, the environment override, loud fallbacks, triton on CPU."""
+"""Backend selection (docs/design.md §4): auto, the environment override, loud fallbacks, triton on CPU."""
 
 import warnings
 

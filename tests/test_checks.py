@@ -1,4 +1,4 @@
-"""Every input check raises TypeError/ValueError naming the argument, before any work (DESIGN.md §6)."""
+"""Every input check raises TypeError/ValueError naming the argument, before any work (docs/design.md §6)."""
 
 import pytest
 import torch

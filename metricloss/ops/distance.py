@@ -1,6 +1,6 @@
 """Distances, written once and shared by every loss, miner and kernel driver.
 
-Three distances (DESIGN.md §2), all computed in the accumulation dtype (fp32, or fp64 for fp64 input):
+Three distances (docs/design.md §2), all computed in the accumulation dtype (fp32, or fp64 for fp64 input):
 
 ================== ====================== =========================================================
 name               value                  notes
