@@ -5,11 +5,13 @@
 * ``"auto"`` picks Triton when the op has a Triton implementation, the tensor is on CUDA and Triton
   imports; the chunked-torch path otherwise. The environment variable ``METRICLOSS_BACKEND`` overrides
   what ``"auto"`` resolves to. A fallback from ``"auto"`` is silent.
-* An explicitly requested backend that cannot serve the call falls back to the chunked-torch path with a
-  ``UserWarning`` issued once per (op, requested backend, reason). Fallbacks are loud and tested.
-* ``"triton"`` on CPU tensors runs only under ``TRITON_INTERPRET=1`` (the test-suite); otherwise it is
-  a clear ``RuntimeError``, because silently running a CPU kernel emulator would be slower by orders of
-  magnitude than the torch path.
+* One rule whatever is installed: an explicitly requested backend that cannot serve the call falls back
+  to the chunked-torch path with a ``UserWarning`` issued once per (op, requested backend, reason).
+  Fallbacks are loud and tested. ``"triton"`` cannot serve a call when the op has no Triton kernel, when
+  Triton is not installed, or when the tensors are not on CUDA and ``TRITON_INTERPRET`` is not set.
+* The interpreter is the only CPU Triton: ``"triton"`` on CPU tensors runs the kernels only under
+  ``TRITON_INTERPRET=1`` (the test-suite), which is orders of magnitude slower than the torch path and is
+  never chosen implicitly.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ def resolve_backend(backend: str, device: torch.device, op: str, implemented: Se
         implemented: the backends this op has (always includes ``"torch"``).
 
     Returns:
-        One of ``"torch"``, ``"triton"`` or ``"reference"``.
+        One of ``"torch"``, ``"triton"`` or ``"reference"``. An explicit ``"triton"`` that cannot serve the
+        call (no kernel for this op, Triton not installed, or non-CUDA tensors without ``TRITON_INTERPRET=1``)
+        returns ``"torch"`` after a ``UserWarning`` issued once per (op, backend, reason).
+
+    Raises:
+        ValueError: ``backend`` or ``METRICLOSS_BACKEND`` is not one of :data:`BACKENDS`.
     """
     check_option(backend, "backend", BACKENDS, op)
     if backend == "auto":
@@ -85,7 +92,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, implemented: Se
         _warn_once(op, backend, "triton is not installed")
         return "torch"
     if device.type != "cuda" and not triton_interpreting():
-        raise RuntimeError(f"metricloss.{op}: backend='triton' needs CUDA tensors (got {device.type}); "
-                           f"on CPU it runs only under TRITON_INTERPRET=1, for testing. Use backend='torch' "
-                           f"or 'auto' for CPU tensors.")
+        # the same outcome as a missing install, so a CPU call behaves alike with or without Triton
+        _warn_once(op, backend, f"the tensors are on {device.type}, not CUDA; Triton runs on CPU only under "
+                                f"TRITON_INTERPRET=1, for testing")
+        return "torch"
     return "triton"
