@@ -4,24 +4,31 @@
 Compiles each configuration the tile heuristics can pick ahead of time (no GPU needed: Triton's wheel
 bundles ptxas and cuobjdump) and prints a markdown table read from the cubins.
 
+Needs Triton (the test extra).
+
 Usage:
     python benchmarks/kernel_resources.py
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import Optional, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from metricloss.kernels.aot import inspect_in_subprocess  # noqa: E402
-from metricloss.kernels.centroid import all_centroid_configs, centroid_aot_jobs  # noqa: E402
-from metricloss.kernels.mining import SMEM_LIMIT_BYTES, aot_job, all_mining_configs  # noqa: E402
 
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args(argv)
+    # imported after the arguments are parsed, so that --help works (and is quick) without Triton
+    from metricloss.kernels.aot import inspect_in_subprocess
+    from metricloss.kernels.centroid import all_centroid_configs, centroid_aot_jobs
+    from metricloss.kernels.mining import SMEM_LIMIT_BYTES, aot_job, all_mining_configs
 
-def main() -> None:
     cases = [(arch, dtype, cfg, variant) for arch, dtype, cfg in all_mining_configs()
              for variant in ("self_euclidean", "ref_cosine")]
     jobs = [aot_job(arch, dtype, cfg, cosine=v == "ref_cosine", self_ref=v == "self_euclidean")
