@@ -81,6 +81,19 @@ class CentralizedRankingLoss(nn.Module):
         init_class_weight_(self.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The (reconstructed) DGCRL loss of a batch against this module's class centres.
+
+        Args:
+            embeddings: (B, D) float features (fp16, bf16, fp32 or fp64), D = ``in_features``; the N-S
+                layer is applied here.
+            labels: (B,) integer labels in [0, C), C = ``num_classes``.
+
+        Returns:
+            A 0-dim loss, or (B,) per-sample losses for ``reduction="none"`` (the decorrelation penalty,
+            when used, is added once to a reduced loss and as λP/B to each entry of ``"none"``), in fp32
+            (fp64 for fp64 inputs). Gradients flow to ``embeddings`` and ``weight``. NaN or Inf in the
+            inputs gives NaN.
+        """
         return centralized_ranking_loss(embeddings, labels, self.weight, margin=self.margin, scale=self.scale,
                                         decorrelation=self.decorrelation,
                                         decorrelation_weight=self.decorrelation_weight,

@@ -90,6 +90,22 @@ class CentroidTripletLoss(nn.Module):
         self.register_buffer("centroids", built)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The centroid bound of a batch against the fixed centroids in ``self.centroids``.
+
+        Args:
+            embeddings: (B, D) float embeddings (fp16, bf16, fp32 or fp64), D = ``embedding_dim``; used as
+                given (not normalised).
+            labels: (B,) integer labels in [0, C), C = ``num_classes``.
+
+        Returns:
+            A 0-dim loss (mean over rows by default), or (B,) per-row losses for ``reduction="none"``, in
+            fp32 (fp64 for fp64 embeddings or centroids). Gradients flow to ``embeddings`` only (the
+            centroids are a buffer). NaN or Inf in the input gives NaN.
+
+        Raises:
+            TypeError, ValueError: bad dtypes, shapes (D other than ``embedding_dim``) or labels outside
+            [0, C), named in the message.
+        """
         where = type(self).__name__
         C.check_embeddings(embeddings, "embeddings", where)
         if embeddings.shape[1] != self.embedding_dim:

@@ -78,6 +78,15 @@ class NormalizeScale(_ScaleMixin, nn.Module):
         self.eps = C.check_positive(eps, "eps", where)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project every row of ``x`` onto the sphere of radius ``scale``.
+
+        Args:
+            x: (B, D) float features (fp16, bf16, fp32 or fp64).
+
+        Returns:
+            (B, D) in ``x``'s dtype, s · x / max(‖x‖, eps) per row (computed in fp32 at least, autocast or
+            not); a zero row stays zero. Gradients flow to ``x`` and to ``log_scale`` when learnable.
+        """
         return normalize_scale(x, self.scale, self.eps)
 
     def extra_repr(self) -> str:
@@ -121,6 +130,18 @@ class CosineClassifier(_ScaleMixin, nn.Module):
         init_class_weight_(self.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The cosine logits s · x̂ · Ŵᵀ of a batch.
+
+        Args:
+            embeddings: (B, D) float features (fp16, bf16, fp32 or fp64), D = ``in_features``.
+            labels: optional (B,) integer labels in [0, C). Used only for the margin: with labels and
+                ``margin`` > 0 the target logit is s · (cos − margin); without labels (inference) no
+                margin is applied.
+
+        Returns:
+            (B, C) logits in fp32 (fp64 for fp64 inputs), a dense tensor; feed them to
+            ``F.cross_entropy`` or :class:`~metricloss.WARPLoss`. ``weight`` is never modified.
+        """
         return cosine_logits(embeddings, self.weight, labels, scale=self.scale, margin=self.margin)
 
     def extra_repr(self) -> str:
@@ -179,6 +200,18 @@ class NormSoftmaxLoss(nn.Module):
         init_class_weight_(self.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The NormSoftmax loss of a batch against this module's class weights.
+
+        Args:
+            embeddings: (B, D) float features (fp16, bf16, fp32 or fp64), D = ``in_features``;
+                normalised here.
+            labels: (B,) integer labels in [0, C), C = ``num_classes``.
+
+        Returns:
+            A 0-dim loss, or (B,) per-row cross-entropies for ``reduction="none"``, in fp32 (fp64 for
+            fp64 inputs). Gradients flow to ``embeddings`` and ``weight``. With ``class_chunk`` set no
+            (B, C) tensor is built. NaN or Inf in the inputs gives NaN.
+        """
         return norm_softmax_loss(embeddings, labels, self.weight, temperature=self.temperature,
                                  class_chunk=self.class_chunk, reduction=self.reduction)
 

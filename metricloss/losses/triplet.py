@@ -61,6 +61,24 @@ class TripletLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                 ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The triplet loss of a batch, mined on the fly with this module's settings.
+
+        Args:
+            embeddings: (N, D) anchors, a float tensor (fp16, bf16, fp32 or fp64), N >= 1, D >= 1.
+            labels: (N,) integer class labels (any integer dtype, any values, negative ones included).
+            ref_embeddings: optional (M, D) reference set the anchors are mined against (cross-batch
+                memory, other ranks), same D; given together with ``ref_labels``. Without it the batch
+                is its own reference set and an anchor is never its own positive. Gradients flow to it.
+            ref_labels: optional (M,) integer labels of ``ref_embeddings``.
+
+        Returns:
+            A 0-dim loss, or (N,) per-anchor sums for ``reduction="none"`` (0 for anchors without a
+            positive or a negative), in fp32 (fp64 when the embeddings are fp64), autocast or not. With
+            no valid term it is 0 and still connected to the graph. NaN or Inf in the input gives NaN.
+
+        Raises:
+            TypeError, ValueError: bad dtypes or shapes, named in the message (docs/design.md §6).
+        """
         return triplet_loss(embeddings, labels, ref_embeddings, ref_labels, margin=self.margin, mining=self.mining,
                             distance=self.distance, normalize=self.normalize, reduction=self.reduction,
                             backend=self.backend, chunk_bytes=self.chunk_bytes)

@@ -55,6 +55,24 @@ class WARPLoss(nn.Module):
         self.generator = C.check_generator(generator, None, "generator", where)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The WARP loss of a batch of scores.
+
+        Args:
+            scores: (B, C) float scores or logits (fp16, bf16, fp32 or fp64), C >= 2; never upcast as a
+                whole.
+            labels: (B,) integer labels in [0, C), or a (B, C) multi-hot matrix (bool, or 0/1 of any
+                dtype): every (row, positive) pair is then an example, and rows without a positive or
+                without a negative contribute 0.
+
+        Returns:
+            A 0-dim loss (``"mean"`` divides the sum by B), or (B,) per-row losses for
+            ``reduction="none"``, in fp32 (fp64 for fp64 scores). 0 and still connected to the graph when
+            nothing violates the margin; NaN or Inf in ``scores`` gives NaN. ``mode="sampled"`` draws from
+            ``generator`` (or the global generator).
+
+        Raises:
+            TypeError, ValueError: bad dtypes, shapes or label values, named in the message.
+        """
         return warp_loss(scores, labels, margin=self.margin, max_trials=self.max_trials, mode=self.mode,
                          rank_weight=self.rank_weight, reduction=self.reduction, generator=self.generator)
 
