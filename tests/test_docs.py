@@ -73,3 +73,23 @@ def test_readme_links_the_docs():
         readme = f.read()
     for doc in ("design", "methods", "kernels"):
         assert f"(docs/{doc}.md)" in readme
+
+
+def _signature_text(obj):
+    """``name=default, …`` as the docs write it (strings in double quotes)."""
+    parts = []
+    for p in inspect.signature(obj).parameters.values():
+        if p.default is inspect.Parameter.empty:
+            parts.append(p.name)
+        else:
+            parts.append(f'{p.name}="{p.default}"' if isinstance(p.default, str) else f"{p.name}={p.default!r}")
+    return ", ".join(parts)
+
+
+@pytest.mark.parametrize("page", ["docs/design.md", "README.md"])
+@pytest.mark.parametrize("name", ["TripletLoss", "WARPLoss", "CentroidTripletLoss", "NormalizeScale", "CosineClassifier",
+                                  "NormSoftmaxLoss", "CentralizedRankingLoss"])
+def test_documented_constructor_signatures_are_the_real_ones(page, name):
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        text = f.read()
+    assert f"ml.{name}({_signature_text(getattr(ml, name))})" in text
