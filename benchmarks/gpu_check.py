@@ -377,15 +377,15 @@ def check_mined_indices(run: Run, name: str, params, pos, neg, a64, r64, labels,
     run.check(f"{name} tie-free mismatches", params, mismatched_tie_free, 0)
 
 
-def _ref_batch_hard_at(x, labels, pos, neg, distance: str, margin: float, r=None):
+def _ref_batch_hard_at(x, labels, pos, neg, distance: str, margin: float, normalize: bool, r=None):
     """fp64 batch-hard loss (mean over valid anchors) at given indices: O(N·D) (no mining)."""
     import torch
     import torch.nn.functional as F
 
     from metricloss import reference
 
-    a = reference._prepare(x, distance, True)
-    rr = a if r is None else reference._prepare(r, distance, True)
+    a = reference._prepare(x, distance, normalize)
+    rr = a if r is None else reference._prepare(r, distance, normalize)
     valid = (pos >= 0) & (neg >= 0)
 
     def dist(u, v):
@@ -434,8 +434,11 @@ def case_batch_hard(run: Run) -> None:
                 big = n * m > 2**24
                 sample = torch.randperm(n, generator=g)[:256] if big else None
                 xq, rq = quantise(x, dtype_name), (None if r is None else quantise(r, dtype_name))
-                a64 = mdist.prepare_embeddings(xq, distance, True)
-                r64 = a64 if self_ref else mdist.prepare_embeddings(rq, distance, True)
+                # at D = 1 normalised rows are ±1 and every gradient through the normalisation is 0: use raw rows
+                # (cosine normalises anyway: compare its loss only)
+                normalize, grads = d > 1, d > 1 or distance != "cosine"
+                a64 = mdist.prepare_embeddings(xq, distance, normalize)
+                r64 = a64 if self_ref else mdist.prepare_embeddings(rq, distance, normalize)
                 for backend in ("auto", "triton", "torch"):
                     run.tick()
                     params = dict(N=n, M=m, D=d, distance=distance, dtype=dtype_name, labels=pattern, backend=backend)
@@ -446,8 +449,8 @@ def case_batch_hard(run: Run) -> None:
                     triton_used = backend == "triton" or (backend == "auto" and run.device.type == "cuda")
                     # the miner as the loss runs it: prepared fp32 rows, cast to the mining dtype (Triton)
                     with torch.no_grad():
-                        a = mdist.prepare_embeddings(dev_x, distance, True)
-                        rr = a if self_ref else mdist.prepare_embeddings(dev_r, distance, True)
+                        a = mdist.prepare_embeddings(dev_x, distance, normalize)
+                        rr = a if self_ref else mdist.prepare_embeddings(dev_r, distance, normalize)
                         if triton_used:
                             kd = kernel_dtype(dev_x.dtype)
                             pos, neg = batch_hard_indices_triton(a.to(kd), dev_l, rr.to(kd),
@@ -465,17 +468,19 @@ def case_batch_hard(run: Run) -> None:
                         rraw64 = raw64 if self_ref else mdist.prepare_embeddings(rq, distance, False)
                         check_mined_indices(run, "mine_batch_hard", params, p2, n2, raw64, rraw64, labels,
                                             r_labels, self_ref, distance, mine_dtype)
-                    crit = ml.TripletLoss(margin=margin, mining="batch_hard", distance=distance, backend=backend)
+                    crit = ml.TripletLoss(margin=margin, mining="batch_hard", distance=distance, normalize=normalize,
+                                          backend=backend)
                     tensors = [x, labels] if self_ref else [x, labels, r, r_labels]
                     pos_c, neg_c = pos.cpu(), neg.cpu()
                     compare_losses(run, "batch-hard at chosen indices", params, crit,
-                                   lambda xx, ll, rr_=None, rl=None: _ref_batch_hard_at(xx, ll, pos_c, neg_c,
-                                                                                        distance, margin, rr_),
-                                   tensors, dtype_name, LOSS_TOL[dtype_name])
+                                   lambda xx, ll, rr_=None, rl=None: _ref_batch_hard_at(
+                                       xx, ll, pos_c, neg_c, distance, margin, normalize, rr_),
+                                   tensors, dtype_name, LOSS_TOL[dtype_name], grads=grads)
                     if not big and n * m * d <= 2**25:
                         got = crit(dev_x, dev_l, dev_r, dev_rl).detach().double().cpu()
                         want = ml.reference.triplet_loss(xq, labels, rq, None if self_ref else r_labels,
-                                                         margin=margin, mining="batch_hard", distance=distance)
+                                                         margin=margin, mining="batch_hard", distance=distance,
+                                                         normalize=normalize)
                         tol = 2 * MINING_TOL[mine_dtype] + LOSS_TOL[dtype_name] * float(want.abs())
                         run.check("batch-hard vs reference (abs)", params, float((got - want).abs()), tol)
                     del dev_x, dev_r
@@ -493,7 +498,7 @@ def case_block_triplets(run: Run) -> None:
     import metricloss as ml
 
     if run.dry:
-        shapes = [(48, 48, 3), (40, 23, 17)]
+        shapes = [(32, 32, 3), (30, 19, 17)]
     elif run.quick:
         shapes = [(257, 257, 128), (300, 200, 3), (1024, 1024, 64)]
     else:
