@@ -128,6 +128,17 @@ def _has_mask(index: Any) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in items)
 
 
+def _library_site() -> str:
+    """``file:line`` of the innermost metricloss frame on the stack (where a counted call was made)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if os.sep + "metricloss" + os.sep in name:
+            return f"{os.path.relpath(name, ROOT)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "outside metricloss"
+
+
 def make_sync_counter():
     """A ``TorchFunctionMode`` that counts the calls which synchronise a GPU with the host.
 
@@ -136,7 +147,8 @@ def make_sync_counter():
     (data-dependent output sizes), ``equal``/``allclose``, printing, boolean-mask indexing and assignment,
     one-argument ``torch.where``, ``repeat_interleave`` with tensor repeats and no ``output_size``, and
     ``.to()`` a CPU device from another device. Works on CPU tensors, so the count of the CPU path is the
-    count a GPU would see. Use as ``with make_sync_counter() as c: ...; c.total, c.counts``.
+    count a GPU would see. Use as ``with make_sync_counter() as c: ...; c.total, c.counts`` (by call) and
+    ``c.sites`` (by ``file:line`` of the innermost metricloss frame).
     """
     import torch
     from torch.overrides import TorchFunctionMode
@@ -147,6 +159,7 @@ def make_sync_counter():
         def __init__(self):
             super().__init__()
             self.counts: collections.Counter = collections.Counter()
+            self.sites: collections.Counter = collections.Counter()
 
         @property
         def total(self) -> int:
@@ -173,6 +186,7 @@ def make_sync_counter():
                         name = "to(cpu)"
             if name is not None:
                 self.counts[name] += 1
+                self.sites[f"{name} @ {_library_site()}"] += 1
             return func(*args, **kwargs)
 
     return SyncCounter()
