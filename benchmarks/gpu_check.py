@@ -1088,6 +1088,51 @@ def environment(run: Run) -> Dict[str, Any]:
     return env
 
 
+def _timing(run: Run, method: str, **params) -> Optional[Dict[str, Any]]:
+    for t in run.timings:
+        if t["family"] == "batch-hard" and t["method"] == method and all(t.get(k) == v for k, v in params.items()):
+            return t
+    return None
+
+
+def targets(run: Run) -> List[Dict[str, Any]]:
+    """Issue 16's acceptance targets, read off the timings: (target, measured, met) rows; met is None when the
+    figures are missing (not measured, skipped, or no peak for this GPU)."""
+    rows = []
+    big = dict(N=65536, D=512, dtype="bf16")
+    miner, matmul = _timing(run, "triton miner only", **big), _timing(run, "bare matmul x @ x.T (bf16)", **big)
+    peak = (run.peak or {}).get("bf16")
+    if miner and "median_s" in miner and peak:
+        bound = 2.0 * 65536**2 * 512 / (peak * 1e12)
+        rows.append({"target": "Triton batch-hard miner, N=M=65536, D=512, bf16: within 2.5x of the matmul bound "
+                               f"({bound * 1e3:.2f} ms at the {peak:.0f} TFLOP/s peak)",
+                     "measured": f"{miner['median_s'] * 1e3:.2f} ms = {miner['median_s'] / bound:.2f}x the bound"
+                                 + (f", {miner['median_s'] / matmul['median_s']:.2f}x the measured bare matmul"
+                                    if matmul and "median_s" in matmul else ""),
+                     "met": miner["median_s"] <= 2.5 * bound})
+    else:
+        rows.append({"target": "Triton batch-hard miner, N=M=65536, D=512, bf16: within 2.5x of the matmul bound",
+                     "measured": "not measured", "met": None})
+    if miner and "median_s" in miner:
+        rows.append({"target": "the same: <= 10 ms (the H100 target)", "measured": f"{miner['median_s'] * 1e3:.2f} ms",
+                     "met": miner["median_s"] <= 0.010})
+    mid = dict(N=16384, D=512, dtype="bf16")
+    ours, pml = _timing(run, "metricloss triton (fwd+bwd)", **mid), _timing(run, "PML (fwd+bwd)", **mid)
+    if ours and pml and "median_s" in ours and "median_s" in pml:
+        rows.append({"target": "batch-hard fwd+bwd, N=16384, D=512: Triton >= 20x faster than PML on the same GPU",
+                     "measured": f"{pml['median_s'] / ours['median_s']:.1f}x ({ours['median_s'] * 1e3:.1f} vs "
+                                 f"{pml['median_s'] * 1e3:.1f} ms)", "met": pml["median_s"] / ours["median_s"] >= 20})
+    else:
+        rows.append({"target": "batch-hard fwd+bwd, N=16384: Triton >= 20x faster than PML", "measured":
+                     (pml or {}).get("error", "not measured"), "met": None})
+    fb = _timing(run, "metricloss triton (fwd+bwd)", **big)
+    if fb and "peak_extra_mib" in fb:
+        rows.append({"target": "batch-hard Triton fwd+bwd at N=65536, D=512: peak extra memory O(N·D), <= 512 MiB",
+                     "measured": f"{fb['peak_extra_mib']:.0f} MiB (N·D·2 B = {65536 * 512 * 2 / 2**20:.0f} MiB)",
+                     "met": fb["peak_extra_mib"] <= 512})
+    return rows
+
+
 def _fmt(v: Any, spec: str = ".3g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
@@ -1123,6 +1168,9 @@ def render(run: Run, env: Dict[str, Any], wall_s: float) -> str:
                      f"{t.get('runs', '')} | {_fmt(t.get('peak_extra_mib', ''), '.0f')} | "
                      f"{_fmt(t.get('tflops', ''), '.1f')} | {_fmt(t.get('share_of_peak', ''), '.0%')} | "
                      f"{t.get('error', '')} |")
+    lines += ["", "## Targets (issue 16)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'–' if t['met'] is None else ('yes' if t['met'] else 'NO')} |"
+              for t in targets(run)]
     lines += ["", "## Host syncs", "",
               "Synchronising calls of one forward+backward (function-mode counter) with a tiny and a large chunk "
               "budget; they must be equal. On CUDA also the warnings of set_sync_debug_mode('warn').", "",
@@ -1190,7 +1238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f.write(md)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"environment": env, "wall_s": wall, "covered": PUBLIC_COVERED, "cases": run.cases,
-                   "checks": run.checks, "timings": run.timings, "syncs": run.syncs, "peak_tflops": run.peak},
+                   "checks": run.checks, "timings": run.timings, "syncs": run.syncs, "peak_tflops": run.peak,
+                   "targets": targets(run)},
                   f, indent=1, default=str)
     print(md)
     return 0

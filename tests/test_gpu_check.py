@@ -124,3 +124,23 @@ def test_time_budget_stops_a_case():
     run.deadline = 0.0
     with pytest.raises(gpu_check.CaseTimeout):
         run.tick()
+
+
+def test_targets_read_off_the_timings():
+    run = gpu_check.Run("quick", "cpu")
+    run.peak = gpu_check.PEAK_TFLOPS["H100"]
+    big = dict(family="batch-hard", N=65536, D=512, dtype="bf16")
+    mid = dict(family="batch-hard", N=16384, D=512, dtype="bf16")
+    run.timings = [dict(big, method="triton miner only", median_s=0.009),
+                   dict(big, method="bare matmul x @ x.T (bf16)", median_s=0.006),
+                   dict(big, method="metricloss triton (fwd+bwd)", median_s=0.02, peak_extra_mib=300.0),
+                   dict(mid, method="metricloss triton (fwd+bwd)", median_s=0.002),
+                   dict(mid, method="PML (fwd+bwd)", median_s=0.1)]
+    rows = gpu_check.targets(run)
+    assert [r["met"] for r in rows] == [True, True, True, True]
+    assert "2.02x the bound" in rows[0]["measured"] and "50.0x" in rows[2]["measured"]
+    run.timings[0]["median_s"] = 0.012   # 2.7x the 4.45 ms bound, over 10 ms
+    run.timings[4]["median_s"] = 0.03    # 15x
+    assert [r["met"] for r in gpu_check.targets(run)] == [False, False, False, True]
+    run.timings = [dict(mid, method="PML (fwd+bwd)", error="skipped")]
+    assert [r["met"] for r in gpu_check.targets(run)] == [None, None]
