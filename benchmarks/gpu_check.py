@@ -780,12 +780,16 @@ def _fwd_bwd(loss_fn: Callable, *inputs) -> Callable[[], None]:
     return step
 
 
-def _pml():
+def _pml_loss(mining: str) -> Optional[Callable]:
+    """PML's version of a triplet loss (``benchmarks.memory_triplet.build_loss``: the same definitions as the CPU
+    benchmarks, margin 0.2), or None when pytorch-metric-learning does not import."""
     try:
-        from pytorch_metric_learning import losses, miners
+        import pytorch_metric_learning  # noqa: F401
     except Exception:
         return None
-    return losses, miners
+    from benchmarks.memory_triplet import build_loss
+
+    return build_loss("pml", mining)
 
 
 def dense_batch_hard(x, labels, margin: float = 0.2):
@@ -817,7 +821,7 @@ def case_speed_batch_hard(run: Run) -> None:
         sizes, dims, dtypes = [65536, 16384, 4096], [512], ["bf16"]
     else:
         sizes, dims, dtypes = [65536, 16384, 4096], [512, 128], ["bf16", "fp32"]
-    pml = _pml()
+    pml = _pml_loss("batch_hard")
     free = torch.cuda.mem_get_info(run.device)[0] if run.device.type == "cuda" else 8 * 2**30
     for n in sizes:
         for d in dims:
@@ -845,11 +849,8 @@ def case_speed_batch_hard(run: Run) -> None:
                     run.timings.append(dict(family="batch-hard", method="PML (fwd+bwd)", **params,
                                             error=f"skipped: ~{dense_bytes / 2**30:.0f} GiB of N×N tensors"))
                 else:
-                    losses, miners = pml
-                    loss_fn, miner = losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner()
                     _time(run, "batch-hard", "PML (fwd+bwd)", params,
-                          lambda: _fwd_bwd(lambda e, y: loss_fn(e, y, miner(e, y)), x.detach().float().clone(),
-                                           labels), repeats=3, warmup=1)
+                          lambda: _fwd_bwd(pml, x.detach().float().clone(), labels), repeats=3, warmup=1)
                 if run.dry or n > (4096 if run.quick else 16384) or dense_bytes > 0.7 * free:
                     reason = ("dry run" if run.dry else "quick run" if run.quick and n <= 16384
                               else f"~{dense_bytes / 2**30:.0f} GiB of N×N tensors")
@@ -873,7 +874,6 @@ def case_speed_others(run: Run) -> None:
     def s(full, dry):
         return dry if run.dry else full
 
-    pml = _pml()
     n = s(4096, 64)
     g = gen(8000)
     x = torch.randn(n, 128 if not run.dry else 8, generator=g).to(run.device)
@@ -882,16 +882,10 @@ def case_speed_others(run: Run) -> None:
         _time(run, mining, "metricloss torch (fwd+bwd)", dict(N=n, D=x.shape[1], dtype="fp32"),
               lambda m=mining: _fwd_bwd(ml.TripletLoss(margin=0.2, mining=m, reduction="mean_nonzero"),
                                         x.detach().clone(), labels))
+        pml = _pml_loss(mining)
         if pml is not None:
-            losses, miners = pml
-            lf = losses.TripletMarginLoss(margin=0.2)
-            mn = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard") if mining == "semi_hard" else None
-
-            def fn(e, y, _lf=lf, _mn=mn):
-                return _lf(e, y) if _mn is None else _lf(e, y, _mn(e, y))
-
             _time(run, mining, "PML (fwd+bwd)" + (" (a different loss)" if mining == "semi_hard" else ""),
-                  dict(N=n, D=x.shape[1], dtype="fp32"), lambda f=fn: _fwd_bwd(f, x.detach().clone(), labels),
+                  dict(N=n, D=x.shape[1], dtype="fp32"), lambda f=pml: _fwd_bwd(f, x.detach().clone(), labels),
                   repeats=3, warmup=1)
     b, c, d = s(65536, 64), s(1000, 10), s(128, 16)
     xc = (torch.randn(b, d, generator=g) * 0.3).to(run.device)
