@@ -981,7 +981,12 @@ def sync_workloads(device, tiny: bool):
                     os.environ["METRICLOSS_CHUNK_BYTES"] = old
         return run_
 
-    return [
+    on_gpu = []
+    if torch.device(device).type == "cuda":  # the default (auto = Triton) paths a GPU user gets
+        on_gpu = [("triplet batch_hard (auto: Triton)", triplet("batch_hard", "auto")),
+                  ("centroid (tensor, auto: Triton)",
+                   lambda b: bwd(MF.centroid_triplet_loss(leaf(x), ycent, cents, backend="auto", chunk_bytes=chunk[b])))]
+    return on_gpu + [
         ("triplet batch_hard (torch)", triplet("batch_hard")),
         ("triplet batch_all", triplet("batch_all")),
         ("triplet semi_hard", triplet("semi_hard")),
