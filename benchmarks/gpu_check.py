@@ -985,7 +985,8 @@ def sync_workloads(device, tiny: bool):
     if torch.device(device).type == "cuda":  # the default (auto = Triton) paths a GPU user gets
         on_gpu = [("triplet batch_hard (auto: Triton)", triplet("batch_hard", "auto")),
                   ("centroid (tensor, auto: Triton)",
-                   lambda b: bwd(MF.centroid_triplet_loss(leaf(x), ycent, cents, backend="auto", chunk_bytes=chunk[b])))]
+                   lambda b: bwd(MF.centroid_triplet_loss(leaf(x), ycent, cents, backend="auto",
+                                                          chunk_bytes=chunk[b])))]
     return on_gpu + [
         ("triplet batch_hard (torch)", triplet("batch_hard")),
         ("triplet batch_all", triplet("batch_all")),
@@ -1096,8 +1097,8 @@ def _timing(run: Run, method: str, **params) -> Optional[Dict[str, Any]]:
 
 
 def targets(run: Run) -> List[Dict[str, Any]]:
-    """Issue 16's acceptance targets, read off the timings: (target, measured, met) rows; met is None when the
-    figures are missing (not measured, skipped, or no peak for this GPU)."""
+    """The acceptance targets of the GPU work, read off the timings: (target, measured, met) rows; met is None
+    when the figures are missing (not measured, skipped, or no peak for this GPU)."""
     rows = []
     big = dict(N=65536, D=512, dtype="bf16")
     miner, matmul = _timing(run, "triton miner only", **big), _timing(run, "bare matmul x @ x.T (bf16)", **big)
@@ -1168,7 +1169,7 @@ def render(run: Run, env: Dict[str, Any], wall_s: float) -> str:
                      f"{t.get('runs', '')} | {_fmt(t.get('peak_extra_mib', ''), '.0f')} | "
                      f"{_fmt(t.get('tflops', ''), '.1f')} | {_fmt(t.get('share_of_peak', ''), '.0%')} | "
                      f"{t.get('error', '')} |")
-    lines += ["", "## Targets (issue 16)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'–' if t['met'] is None else ('yes' if t['met'] else 'NO')} |"
               for t in targets(run)]
     lines += ["", "## Host syncs", "",

@@ -31,7 +31,7 @@ def test_dry_run_writes_report_and_json(dry_run):
     md = (out / "REPORT.md").read_text()
     data = json.loads((out / "report.json").read_text())
     assert md in p.stdout  # the report is also printed
-    for section in ("## Correctness", "## Speed and memory", "## Host syncs", "## Cases and budgets"):
+    for section in ("## Correctness", "## Speed and memory", "## Targets", "## Host syncs", "## Cases and budgets"):
         assert section in md
     env = data["environment"]
     for key in ("date_utc", "torch", "triton", "cuda", "device_name", "mode"):
