@@ -231,6 +231,18 @@ class Run:
                             "tol": tol, "ok": ok, "note": note})
         return ok
 
+    @contextlib.contextmanager
+    def subcase(self, params: Dict[str, Any]):
+        """Run one sub-case: an exception (a kernel that does not compile, out of memory, …) is recorded as a
+        failure with ``params`` and the case goes on with the next sub-case."""
+        try:
+            yield
+        except CaseTimeout:
+            raise
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            self.fail("sub-case raised", params, f"{type(exc).__name__}: {text[0][:300] if text else ''}")
+
     def fail(self, name: str, params: Dict[str, Any], note: str) -> None:
         self.checks.append({"case": self.case_name, "check": name, "params": params, "err": math.nan,
                             "tol": 0.0, "ok": False, "note": note})
@@ -458,48 +470,49 @@ def case_batch_hard(run: Run) -> None:
                 for backend in (("triton", "torch") if auto_dup else ("auto", "triton", "torch")):
                     run.tick()
                     params = dict(N=n, M=m, D=d, distance=distance, dtype=dtype_name, labels=pattern, backend=backend)
-                    dev_x = x.to(run.device, to_dtype(dtype_name))
-                    dev_l = labels.to(run.device)
-                    dev_r = None if self_ref else r.to(run.device, to_dtype(dtype_name))
-                    dev_rl = None if self_ref else r_labels.to(run.device)
-                    triton_used = backend == "triton" or (backend == "auto" and run.device.type == "cuda")
-                    # the miner as the loss runs it: prepared fp32 rows, cast to the mining dtype (Triton)
-                    with torch.no_grad():
-                        a = mdist.prepare_embeddings(dev_x, distance, normalize)
-                        rr = a if self_ref else mdist.prepare_embeddings(dev_r, distance, normalize)
-                        if triton_used:
-                            kd = kernel_dtype(dev_x.dtype)
-                            pos, neg = batch_hard_indices_triton(a.to(kd), dev_l, rr.to(kd),
-                                                                 dev_l if self_ref else dev_rl, self_ref, distance)
-                        else:
-                            pos, neg = MF.mine_batch_hard(a, dev_l, None if self_ref else rr, dev_rl,
-                                                          distance=distance, backend="torch")
-                    mine_dtype = dtype_name if triton_used else "fp32"
-                    check_mined_indices(run, "batch-hard mining", params, pos, neg, a64, r64, labels, r_labels,
-                                        self_ref, distance, mine_dtype, rows=sample)
-                    # the public miner on raw rows (small shapes: its own fp64 check)
-                    if not big and distance != "squared_euclidean":
-                        p2, n2 = MF.mine_batch_hard(dev_x, dev_l, dev_r, dev_rl, distance=distance, backend=backend)
-                        raw64 = mdist.prepare_embeddings(xq, distance, False)
-                        rraw64 = raw64 if self_ref else mdist.prepare_embeddings(rq, distance, False)
-                        check_mined_indices(run, "mine_batch_hard", params, p2, n2, raw64, rraw64, labels,
-                                            r_labels, self_ref, distance, mine_dtype)
-                    crit = ml.TripletLoss(margin=margin, mining="batch_hard", distance=distance, normalize=normalize,
-                                          backend=backend)
-                    tensors = [x, labels] if self_ref else [x, labels, r, r_labels]
-                    pos_c, neg_c = pos.cpu(), neg.cpu()
-                    compare_losses(run, "batch-hard at chosen indices", params, crit,
-                                   lambda xx, ll, rr_=None, rl=None: _ref_batch_hard_at(
-                                       xx, ll, pos_c, neg_c, distance, margin, normalize, rr_),
-                                   tensors, dtype_name, LOSS_TOL[dtype_name], grads=grads)
-                    if not big and n * m * d <= 2**25:
-                        got = crit(dev_x, dev_l, dev_r, dev_rl).detach().double().cpu()
-                        want = ml.reference.triplet_loss(xq, labels, rq, None if self_ref else r_labels,
-                                                         margin=margin, mining="batch_hard", distance=distance,
-                                                         normalize=normalize)
-                        tol = 2 * MINING_TOL[mine_dtype] + LOSS_TOL[dtype_name] * float(want.abs())
-                        run.check("batch-hard vs reference (abs)", params, float((got - want).abs()), tol)
-                    del dev_x, dev_r
+                    with run.subcase(params):
+                        dev_x = x.to(run.device, to_dtype(dtype_name))
+                        dev_l = labels.to(run.device)
+                        dev_r = None if self_ref else r.to(run.device, to_dtype(dtype_name))
+                        dev_rl = None if self_ref else r_labels.to(run.device)
+                        triton_used = backend == "triton" or (backend == "auto" and run.device.type == "cuda")
+                        # the miner as the loss runs it: prepared fp32 rows, cast to the mining dtype (Triton)
+                        with torch.no_grad():
+                            a = mdist.prepare_embeddings(dev_x, distance, normalize)
+                            rr = a if self_ref else mdist.prepare_embeddings(dev_r, distance, normalize)
+                            if triton_used:
+                                kd = kernel_dtype(dev_x.dtype)
+                                pos, neg = batch_hard_indices_triton(a.to(kd), dev_l, rr.to(kd),
+                                                                     dev_l if self_ref else dev_rl, self_ref, distance)
+                            else:
+                                pos, neg = MF.mine_batch_hard(a, dev_l, None if self_ref else rr, dev_rl,
+                                                              distance=distance, backend="torch")
+                        mine_dtype = dtype_name if triton_used else "fp32"
+                        check_mined_indices(run, "batch-hard mining", params, pos, neg, a64, r64, labels, r_labels,
+                                            self_ref, distance, mine_dtype, rows=sample)
+                        # the public miner on raw rows (small shapes: its own fp64 check)
+                        if not big and distance != "squared_euclidean":
+                            p2, n2 = MF.mine_batch_hard(dev_x, dev_l, dev_r, dev_rl, distance=distance, backend=backend)
+                            raw64 = mdist.prepare_embeddings(xq, distance, False)
+                            rraw64 = raw64 if self_ref else mdist.prepare_embeddings(rq, distance, False)
+                            check_mined_indices(run, "mine_batch_hard", params, p2, n2, raw64, rraw64, labels,
+                                                r_labels, self_ref, distance, mine_dtype)
+                        crit = ml.TripletLoss(margin=margin, mining="batch_hard", distance=distance,
+                                              normalize=normalize, backend=backend)
+                        tensors = [x, labels] if self_ref else [x, labels, r, r_labels]
+                        pos_c, neg_c = pos.cpu(), neg.cpu()
+                        compare_losses(run, "batch-hard at chosen indices", params, crit,
+                                       lambda xx, ll, rr_=None, rl=None: _ref_batch_hard_at(
+                                           xx, ll, pos_c, neg_c, distance, margin, normalize, rr_),
+                                       tensors, dtype_name, LOSS_TOL[dtype_name], grads=grads)
+                        if not big and n * m * d <= 2**25:
+                            got = crit(dev_x, dev_l, dev_r, dev_rl).detach().double().cpu()
+                            want = ml.reference.triplet_loss(xq, labels, rq, None if self_ref else r_labels,
+                                                             margin=margin, mining="batch_hard", distance=distance,
+                                                             normalize=normalize)
+                            tol = 2 * MINING_TOL[mine_dtype] + LOSS_TOL[dtype_name] * float(want.abs())
+                            run.check("batch-hard vs reference (abs)", params, float((got - want).abs()), tol)
+                        del dev_x, dev_r
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -537,17 +550,18 @@ def case_block_triplets(run: Run) -> None:
                         run.tick()
                         params = dict(N=n, M=m, D=d, mining=mining, distance=distance, dtype=dtype_name,
                                       labels=pattern, backend=backend, chunk_bytes=chunk)
-                        crit = ml.TripletLoss(margin=0.2, mining=mining, distance=distance, backend=backend,
-                                              chunk_bytes=chunk)
-                        if dense_ok:
-                            def ref(*t, _mining=mining, _distance=distance):
-                                return ml.reference.triplet_loss(*t, margin=0.2, mining=_mining, distance=_distance)
-                        else:
-                            ref = ml.TripletLoss(margin=0.2, mining=mining, distance=distance, backend="torch")
-                        tol = SEMI_HARD_TOL if mining == "semi_hard" else LOSS_TOL[dtype_name]
-                        compare_losses(run, f"{mining}" + ("" if dense_ok else " vs CPU torch fp64"), params,
-                                       crit, ref, tensors, dtype_name, tol, cache=cache,
-                                       key=(mining, distance, dtype_name))
+                        with run.subcase(params):
+                            crit = ml.TripletLoss(margin=0.2, mining=mining, distance=distance, backend=backend,
+                                                  chunk_bytes=chunk)
+                            if dense_ok:
+                                def ref(*t, _mining=mining, _distance=distance):
+                                    return ml.reference.triplet_loss(*t, margin=0.2, mining=_mining, distance=_distance)
+                            else:
+                                ref = ml.TripletLoss(margin=0.2, mining=mining, distance=distance, backend="torch")
+                            tol = SEMI_HARD_TOL if mining == "semi_hard" else LOSS_TOL[dtype_name]
+                            compare_losses(run, f"{mining}" + ("" if dense_ok else " vs CPU torch fp64"), params,
+                                           crit, ref, tensors, dtype_name, tol, cache=cache,
+                                           key=(mining, distance, dtype_name))
 
 
 def case_warp(run: Run) -> None:
@@ -566,28 +580,29 @@ def case_warp(run: Run) -> None:
         for dtype_name in DTYPE_NAMES:
             run.tick()
             params = dict(B=b, C=c, dtype=dtype_name)
-            if b * c * c <= 2**26:
-                compare_losses(run, "WARP exact", params, ml.WARPLoss(mode="exact"),
-                               lambda s, y: ml.reference.warp_loss(s, y), [scores, labels], dtype_name,
-                               LOSS_TOL[dtype_name])
-            else:
-                compare_losses(run, "WARP exact vs CPU torch fp64", params, ml.WARPLoss(mode="exact"),
-                               ml.WARPLoss(mode="exact"), [scores, labels], dtype_name, LOSS_TOL[dtype_name])
-            # decided draws: row i has all negatives equal to v_i and the positive at v_i - 2 (all violate,
-            # margin 1) or v_i + 2 (none violates): sampled == exact == reference
-            v = torch.randn(b, 1, generator=g).expand(b, c).clone()
-            decided = torch.rand(b, generator=g) < 0.5
-            v[torch.arange(b), labels] = torch.where(decided, v[:, 0] - 2.0, v[:, 0] + 2.0)
-            want_fn = ml.reference.warp_loss if b * c * c <= 2**26 else ml.WARPLoss(mode="exact")
-            # the sampled gradient reaches one drawn violator, the exact one all of them: losses only
-            compare_losses(run, "WARP sampled (decided rows)", params, ml.WARPLoss(mode="sampled"), want_fn,
-                           [v, labels], dtype_name, LOSS_TOL[dtype_name], grads=False)
-            dev = scores.to(run.device, to_dtype(dtype_name))
-            l1 = ml.functional.warp_loss(dev, labels.to(run.device),
-                                         generator=torch.Generator(run.device).manual_seed(5))
-            l2 = ml.functional.warp_loss(dev, labels.to(run.device),
-                                         generator=torch.Generator(run.device).manual_seed(5))
-            run.check("WARP sampled reproducible", params, float((l1 - l2).abs()), 0.0)
+            with run.subcase(params):
+                if b * c * c <= 2**26:
+                    compare_losses(run, "WARP exact", params, ml.WARPLoss(mode="exact"),
+                                   lambda s, y: ml.reference.warp_loss(s, y), [scores, labels], dtype_name,
+                                   LOSS_TOL[dtype_name])
+                else:
+                    compare_losses(run, "WARP exact vs CPU torch fp64", params, ml.WARPLoss(mode="exact"),
+                                   ml.WARPLoss(mode="exact"), [scores, labels], dtype_name, LOSS_TOL[dtype_name])
+                # decided draws: row i has all negatives equal to v_i and the positive at v_i - 2 (all violate,
+                # margin 1) or v_i + 2 (none violates): sampled == exact == reference
+                v = torch.randn(b, 1, generator=g).expand(b, c).clone()
+                decided = torch.rand(b, generator=g) < 0.5
+                v[torch.arange(b), labels] = torch.where(decided, v[:, 0] - 2.0, v[:, 0] + 2.0)
+                want_fn = ml.reference.warp_loss if b * c * c <= 2**26 else ml.WARPLoss(mode="exact")
+                # the sampled gradient reaches one drawn violator, the exact one all of them: losses only
+                compare_losses(run, "WARP sampled (decided rows)", params, ml.WARPLoss(mode="sampled"), want_fn,
+                               [v, labels], dtype_name, LOSS_TOL[dtype_name], grads=False)
+                dev = scores.to(run.device, to_dtype(dtype_name))
+                l1 = ml.functional.warp_loss(dev, labels.to(run.device),
+                                             generator=torch.Generator(run.device).manual_seed(5))
+                l2 = ml.functional.warp_loss(dev, labels.to(run.device),
+                                             generator=torch.Generator(run.device).manual_seed(5))
+                run.check("WARP sampled reproducible", params, float((l1 - l2).abs()), 0.0)
 
 
 def case_centroid(run: Run) -> None:
@@ -614,21 +629,22 @@ def case_centroid(run: Run) -> None:
                 for backend in (("auto", "torch") if scheme == "onehot" else ("auto", "triton", "torch")):
                     run.tick()
                     params = dict(B=b, C=c, D=d, centroids=scheme, dtype=dtype_name, backend=backend)
-                    cen = "onehot" if scheme == "onehot" else cents.to(run.device, to_dtype(dtype_name))
-                    cen_ref = "onehot" if scheme == "onehot" else quantise(cents, dtype_name)
+                    with run.subcase(params):
+                        cen = "onehot" if scheme == "onehot" else cents.to(run.device, to_dtype(dtype_name))
+                        cen_ref = "onehot" if scheme == "onehot" else quantise(cents, dtype_name)
 
-                    def dev_fn(xx, ll, _c=cen, _b=backend):
-                        return ml.functional.centroid_triplet_loss(xx, ll, _c, num_classes=c, backend=_b)
+                        def dev_fn(xx, ll, _c=cen, _b=backend):
+                            return ml.functional.centroid_triplet_loss(xx, ll, _c, num_classes=c, backend=_b)
 
-                    if dense_ok:
-                        def ref_fn(xx, ll, _c=cen_ref):
-                            return ml.reference.centroid_triplet_loss(xx, ll, _c, num_classes=c)
-                    else:
-                        def ref_fn(xx, ll, _c=cen_ref):
-                            return ml.functional.centroid_triplet_loss(xx, ll, _c, num_classes=c, backend="torch")
-                    compare_losses(run, "centroid" + ("" if dense_ok else " vs CPU torch fp64"), params, dev_fn,
-                                   ref_fn, [x, labels], dtype_name, LOSS_TOL[dtype_name], cache=cache,
-                                   key=(scheme, dtype_name))
+                        if dense_ok:
+                            def ref_fn(xx, ll, _c=cen_ref):
+                                return ml.reference.centroid_triplet_loss(xx, ll, _c, num_classes=c)
+                        else:
+                            def ref_fn(xx, ll, _c=cen_ref):
+                                return ml.functional.centroid_triplet_loss(xx, ll, _c, num_classes=c, backend="torch")
+                        compare_losses(run, "centroid" + ("" if dense_ok else " vs CPU torch fp64"), params, dev_fn,
+                                       ref_fn, [x, labels], dtype_name, LOSS_TOL[dtype_name], cache=cache,
+                                       key=(scheme, dtype_name))
 
 
 def case_cosine(run: Run) -> None:
@@ -650,30 +666,32 @@ def case_cosine(run: Run) -> None:
         for dtype_name in DTYPE_NAMES:
             run.tick()
             params = dict(B=b, D=d, C=c, dtype=dtype_name)
-            # NormalizeScale returns the input dtype: its output is rounded to it
-            compare_losses(run, "NormalizeScale", params, lambda xx: ml.functional.normalize_scale(xx, 20.0),
-                           lambda xx: ml.reference.normalize_scale(xx, 20.0), [x], dtype_name,
-                           max(LOSS_TOL[dtype_name], ROUNDING_TOL[dtype_name]))
-            compare_losses(run, "CosineClassifier (margin 0.1)", params,
-                           lambda xx, ww, ll: ml.functional.cosine_logits(xx, ww, ll, scale=20.0, margin=0.1),
-                           lambda xx, ww, ll: ml.reference.cosine_logits(xx, ww, ll, scale=20.0, margin=0.1),
-                           [x, w, labels], dtype_name, LOSS_TOL[dtype_name])
-            for cc in (None, chunk):
-                p = dict(params, class_chunk=cc)
-                compare_losses(run, "NormSoftmax" + (" streamed" if cc else " dense"), p,
-                               lambda xx, ll, ww, _cc=cc: ml.functional.norm_softmax_loss(xx, ll, ww, class_chunk=_cc),
-                               lambda xx, ll, ww: ml.reference.norm_softmax_loss(xx, ll, ww),
-                               [x, labels, w], dtype_name, LOSS_TOL[dtype_name], cache=cache,
-                               key=("ns", dtype_name))
-                if b * c * d <= 2**27:
-                    ref = ml.reference.centralized_ranking_loss
-                else:
-                    ref = functools.partial(ml.functional.centralized_ranking_loss, class_chunk=chunk)
-                compare_losses(run, "CentralizedRanking" + (" streamed" if cc else " dense"), p,
-                               lambda xx, ll, ww, _cc=cc: ml.functional.centralized_ranking_loss(xx, ll, ww,
-                                                                                                 class_chunk=_cc),
-                               ref, [x, labels, w], dtype_name, LOSS_TOL[dtype_name], cache=cache,
-                               key=("dgcrl", dtype_name))
+            with run.subcase(params):
+                # NormalizeScale returns the input dtype: its output is rounded to it
+                compare_losses(run, "NormalizeScale", params, lambda xx: ml.functional.normalize_scale(xx, 20.0),
+                               lambda xx: ml.reference.normalize_scale(xx, 20.0), [x], dtype_name,
+                               max(LOSS_TOL[dtype_name], ROUNDING_TOL[dtype_name]))
+                compare_losses(run, "CosineClassifier (margin 0.1)", params,
+                               lambda xx, ww, ll: ml.functional.cosine_logits(xx, ww, ll, scale=20.0, margin=0.1),
+                               lambda xx, ww, ll: ml.reference.cosine_logits(xx, ww, ll, scale=20.0, margin=0.1),
+                               [x, w, labels], dtype_name, LOSS_TOL[dtype_name])
+                for cc in (None, chunk):
+                    p = dict(params, class_chunk=cc)
+                    compare_losses(run, "NormSoftmax" + (" streamed" if cc else " dense"), p,
+                                   lambda xx, ll, ww, _cc=cc: ml.functional.norm_softmax_loss(xx, ll, ww,
+                                                                                              class_chunk=_cc),
+                                   lambda xx, ll, ww: ml.reference.norm_softmax_loss(xx, ll, ww),
+                                   [x, labels, w], dtype_name, LOSS_TOL[dtype_name], cache=cache,
+                                   key=("ns", dtype_name))
+                    if b * c * d <= 2**27:
+                        ref = ml.reference.centralized_ranking_loss
+                    else:
+                        ref = functools.partial(ml.functional.centralized_ranking_loss, class_chunk=chunk)
+                    compare_losses(run, "CentralizedRanking" + (" streamed" if cc else " dense"), p,
+                                   lambda xx, ll, ww, _cc=cc: ml.functional.centralized_ranking_loss(xx, ll, ww,
+                                                                                                     class_chunk=_cc),
+                                   ref, [x, labels, w], dtype_name, LOSS_TOL[dtype_name], cache=cache,
+                                   key=("dgcrl", dtype_name))
 
 
 def case_metrics(run: Run) -> None:
@@ -694,10 +712,11 @@ def case_metrics(run: Run) -> None:
                 ref = ml.metrics.retrieval_metrics(quantise(x, dtype_name).float(), labels, metric=metric)
                 for chunk in (None, 1 << 16):
                     params = dict(N=n, D=d, metric=metric, dtype=dtype_name, chunk_bytes=chunk)
-                    got = ml.metrics.retrieval_metrics(x.to(run.device, to_dtype(dtype_name)), labels.to(run.device),
-                                                       metric=metric, chunk_bytes=chunk)
-                    err = max(abs(got[k] - ref[k]) for k in ref)
-                    run.check("retrieval_metrics vs CPU", params, err, METRIC_TOL)
+                    with run.subcase(params):
+                        got = ml.metrics.retrieval_metrics(x.to(run.device, to_dtype(dtype_name)),
+                                                           labels.to(run.device), metric=metric, chunk_bytes=chunk)
+                        err = max(abs(got[k] - ref[k]) for k in ref)
+                        run.check("retrieval_metrics vs CPU", params, err, METRIC_TOL)
 
 
 # ----------------------------------------------------------------------------------------------------

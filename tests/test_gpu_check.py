@@ -144,3 +144,19 @@ def test_targets_read_off_the_timings():
     assert [r["met"] for r in gpu_check.targets(run)] == [False, False, False, True]
     run.timings = [dict(mid, method="PML (fwd+bwd)", error="skipped")]
     assert [r["met"] for r in gpu_check.targets(run)] == [None, None]
+
+
+def test_a_raising_subcase_is_a_listed_failure_and_the_case_goes_on():
+    run = gpu_check.Run("dry-run", "cpu")
+    run.case_name = "selftest"
+    for i in range(3):
+        with run.subcase({"i": i}):
+            if i == 1:
+                raise RuntimeError("kernel did not compile\nmore")
+            run.check("ok", {"i": i}, 0.0, 1.0)
+    assert [(c["check"], c["ok"]) for c in run.checks] == [("ok", True), ("sub-case raised", False), ("ok", True)]
+    assert run.checks[1]["note"] == "RuntimeError: kernel did not compile" and run.checks[1]["params"] == {"i": 1}
+    run.deadline = 0.0
+    with pytest.raises(gpu_check.CaseTimeout):
+        with run.subcase({}):
+            run.tick()
