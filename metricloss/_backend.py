@@ -24,7 +24,7 @@ import torch
 
 from ._checks import check_option
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpreting"]
+__all__ = ["BACKENDS", "MIN_TRITON_VERSION", "resolve_backend", "triton_available", "triton_interpreting"]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -36,13 +36,33 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The kernels call ``tl.dot(..., input_precision=...)``, which Triton 2.x lacks (it has ``allow_tf32``);
+# torch 2.3 pins Triton 2.3, torch >= 2.4 pins Triton >= 3.0.
+MIN_TRITON_VERSION = (3, 0)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``: the leading numeric fields of a version string."""
+    parts = []
+    for field in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in field if ch.isdigit()) if field[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 def triton_available() -> bool:
-    """True when ``import triton`` succeeds."""
+    """True when ``import triton`` succeeds and its version is at least :data:`MIN_TRITON_VERSION`.
+
+    An older Triton (torch 2.3 ships 2.3) counts as absent: ``"auto"`` then uses the torch path and an
+    explicit ``"triton"`` warns once and falls back, instead of failing when the first kernel compiles.
+    """
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception:  # pragma: no cover - depends on the platform
         return False
-    return True
+    return _version_tuple(getattr(triton, "__version__", "0")) >= MIN_TRITON_VERSION
 
 
 def _warn_once(op: str, requested: str, reason: str) -> None:
@@ -89,7 +109,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, implemented: Se
         _warn_once(op, backend, "this op has no Triton kernel")
         return "torch"
     if not triton_available():
-        _warn_once(op, backend, "triton is not installed")
+        _warn_once(op, backend, "triton >= 3.0 is not installed")
         return "torch"
     if device.type != "cuda" and not triton_interpreting():
         # the same outcome as a missing install, so a CPU call behaves alike with or without Triton

@@ -48,7 +48,7 @@ def test_triton_on_cpu_without_interpreter_warns_once_and_falls_back(monkeypatch
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_backend, "_warned", set())
     monkeypatch.setattr(_backend, "triton_available", lambda: installed)
-    reason = "not CUDA" if installed else "triton is not installed"
+    reason = "not CUDA" if installed else "triton >= 3.0 is not installed"
     with pytest.warns(UserWarning, match=f"backend='triton' is not available .*{reason}"):
         assert resolve_backend("triton", CPU, "op", ("torch", "triton")) == "torch"
     with warnings.catch_warnings():
@@ -66,7 +66,7 @@ def test_triton_absent_under_interpreter_warns_and_falls_back(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_backend, "_warned", set())
     monkeypatch.setattr(_backend, "triton_available", lambda: False)
-    with pytest.warns(UserWarning, match="triton is not installed"):
+    with pytest.warns(UserWarning, match=r"triton >= 3\.0 is not installed"):
         assert resolve_backend("triton", CPU, "op", ("torch", "triton")) == "torch"
 
 
@@ -102,3 +102,13 @@ def test_reference_backend_matches_torch_backend():
     pa, na = MF.mine_batch_hard(x, y, backend="reference")
     pb, nb = MF.mine_batch_hard(x, y, backend="torch")
     assert torch.equal(pa, pb) and torch.equal(na, nb)
+
+
+@pytest.mark.parametrize("version, ok", [("3.0.0", True), ("3.9.0", True), ("3.6.0+git1a2b3c", True),
+                                         ("2.3.0", False), ("2.3.1+cu121", False), ("", False)])
+def test_triton_older_than_3_counts_as_absent(monkeypatch, version, ok):
+    # the kernels need tl.dot(..., input_precision=...), which Triton 2.x lacks (torch 2.3 ships Triton 2.3)
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    assert _backend.triton_available() is ok
