@@ -14,6 +14,7 @@ from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLo
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .losses import CentroidTripletLoss
+from .losses import EmbeddingHead, SVMaxRegularizer, TwoHeadLoss
 
 __version__ = "0.1.0.dev0"
 
@@ -28,6 +29,9 @@ __all__ = [
     "NormSoftmaxLoss",
     "CentralizedRankingLoss",
     "CentroidTripletLoss",
+    "SVMaxRegularizer",
+    "TwoHeadLoss",
+    "EmbeddingHead",
     "functional",
     "metrics",
     "reference",
