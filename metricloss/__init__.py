@@ -10,6 +10,7 @@ Flat public API (docs/design.md §1)::
 """
 
 from . import functional, metrics, reference
+from . import evolution, explain
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
@@ -35,5 +36,7 @@ __all__ = [
     "functional",
     "metrics",
     "reference",
+    "explain",
+    "evolution",
     "__version__",
 ]
