@@ -11,7 +11,8 @@
    batch 32 = 8 classes × 4, as the authors) with cross-entropy alone (linear classifier on the pooled
    features) vs :class:`~metricloss.TwoHeadLoss` (the same classifier + an :class:`~metricloss.EmbeddingHead`
    and the semi-hard triplet term). The two are timed in alternating blocks so drift hits both alike; the
-   overhead is the median of the per-block ratios, with their min–max.
+   overhead is the median of the per-block ratios, with their min–max, in wall-clock and in process CPU
+   time (with one thread, CPU time is the least disturbed by other processes on a shared machine).
 
 Every time is the median of ``--repeats`` runs after a warm-up, on ``--threads`` threads. Run it under
 ``flock /tmp/metricloss-bench.lock`` on a shared machine and compare only figures from one run.
@@ -46,13 +47,16 @@ from metricloss.explain import l2_caf  # noqa: E402
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
+    """Wall-clock median/min/max and the median process CPU time (less sensitive to other processes)."""
     fn()  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+        cpu.append(time.process_time() - c)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "cpu_median_s": statistics.median(cpu)}
 
 
 def bench_svmax(shapes, repeats: int) -> List[Dict]:
@@ -148,41 +152,45 @@ def bench_two_head(width: int, classes: int, batch: int, steps: int, blocks: int
 
     run_ce()
     run_two_head()
-    ce_times, th_times = [], []
+    ce_times, th_times, ce_cpu, th_cpu = [], [], [], []
     for _ in range(blocks):  # alternate, so drift of the shared machine hits both
-        t = time.perf_counter()
-        run_ce()
-        ce_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        run_two_head()
-        th_times.append(time.perf_counter() - t)
+        for fn, wall, cpu in ((run_ce, ce_times, ce_cpu), (run_two_head, th_times, th_cpu)):
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     ratios = [b / a for a, b in zip(ce_times, th_times)]
+    cpu_ratios = [b / a for a, b in zip(ce_cpu, th_cpu)]
     return {"width": width, "batch": batch, "classes": classes, "steps_per_block": steps, "blocks": blocks,
             "ce_median_s": statistics.median(ce_times), "two_head_median_s": statistics.median(th_times),
             "overhead_median": statistics.median(ratios) - 1.0, "overhead_min": min(ratios) - 1.0,
-            "overhead_max": max(ratios) - 1.0}
+            "overhead_max": max(ratios) - 1.0, "cpu_overhead_median": statistics.median(cpu_ratios) - 1.0,
+            "cpu_overhead_min": min(cpu_ratios) - 1.0, "cpu_overhead_max": max(cpu_ratios) - 1.0}
 
 
 def report(res: Dict) -> str:
     lines = [f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
              f"{res['threads']} thread(s); median of {res['repeats']} runs", "",
              "### SVMax: mean_singular_value, fp32", "",
-             "| b × d | method | forward (ms) | forward + backward (ms) |", "|---|---|---|---|"]
+             "| b × d | method | forward (ms) | forward + backward (ms) | CPU time fwd / fwd+bwd (ms) |",
+             "|---|---|---|---|---|"]
     for r in res["svmax"]:
         lines.append(f"| {r['b']} × {r['d']} | {r['method']} | {1e3 * r['forward']['median_s']:.1f} | "
-                     f"{1e3 * r['forward_backward']['median_s']:.1f} |")
+                     f"{1e3 * r['forward_backward']['median_s']:.1f} | {1e3 * r['forward']['cpu_median_s']:.1f} / "
+                     f"{1e3 * r['forward_backward']['cpu_median_s']:.1f} |")
     lines += ["", "### L2-CAF: one feature map, pool → linear head", "",
               "| features | setting | steps | time (s) | per step (ms) |", "|---|---|---|---|---|"]
     for r in res["l2_caf"]:
         lines.append(f"| {tuple(r['features'])} | {r['setting']} | {r['steps']} | {r['median_s']:.2f} | "
                      f"{r['per_step_ms']:.2f} |")
     lines += ["", "### Two-head loss: training-time overhead over cross-entropy alone", "",
-              "| network width | batch | CE block (s) | two-head block (s) | overhead (median, min–max) |",
-              "|---|---|---|---|---|"]
+              "| network width | batch | CE block (s) | two-head block (s) | wall-clock overhead (median, min–max) | "
+              "CPU-time overhead (median, min–max) |", "|---|---|---|---|---|---|"]
     for r in res["two_head"]:
         lines.append(f"| {r['width']} | {r['batch']} | {r['ce_median_s']:.3f} | {r['two_head_median_s']:.3f} | "
                      f"{100 * r['overhead_median']:+.1f}% ({100 * r['overhead_min']:+.1f}% … "
-                     f"{100 * r['overhead_max']:+.1f}%) |")
+                     f"{100 * r['overhead_max']:+.1f}%) | {100 * r['cpu_overhead_median']:+.1f}% "
+                     f"({100 * r['cpu_overhead_min']:+.1f}% … {100 * r['cpu_overhead_max']:+.1f}%) |")
     return "\n".join(lines)
 
 

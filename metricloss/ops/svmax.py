@@ -18,7 +18,7 @@ the same way). Two exact routes compute it (docs/methods.md §6):
 
 Measured on 2 CPU threads (fp32 input, b = 4096, d = 512): ``"svd"`` ≈ 186 ms, ``"gram"`` ≈ 31 ms; at
 b = 512, d = 4096: 274 ms vs 29 ms; at b = d = 128: 0.80 ms vs 0.69 ms. ``"auto"`` therefore takes the Gram
-route everywhere (benchmarks/svmax_routes.py repeats the measurement).
+route everywhere (``benchmarks/toolbox.py`` repeats the measurement).
 """
 
 from __future__ import annotations
