@@ -91,7 +91,9 @@ def l2_caf(features: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
             uses lr 0.5 decaying to 0 over 1000 steps).
         min_lr: final learning rate, 0 <= min_lr <= lr (default 1e-5).
         tol: stop when the loss changed by less than this between two checks (default 1e-6, the port's
-            ``min_error``).
+            ``min_error``). It is absolute: with a head whose outputs are small (a pooled linear head gives
+            squared differences ~1e-4) the rule can stop at step 50 with a nearly uniform map; pass a
+            smaller ``tol`` (or 0 to always run ``steps``).
         check_every: steps between two checks of the stopping rule (default 50, as the port). Each check
             reads one scalar from the device.
         return_steps: also return the number of steps taken.
