@@ -548,7 +548,9 @@ def mean_singular_value(embeddings: torch.Tensor, normalize: bool = True, method
     Returns:
         A () tensor in fp32 (fp64 for fp64 input), differentiable: the gradient w.r.t. the normalised batch
         is U·Vᵀ / r (thin SVD). At a rank-deficient batch the ``"gram"`` route takes the subgradient with
-        no null-space part (and never Inf/NaN). NaN or Inf in ``embeddings`` gives NaN.
+        no null-space part (and never Inf/NaN); for an exactly collapsed batch (all rows parallel) that
+        gradient, taken through the normalisation, is 0, while ``"svd"`` returns LAPACK's arbitrary null
+        singular vectors. NaN or Inf in ``embeddings`` gives NaN.
     """
     where = "mean_singular_value"
     C.check_embeddings(embeddings, "embeddings", where)
