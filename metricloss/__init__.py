@@ -10,10 +10,12 @@ Flat public API (docs/design.md §1)::
 """
 
 from . import functional, metrics, reference
+from . import evolution, explain
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .losses import CentroidTripletLoss
+from .losses import EmbeddingHead, SVMaxRegularizer, TwoHeadLoss
 
 __version__ = "0.1.0.dev0"
 
@@ -28,8 +30,13 @@ __all__ = [
     "NormSoftmaxLoss",
     "CentralizedRankingLoss",
     "CentroidTripletLoss",
+    "SVMaxRegularizer",
+    "TwoHeadLoss",
+    "EmbeddingHead",
     "functional",
     "metrics",
     "reference",
+    "explain",
+    "evolution",
     "__version__",
 ]

@@ -5,7 +5,9 @@ from .cosine import CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .centroid import CentroidTripletLoss
 from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .warp import WARPLoss
+from .svmax import SVMaxRegularizer
+from .two_head import EmbeddingHead, TwoHeadLoss
 
 __all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss",
            "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss",
-           "CentroidTripletLoss"]
+           "CentroidTripletLoss", "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead"]
