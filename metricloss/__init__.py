@@ -9,11 +9,13 @@ Flat public API (docs/design.md §1)::
     loss = criterion(embeddings, labels)
 """
 
-from . import functional, metrics, reference
+from . import distributed, functional, metrics, reference, samplers
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .losses import CentroidTripletLoss
+from .losses import CrossBatchMemory
+from .samplers import PKSampler
 
 __version__ = "0.1.0.dev0"
 
@@ -28,6 +30,10 @@ __all__ = [
     "NormSoftmaxLoss",
     "CentralizedRankingLoss",
     "CentroidTripletLoss",
+    "CrossBatchMemory",
+    "PKSampler",
+    "distributed",
+    "samplers",
     "functional",
     "metrics",
     "reference",

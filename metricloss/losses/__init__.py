@@ -1,6 +1,7 @@
 """``nn.Module`` drop-ins, one file per family. They hold hyper-parameters and buffers only."""
 
 from .centralized import CentralizedRankingLoss
+from .memory import CrossBatchMemory
 from .cosine import CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .centroid import CentroidTripletLoss
 from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
@@ -8,4 +9,4 @@ from .warp import WARPLoss
 
 __all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss",
            "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss",
-           "CentroidTripletLoss"]
+           "CentroidTripletLoss", "CrossBatchMemory"]
