@@ -58,6 +58,8 @@ def case(method: str, mining: str, batch: int = 256, dim: int = 128, memory: int
     """Fill the memory (not measured); return one step: forward + backward of a fresh P×K batch."""
     import torch
 
+    if classes < batch // k:
+        raise ValueError(f"a P×K batch of {batch} with K={k} needs >= {batch // k} classes, got classes={classes}")
     g = torch.Generator().manual_seed(seed)
     module = build_memory(method, mining, dim, memory)
     fill_x = torch.randn(memory, dim, generator=g)
@@ -86,7 +88,7 @@ def run(args) -> list:
         for method in METHODS:
             params = {"method": method, "mining": mining, "batch": args.batch, "dim": args.dim,
                       "memory": args.memory, "classes": args.classes}
-            warm = dict(params, memory=2 * args.batch, classes=8)
+            warm = dict(params, memory=2 * args.batch, classes=args.batch // 4)
             res = measure(CASE, params, warmup_params=warm, repeats=args.repeats, warmup=1,
                           mem_limit_gb=args.mem_limit_gb, timeout=args.timeout)
             rows.append(res)
