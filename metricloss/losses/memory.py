@@ -84,19 +84,24 @@ class CrossBatchMemory(nn.Module):
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Write rows into the ring (oldest first overwritten); returns their slots (n,) int64.
 
-        Reads the write position once from the device (one sync per call).
+        Reads the write position and fill level from the device once (one sync per call).
         """
+        return self._enqueue(embeddings, labels)[0]
+
+    def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """:meth:`enqueue`, also returning the number of filled slots afterwards (a host int)."""
         n = embeddings.shape[0]
         if n > self.memory_size:
             raise ValueError(f"CrossBatchMemory: {n} rows to enqueue in one call exceed memory_size="
                              f"{self.memory_size}; the batch would overwrite itself")
-        start, filled = int(self.queue_idx), int(self.num_filled)
+        start, filled = torch.stack([self.queue_idx, self.num_filled]).tolist()
+        filled = min(filled + n, self.memory_size)
         slots = torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
         self.label_memory[slots] = labels.to(torch.int64)
         self.queue_idx.fill_((start + n) % self.memory_size)
-        self.num_filled.fill_(min(filled + n, self.memory_size))
-        return slots
+        self.num_filled.fill_(filled)
+        return slots, filled
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 enqueue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -128,12 +133,11 @@ class CrossBatchMemory(nn.Module):
             # every rank writes the same global batch (rank order), so every rank holds the same memory
             sizes = _dist.gather_sizes(queued.shape[0], queued.device, self.group)
             offset = sum(sizes[:torch.distributed.get_rank(self.group)])
-            slots = self.enqueue(_dist.all_gather_sized(queued.detach(), sizes, self.group),
-                                 _dist.all_gather_sized(queued_labels, sizes, self.group))
+            slots, filled = self._enqueue(_dist.all_gather_sized(queued.detach(), sizes, self.group),
+                                          _dist.all_gather_sized(queued_labels, sizes, self.group))
             own_slots = slots[offset:offset + queued.shape[0]]
         else:
-            own_slots = self.enqueue(queued, queued_labels)
-        filled = int(self.num_filled)
+            own_slots, filled = self._enqueue(queued, queued_labels)
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
 
         if anchors.shape[0] == 0:  # every row was enqueued: nothing to mine, a zero still on the graph
