@@ -110,6 +110,15 @@ def case_soft_margin_cosine(rank, world):
     _distributed_vs_one_process(rank, world, "batch_all", "mean", seed=21, margin="soft", distance="cosine")
 
 
+def case_nonfinite_on_one_rank_reaches_every_rank(rank, world):
+    x, y = _global_batch(world, 41)
+    x[0, 0] = float("nan")  # a row of rank 0
+    mine = _my_slice(world, rank)
+    for reduction in ("mean", "sum"):
+        out = DistributedLoss(_loss("batch_hard", reduction))(x[mine].clone().requires_grad_(), y[mine])
+        assert torch.isnan(out), (reduction, out)
+
+
 def case_ddp_model_parameter_grads(rank, world):
     """A real DDP model: its averaged parameter gradients equal one process's on the concatenated batch."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -189,6 +198,7 @@ def case_memory_enqueue_mask_in_process_group(rank, world):
 CASES = {"all_gather_values_and_grads": case_all_gather_values_and_grads,
          "all_gather_noncontiguous": case_all_gather_noncontiguous,
          "soft_margin_cosine": case_soft_margin_cosine,
+         "nonfinite_on_one_rank_reaches_every_rank": case_nonfinite_on_one_rank_reaches_every_rank,
          "ddp_model_parameter_grads": case_ddp_model_parameter_grads,
          "memory_in_process_group": case_memory_in_process_group,
          "memory_enqueue_mask_in_process_group": case_memory_enqueue_mask_in_process_group}
