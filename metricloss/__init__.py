@@ -9,13 +9,14 @@ Flat public API (docs/design.md §1)::
     loss = criterion(embeddings, labels)
 """
 
-from . import functional, metrics, reference
-from . import evolution, explain
+from . import distributed, evolution, explain, functional, metrics, reference, samplers
 from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .losses import CentroidTripletLoss
 from .losses import EmbeddingHead, SVMaxRegularizer, TwoHeadLoss
+from .losses import CrossBatchMemory
+from .samplers import PKSampler
 
 __version__ = "0.1.0.dev0"
 
@@ -33,6 +34,10 @@ __all__ = [
     "SVMaxRegularizer",
     "TwoHeadLoss",
     "EmbeddingHead",
+    "CrossBatchMemory",
+    "PKSampler",
+    "distributed",
+    "samplers",
     "functional",
     "metrics",
     "reference",

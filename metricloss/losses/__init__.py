@@ -1,6 +1,7 @@
 """``nn.Module`` drop-ins, one file per family. They hold hyper-parameters and buffers only."""
 
 from .centralized import CentralizedRankingLoss
+from .memory import CrossBatchMemory
 from .cosine import CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .centroid import CentroidTripletLoss
 from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
@@ -10,4 +11,4 @@ from .two_head import EmbeddingHead, TwoHeadLoss
 
 __all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss",
            "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss",
-           "CentroidTripletLoss", "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead"]
+           "CentroidTripletLoss", "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory"]

@@ -36,6 +36,7 @@ __all__ = [
     "REFINE_RATIO",
     "accumulation_dtype",
     "prepare_embeddings",
+    "promote_pair",
     "squared_norms",
     "safe_sqrt",
     "paired_distance",
@@ -75,6 +76,14 @@ def prepare_embeddings(x: torch.Tensor, distance: str, normalize: bool) -> torch
     if normalize or distance == "cosine":
         x = F.normalize(x, p=2.0, dim=1)
     return x
+
+
+def promote_pair(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` in their common accumulation dtype (fp32 with fp64 gives fp64 for both), so that
+    anchors and a reference set of different float dtypes meet in one GEMM. Differentiable; a tensor
+    already in that dtype is returned as is (identity, so ``b is a`` survives)."""
+    common = torch.promote_types(accumulation_dtype(a.dtype), accumulation_dtype(b.dtype))
+    return a.to(common), b.to(common)
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -263,8 +272,10 @@ def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, distanc
     """Dense (N, M) distance matrix, differentiable. For small inputs: it materialises N×M.
 
     Uses the Gram expansion with exact refinement of small entries (:class:`GramFactors`); the diagonal
-    of ``pairwise_distance(x)`` is exactly 0 with gradient 0. Computed in the accumulation dtype.
+    of ``pairwise_distance(x)`` is exactly 0 with gradient 0. Computed in the accumulation dtype, the
+    common one of ``x`` and ``y`` when they differ (fp32 with fp64: fp64).
     """
     xp = prepare_embeddings(x, distance, normalize)
     yp = xp if y is None else prepare_embeddings(y, distance, normalize)
+    xp, yp = promote_pair(xp, yp)
     return GramFactors(xp, yp, distance).distance_block(0, xp.shape[0], refine=True)

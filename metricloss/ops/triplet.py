@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 from .distance import GramFactors, gram_backward, paired_distance, paired_distance_grad, scale_distance_weights_
 from .labels import ClassIndex
-from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
-                     semi_hard_negative_idx)
-from .reduction import reduce_loss
+from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, own_columns, rows_per_chunk,
+                     semi_hard_negative_idx, triton_or_torch_for_self_index)
+from .reduction import LossTerms
 
-__all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "use_sorted_batch_all"]
+__all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
 
 MININGS = ("batch_hard", "batch_all", "semi_hard")
 
@@ -64,24 +64,25 @@ def _hinge(z: torch.Tensor, margin: Margin) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
-                      self_ref: bool, margin: Margin, distance: str, chunk_bytes: Optional[int], backend: str,
-                      mining_dtype: torch.dtype):
+                      self_ref: bool, self_index: Optional[torch.Tensor], margin: Margin, distance: str,
+                      chunk_bytes: Optional[int], backend: str, mining_dtype: torch.dtype) -> LossTerms:
     with torch.no_grad():
+        backend = triton_or_torch_for_self_index(backend, self_index, backend, "triplet_loss")
         if backend == "triton":
             pos_idx, neg_idx = batch_hard_indices_triton(a.detach().to(mining_dtype), labels,
                                                          r.detach().to(mining_dtype), ref_labels, self_ref, distance)
         else:
             index = ClassIndex(ref_labels)
-            cls = index.anchor_classes(labels, self_ref)
+            cls = index.anchor_classes(labels, self_ref, self_index)
             pos_idx, neg_idx = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance,
-                                                  chunk_bytes)
+                                                  chunk_bytes, self_index)
     valid = (pos_idx >= 0) & (neg_idx >= 0)
     # Invalid anchors gather row 0 (any in-range row): their term is computed, then masked by `where`,
     # which also zeroes its gradient.
     d_ap = paired_distance(a, r[pos_idx.clamp_min(0)], distance)
     d_an = paired_distance(a, r[neg_idx.clamp_min(0)], distance)
     terms = torch.where(valid, _hinge(d_ap - d_an, margin), torch.zeros_like(d_ap))
-    return terms, valid.sum(), (terms > 0).sum()
+    return LossTerms(terms, valid.sum(), (terms > 0).sum())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,10 +226,12 @@ class _BlockTripletPlan:
     """What every chunk of a batch-all / semi-hard call shares (built once per call)."""
 
     def __init__(self, a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
-                 self_ref: bool, mining: str, margin: Margin, distance: str, chunk_bytes: Optional[int]):
+                 self_ref: bool, self_index: Optional[torch.Tensor], mining: str, margin: Margin, distance: str,
+                 chunk_bytes: Optional[int]):
         self.self_ref, self.mining, self.margin, self.distance = self_ref, mining, margin, distance
+        self.self_index = None if self_ref else self_index
         self.index = ClassIndex(ref_labels)
-        self.cls = self.index.anchor_classes(labels, self_ref)
+        self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
         self.width = max(self.index.max_count - (1 if self_ref else 0), 0)
         self.gram = GramFactors(a, r, distance)
         m, elem = r.shape[0], a.element_size()
@@ -251,68 +254,113 @@ class _BlockTripletPlan:
         members, in_class = self.index.positive_table(cls, self.width)
         valid = in_class & (cls.num_neg > 0).unsqueeze(1)
         d_ap = dist.gather(1, members)
-        self_cols = torch.arange(s, e, device=a.device) if self.self_ref else None
+        self_cols = own_columns(s, e, self.self_ref, self.self_index, a.device)
         block = _batch_all_block if self.mining == "batch_all" else _semi_hard_block
         return block(dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance, want_weights,
                      a[s:e], r, self.scratch)
+
+
+def _run_chunks(plan: _BlockTripletPlan, a: torch.Tensor, r: torch.Tensor, want_grad: bool,
+                row_scale: Optional[torch.Tensor] = None):
+    """Walk the anchor chunks: per-anchor sums (N,), the nonzero count () and, with ``want_grad``, the
+    gradients of Σ_i row_scale_i · sums_i (``row_scale`` None: all ones) w.r.t. ``a`` and ``r``."""
+    n = a.shape[0]
+    sums = torch.empty(n, dtype=a.dtype, device=a.device)
+    nonzero = torch.zeros((), dtype=torch.int64, device=a.device)
+    grad_a = grad_r = colsum = None
+    if want_grad:
+        grad_a = torch.empty_like(a)
+        grad_r = torch.zeros_like(r)
+        colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
+    for s in range(0, n, plan.rows):
+        e = min(s + plan.rows, n)
+        chunk_sums, chunk_nonzero, chunk_grad = plan.chunk(a, r, s, e, want_grad)
+        sums[s:e] = chunk_sums
+        nonzero += chunk_nonzero
+        if want_grad:
+            grad_a[s:e] = chunk_grad.apply(a[s:e], r, plan.distance, grad_r, colsum,
+                                           row_scale=None if row_scale is None else row_scale[s:e])
+    if want_grad:
+        grad_r.addcmul_(colsum.unsqueeze(1), r)
+    return sums, nonzero, grad_a, grad_r
+
+
+# How BlockTripletLoss gets its gradient (a static option of each call):
+#  * "uniform": computed in the forward pass (the loss is terminal, so this saves a second distance
+#    pass); backward rescales it. Only for an upstream gradient that is the same for every anchor, which
+#    the scalar reductions guarantee (the sum's gradient is 1 or 1/count for every anchor).
+#  * "check": computed in the forward pass too, and backward checks (one device read) that the upstream
+#    gradient is uniform; if not, it recomputes. For loss terms handed to a caller (cross-rank reductions
+#    divide by a global count: uniform).
+#  * "recompute": backward recomputes the chunks with each anchor's row scaled by its upstream gradient
+#    (reduction="none").
+GRAD_MODES = ("uniform", "check", "recompute")
+
+_DOUBLE_BACKWARD_MESSAGE = (b"metricloss: the batch-all / semi-hard triplet loss is not twice differentiable "
+                            b"(its backward is a closed-form chunked gradient); use mining='batch_hard' or "
+                            b"backend='reference' for second derivatives")
+
+
+def _refuse_double_backward(grads: Tuple[torch.Tensor, ...], inputs: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+    """Outputs of a backward run with ``create_graph=True``: the same values, but differentiating them
+    again raises a clear error instead of silently treating this gradient as a constant."""
+    if not torch.is_grad_enabled():
+        return grads
+    # An exact zero that depends on the Function's inputs (the sum of an empty slice) puts the error on
+    # every path from these gradients back to the inputs: a second derivative must pass it.
+    link = sum(t[:0].sum() for t in inputs if t.requires_grad)
+    return torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE, len(grads))(*[g + link for g in grads])
 
 
 class BlockTripletLoss(torch.autograd.Function):
     """Batch-all / semi-hard triplet loss over anchor chunks, O(chunk·M) memory, GEMM gradients.
 
     Inputs: prepared anchors ``a`` (N, D) and references ``r`` (M, D) (the same tensor when the reference
-    set is the batch), labels, and the static options. Output: the reduced loss (``()``), or per-anchor
-    sums (``(N,)``) for ``reduction="none"``. Not twice differentiable.
+    set is the batch), labels, the own-row index (or None), and the static options. Outputs:
+    ``(per_anchor (N,), num_terms (), num_nonzero (), grad_a, grad_r)``; the last two are internal (the
+    precomputed unit gradients of the "uniform"/"check" modes, empty otherwise) and not differentiable.
+
+    Written in the ``setup_context`` form, so ``torch.func`` transforms apply. Not twice differentiable:
+    a second derivative through it raises an error. Nothing but saved tensors outlives the forward pass
+    (the plan and its scratch buffers are rebuilt if backward needs them), and autograd frees those after
+    backward.
     """
 
     @staticmethod
-    def forward(ctx, a, r, labels, ref_labels, self_ref, mining, margin, distance, reduction, chunk_bytes,
-                want_grad):
-        plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, mining, margin, distance, chunk_bytes)
-        n = a.shape[0]
-        grad_now = want_grad and reduction != "none"
-        sums = torch.empty(n, dtype=a.dtype, device=a.device)
-        nonzero = torch.zeros((), dtype=torch.int64, device=a.device)
-        if grad_now:
-            grad_a = torch.empty_like(a)
-            grad_r = torch.zeros_like(r)
-            colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
-        for s in range(0, n, plan.rows):
-            e = min(s + plan.rows, n)
-            chunk_sums, chunk_nonzero, chunk_grad = plan.chunk(a, r, s, e, grad_now)
-            sums[s:e] = chunk_sums
-            nonzero += chunk_nonzero
-            if grad_now:
-                grad_a[s:e] = chunk_grad.apply(a[s:e], r, distance, grad_r, colsum)
-        loss = reduce_loss(sums, plan.num_terms, nonzero, reduction)
-        ctx.plan = plan
-        if grad_now:
-            grad_r.addcmul_(colsum.unsqueeze(1), r)
-            scale = loss.new_ones(()) if reduction == "sum" else (
-                1.0 / (plan.num_terms if reduction == "mean" else nonzero).clamp_min(1).to(a.dtype))
-            ctx.save_for_backward(grad_a * scale, grad_r * scale)
-        else:
-            ctx.save_for_backward(a, r)
-        ctx.grad_now = grad_now
-        return loss
+    def forward(a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode):
+        plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, self_index, mining, margin, distance,
+                                 chunk_bytes)
+        precompute = grad_mode != "recompute"
+        sums, nonzero, grad_a, grad_r = _run_chunks(plan, a, r, precompute)
+        if not precompute:
+            grad_a, grad_r = a.new_empty(0), r.new_empty(0)
+        return sums, plan.num_terms, nonzero, grad_a, grad_r
 
     @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.grad_now:
-            grad_a, grad_r = ctx.saved_tensors
-            return (grad_a * grad_out, grad_r * grad_out) + (None,) * 9
-        # reduction="none": the upstream gradient weighs each anchor's row of W differently
-        a, r = ctx.saved_tensors
-        plan = ctx.plan
-        grad_a = torch.empty_like(a)
-        grad_r = torch.zeros_like(r)
-        colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
-        for s in range(0, a.shape[0], plan.rows):
-            e = min(s + plan.rows, a.shape[0])
-            _, _, chunk_grad = plan.chunk(a, r, s, e, True)
-            grad_a[s:e] = chunk_grad.apply(a[s:e], r, plan.distance, grad_r, colsum, row_scale=grad_out[s:e])
-        grad_r.addcmul_(colsum.unsqueeze(1), r)
-        return (grad_a, grad_r) + (None,) * 9
+    def setup_context(ctx, inputs, output):
+        a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode = inputs
+        _, num_terms, nonzero, grad_a, grad_r = output
+        ctx.mark_non_differentiable(num_terms, nonzero, grad_a, grad_r)
+        ctx.grad_mode = grad_mode
+        ctx.options = (self_ref, mining, margin, distance, chunk_bytes)
+        ctx.save_for_backward(grad_a, grad_r, a, r, labels, ref_labels, self_index)
+
+    @staticmethod
+    def backward(ctx, grad_sums, *unused):
+        grad_a, grad_r, a, r, labels, ref_labels, self_index = ctx.saved_tensors
+        if grad_sums is None:
+            return (None,) * 11
+        if ctx.grad_mode == "uniform" or (ctx.grad_mode == "check" and bool((grad_sums == grad_sums[0]).all())):
+            g = grad_sums[0]
+            grads = _refuse_double_backward((grad_a * g, grad_r * g), (a, r))
+        else:
+            self_ref, mining, margin, distance, chunk_bytes = ctx.options
+            with torch.no_grad():
+                plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, self_index, mining, margin, distance,
+                                         chunk_bytes)
+                _, _, grad_a, grad_r = _run_chunks(plan, a, r, True, row_scale=grad_sums)
+            grads = _refuse_double_backward((grad_a, grad_r), (a, r))
+        return grads + (None,) * 9
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,25 +372,46 @@ def triplet_backends(mining: str) -> Tuple[str, ...]:
     return ("torch", "triton", "reference") if mining == "batch_hard" else ("torch", "reference")
 
 
-def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
-                    self_ref: bool, margin: Margin, mining: str, distance: str, reduction: str,
-                    chunk_bytes: Optional[int], backend: str = "torch",
-                    mining_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Triplet loss on prepared inputs (accumulation dtype, normalised if asked).
+def triplet_loss_terms_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
+                          self_ref: bool, margin: Margin, mining: str, distance: str, chunk_bytes: Optional[int],
+                          backend: str = "torch", mining_dtype: torch.dtype = torch.float32,
+                          self_index: Optional[torch.Tensor] = None, grad_mode: str = "check") -> LossTerms:
+    """Unreduced triplet loss on prepared inputs (accumulation dtype, normalised if asked).
 
     Args:
         a: (N, D) anchors; r: (M, D) references, ``a`` itself when ``self_ref``.
         labels: (N,) ints; ref_labels: (M,) ints (``labels`` when ``self_ref``).
+        self_ref: the reference set is the batch (reference i is anchor i, same labels).
+        self_index: otherwise, an optional (N,) int64 own reference row per anchor (-1: none), excluded
+            from the anchor's positives and negatives by index.
         backend: ``"torch"`` or ``"triton"`` (batch-hard mining only; the loss itself is torch).
         mining_dtype: the dtype the Triton kernel mines in (see :func:`~metricloss.ops.mining.kernel_dtype`).
+        grad_mode: how batch-all / semi-hard get their gradient, one of :data:`GRAD_MODES`.
+
+    Returns:
+        :class:`~metricloss.ops.reduction.LossTerms`.
+    """
+    if mining == "batch_hard":
+        return _batch_hard_terms(a, labels, r, ref_labels, self_ref, self_index, margin, distance, chunk_bytes,
+                                 backend, mining_dtype)
+    if not (torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)):
+        grad_mode = "recompute"  # no backward will run: skip the gradient pass
+    sums, num_terms, nonzero, _, _ = BlockTripletLoss.apply(a, r, labels, ref_labels, self_index, self_ref, mining,
+                                                            margin, distance, chunk_bytes, grad_mode)
+    return LossTerms(sums, num_terms, nonzero)
+
+
+def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
+                    self_ref: bool, margin: Margin, mining: str, distance: str, reduction: str,
+                    chunk_bytes: Optional[int], backend: str = "torch",
+                    mining_dtype: torch.dtype = torch.float32,
+                    self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triplet loss on prepared inputs: :func:`triplet_loss_terms_op` reduced with ``reduction``.
 
     Returns:
         The reduced loss, or per-anchor sums for ``reduction="none"``.
     """
-    if mining == "batch_hard":
-        terms, num_terms, nonzero = _batch_hard_terms(a, labels, r, ref_labels, self_ref, margin, distance,
-                                                      chunk_bytes, backend, mining_dtype)
-        return reduce_loss(terms, num_terms, nonzero, reduction)
-    want_grad = torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)
-    return BlockTripletLoss.apply(a, r, labels, ref_labels, self_ref, mining, margin, distance, reduction,
-                                  chunk_bytes, want_grad)
+    terms = triplet_loss_terms_op(a, labels, r, ref_labels, self_ref, margin, mining, distance, chunk_bytes,
+                                  backend, mining_dtype, self_index,
+                                  grad_mode="recompute" if reduction == "none" else "uniform")
+    return terms.reduce(reduction)

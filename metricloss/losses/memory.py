@@ -1,0 +1,158 @@
+"""Cross-batch memory: mine the batch against a ring buffer of past embeddings (Wang et al. 2020, XBM)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _checks as C
+from .. import distributed as _dist
+from ..ops.reduction import LossTerms
+
+__all__ = ["CrossBatchMemory"]
+
+
+class CrossBatchMemory(nn.Module):
+    """A loss over the batch's anchors against a ring buffer of the last ``memory_size`` embeddings.
+
+    Each call (1) enqueues the batch's embeddings (detached) and labels into the ring buffer, overwriting
+    the oldest entries, then (2) returns ``loss`` with the batch as anchors and the filled memory, which
+    now includes the batch itself, as the reference set. An anchor's own slot is excluded by index
+    (``ref_self_index``), so it is never its own positive, while other copies of the same sample in the
+    memory still count. Gradients reach the anchors only (the memory is detached, as in XBM and PML).
+
+    Args:
+        loss: a loss module with ``loss_terms(embeddings, labels, ref_embeddings, ref_labels,
+            ref_self_index)`` and a ``reduction`` attribute, e.g. ``ml.TripletLoss(...)``. Its exactness and
+            memory use carry over: batch-all over a memory of 65536 mines in chunks, with no pair list.
+        embedding_dim: D, the width of the embeddings.
+        memory_size: number of slots, >= the number of rows enqueued per call (the global batch under
+            torch.distributed).
+        dtype: dtype of the stored embeddings (default float32; ``module.to(dtype)`` converts it).
+        group: the torch.distributed process group (default: the world), used when one is initialised.
+
+    Buffers (in ``state_dict``, moved by ``.to()``): ``embedding_memory`` (memory_size, D), ``label_memory``
+    (memory_size,) int64, ``queue_idx`` () int64 (the next slot), ``num_filled`` () int64.
+
+    ``forward(embeddings, labels, enqueue_mask=None)``: with ``enqueue_mask`` (B,) bool, as PML's, only the
+    rows where it is True are enqueued and only the others are anchors (no anchor then has a slot).
+
+    Under torch.distributed (inside an initialised process group of more than one rank) every rank
+    enqueues the **global** batch, all ranks' rows in rank order, so the memories stay identical on every
+    rank; the anchors are the rank's own rows, and the loss is scaled like
+    :class:`~metricloss.distributed.DistributedLoss`: after DDP's gradient averaging the gradients equal
+    those of one process running this module on the concatenated batches (the returned value is that
+    process's loss, on every rank; ``"none"`` returns this rank's anchors' rows).
+
+    Shapes:
+        - embeddings: (B, D) float; labels: (B,) int; enqueue_mask: (B,) bool, optional.
+        - output: () or (number of anchors,) for ``reduction="none"``.
+
+    Example::
+
+        >>> criterion = ml.CrossBatchMemory(ml.TripletLoss(mining="batch_hard"), 128, memory_size=8192)
+        >>> loss = criterion(model(x), y)
+    """
+
+    def __init__(self, loss: nn.Module, embedding_dim: int, memory_size: int, *, dtype: torch.dtype = torch.float32,
+                 group: Optional[object] = None):
+        super().__init__()
+        where = "CrossBatchMemory"
+        if not _dist._has_loss_terms(loss):
+            raise TypeError(f"{where}: `loss` must expose loss_terms(...) and a `reduction` attribute "
+                            f"(e.g. metricloss.TripletLoss), got {type(loss).__name__}")
+        self.embedding_dim = C.check_positive_int(embedding_dim, "embedding_dim", where)
+        self.memory_size = C.check_positive_int(memory_size, "memory_size", where)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"{where}: `dtype` must be a floating-point torch.dtype, got {dtype!r}")
+        self.loss = loss
+        self.group = group
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_dim, dtype=dtype))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
+        self.register_buffer("queue_idx", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("num_filled", torch.zeros((), dtype=torch.int64))
+
+    def reset_queue(self) -> None:
+        """Empty the memory (the stored rows are zeroed, the ring restarts at slot 0)."""
+        self.embedding_memory.zero_()
+        self.label_memory.zero_()
+        self.queue_idx.zero_()
+        self.num_filled.zero_()
+
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write rows into the ring (oldest first overwritten); returns their slots (n,) int64.
+
+        Reads the write position and fill level from the device once (one sync per call).
+        """
+        return self._enqueue(embeddings, labels)[0]
+
+    def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """:meth:`enqueue`, also returning the number of filled slots afterwards (a host int)."""
+        n = embeddings.shape[0]
+        if n > self.memory_size:
+            raise ValueError(f"CrossBatchMemory: {n} rows to enqueue in one call exceed memory_size="
+                             f"{self.memory_size}; the batch would overwrite itself")
+        start, filled = torch.stack([self.queue_idx, self.num_filled]).tolist()
+        filled = min(filled + n, self.memory_size)
+        slots = torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
+        self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
+        self.label_memory[slots] = labels.to(torch.int64)
+        self.queue_idx.fill_((start + n) % self.memory_size)
+        self.num_filled.fill_(filled)
+        return slots, filled
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                enqueue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Enqueue, then the loss of the batch's anchors against the memory: () or (anchors,) for ``"none"``."""
+        where = "CrossBatchMemory"
+        C.check_embeddings(embeddings, "embeddings", where)
+        if embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(f"{where}: `embeddings` must have embedding_dim={self.embedding_dim} columns, "
+                             f"got shape {tuple(embeddings.shape)}")
+        if embeddings.device != self.embedding_memory.device:
+            raise ValueError(f"{where}: `embeddings` is on {embeddings.device} but the memory is on "
+                             f"{self.embedding_memory.device}; move the module with .to()")
+        C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
+        if enqueue_mask is not None:
+            if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
+                raise TypeError(f"{where}: `enqueue_mask` must be a bool tensor, got "
+                                f"{getattr(enqueue_mask, 'dtype', type(enqueue_mask).__name__)}")
+            if enqueue_mask.shape != labels.shape:
+                raise ValueError(f"{where}: `enqueue_mask` must have shape {tuple(labels.shape)}, "
+                                 f"got {tuple(enqueue_mask.shape)}")
+            enqueue_mask = enqueue_mask.to(embeddings.device)
+            queued, queued_labels = embeddings[enqueue_mask], labels[enqueue_mask]
+            anchors, anchor_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+        else:
+            queued, queued_labels, anchors, anchor_labels = embeddings, labels, embeddings, labels
+
+        distributed = _dist.is_distributed(self.group)
+        if distributed:
+            # every rank writes the same global batch (rank order), so every rank holds the same memory
+            sizes = _dist.gather_sizes(queued.shape[0], queued.device, self.group)
+            offset = sum(sizes[:torch.distributed.get_rank(self.group)])
+            slots, filled = self._enqueue(_dist.all_gather_sized(queued.detach(), sizes, self.group),
+                                          _dist.all_gather_sized(queued_labels, sizes, self.group))
+            own_slots = slots[offset:offset + queued.shape[0]]
+        else:
+            own_slots, filled = self._enqueue(queued, queued_labels)
+        memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
+
+        if anchors.shape[0] == 0:  # every row was enqueued: nothing to mine, a zero still on the graph
+            out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+            count = torch.zeros((), dtype=torch.int64, device=embeddings.device)
+            terms = LossTerms(embeddings[:0].sum(1).to(out_dtype), count, count)
+        else:
+            if enqueue_mask is None:
+                self_index = own_slots
+            else:  # anchors are the rows not enqueued: none of them has a slot
+                self_index = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+            terms = self.loss.loss_terms(anchors, anchor_labels, memory.to(anchors.dtype), memory_labels,
+                                         ref_self_index=self_index)
+        return _dist.reduce_across_ranks(terms, self.loss.reduction, self.group)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_dim={self.embedding_dim}, memory_size={self.memory_size}, "
+                f"dtype={self.embedding_memory.dtype}")
