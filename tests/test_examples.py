@@ -27,7 +27,7 @@ def _load(name):
 def test_compare_losses_smoke(tmp_path, capsys):
     pytest.importorskip("pytorch_metric_learning")
     compare = _load("compare_losses")
-    rows = compare.main(["--seeds", "0", "1", "--epochs", "1", "--finetune-epochs", "1", "--max-fonts", "8",
+    rows = compare.main(["--seeds", "0", "1", "--epochs", "1", "--finetune-epochs", "1", "--max-fonts", "6",
                          "--renders", "1", "--size", "16", "--timing-repeats", "1", "--no-progress",
                          "--out", str(tmp_path)])
     names = ["(untrained network)"] + [m.name for m in compare.METHODS]
