@@ -360,7 +360,7 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, desc=f"{method.name:>32s} seed {seed}", unit="epoch", leave=False)
-    seconds, step, curve, losses = 0.0, 0, [], []
+    seconds, step, images, curve, losses = 0.0, 0, 0, [], []
     for _ in range(epochs):
         model.train()
         if head is not None:
@@ -379,6 +379,7 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
             opt.step()
             epoch_loss += loss.detach()
             step += 1
+            images += len(idx)
         seconds += time.perf_counter() - start
         losses.append(float(epoch_loss) / iterations_per_epoch(method, labels))
         val = retrieval_embeddings(method, model, head, data["x_val"])
@@ -388,7 +389,7 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val_mAP=f"{curve[-1]:.3f}")
     if bar is not None:
         bar.close()
-    return {"seconds": seconds, "iterations": step, "val_curve": curve, "train_loss": losses}
+    return {"seconds": seconds, "iterations": step, "images": images, "val_curve": curve, "train_loss": losses}
 
 
 def evaluate(method: Optional[Method], model: nn.Module, head: Optional[nn.Module], logits_fn: Optional[Callable],
@@ -440,7 +441,7 @@ def loss_cost(method: Method, num_classes: int, seed: int, repeats: int) -> Dict
         emb.grad = None
         loss_fn(emb, labels, head).backward()
 
-    out = {"loss_ms": time_call(ours, repeats), "loss_value": float(loss_fn(emb, labels, head).detach()),
+    out = {"batch": b, "loss_ms": time_call(ours, repeats), "loss_value": float(loss_fn(emb, labels, head).detach()),
            "pml_ms": None, "pml_value": None}
     if method.pml is not None:
         try:
@@ -507,7 +508,8 @@ def run_seed(args, data: Dict, seed: int, selected: List[Method]) -> List[Dict]:
     init = SmallCNN(width=args.width).state_dict()
     untrained = SmallCNN(width=args.width)
     untrained.load_state_dict(init)
-    rows = [dict(loss="(untrained network)", seed=seed, epochs=0, seconds=0.0, iterations=0, val_curve=[], train_loss=[],
+    rows = [dict(loss="(untrained network)", seed=seed, epochs=0, seconds=0.0, iterations=0, images=0,
+                 val_curve=[], train_loss=[],
                  **evaluate(None, untrained, None, None, data))]
     trained = {}
     for method in selected:
@@ -554,7 +556,7 @@ def aggregate(rows: List[Dict], costs: Dict[str, Dict]) -> List[Dict]:
     out = []
     for name in dict.fromkeys(r["loss"] for r in rows):
         group = [r for r in rows if r["loss"] == name]
-        s = {"loss": name, "seeds": len(group), "epochs": group[0]["epochs"]}
+        s = {"loss": name, "seeds": len(group), "epochs": group[0]["epochs"], "images": group[0]["images"]}
         for key in METRICS:
             vals = [r[key] for r in group if r[key] is not None]
             s[key] = mean_std(vals) if vals else None
@@ -584,14 +586,16 @@ def format_row(s: Dict) -> str:
         return "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
     pml = ms(s.get("pml_ms")) if s.get("pml_name", "n/a") != "n/a" else "n/a"
-    return (f"| {s['loss']} | {s['epochs']} | {num(s['seconds'])} | {num(s['step_ms'])} | {ms(s.get('loss_ms'))} | "
+    batch = s.get("batch", "–")
+    return (f"| {s['loss']} | {s['epochs']} | {s['images']} | {num(s['seconds'])} | {num(s['step_ms'])} | {batch} | "
+            f"{ms(s.get('loss_ms'))} | "
             f"{pml} | {num(s['epochs_to_90'])} | {_ms(s['accuracy'])} | {_ms(s['mAP'])} | {_ms(s['MAP@R'])} | "
             f"{_ms(s['R@1'])} |")
 
 
-HEADER = ("| loss | epochs | training time (s) | ms / step | loss fwd+bwd (ms / batch) | PML, same loss (ms) | "
-          "epochs to 90% val mAP | accuracy (seen) | mAP (unseen) | MAP@R (unseen) | R@1 (unseen) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| loss | epochs | images trained on | training time (s) | ms / step | batch | loss fwd+bwd (ms / batch) | "
+          "PML, same loss (ms) | epochs to 90% val mAP | accuracy (seen) | mAP (unseen) | MAP@R (unseen) | "
+          "R@1 (unseen) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -627,14 +631,18 @@ def claims(summary: List[Dict]) -> List[Dict]:
     for trip in ("batch-hard triplet", "batch-all triplet"):
         t = by.get(trip)
         if warp and t and ce:
-            faster = warp["seconds"][0] < t["seconds"][0]
-            total = warp["seconds"][0] + ce["seconds"][0]
-            ok = faster and comparable(warp["mAP"], t["mAP"])
+            # the CNN's cost (95%+ of a step) is proportional to the images trained on, which is deterministic;
+            # wall times on a shared machine are not
+            ratio = warp["images"] / t["images"]
+            total = (warp["images"] + ce["images"]) / t["images"]
+            ok = ratio < 1 and comparable(warp["mAP"], t["mAP"])
             out.append({"claim": f"WARP fine-tuning is faster than {trip} training at comparable mAP",
-                        "measured": (f"WARP {warp['seconds'][0]:.1f} s (CE + WARP {total:.1f} s) vs {trip} "
-                                     f"{t['seconds'][0]:.1f} s; mAP {f(warp['mAP'])} vs {f(t['mAP'])} "
+                        "measured": (f"WARP trains on {ratio:.2f}x the images ({f(warp['seconds'])} s vs "
+                                     f"{f(t['seconds'])} s; counting the cross-entropy run it starts from "
+                                     f"{total:.2f}x); mAP {f(warp['mAP'])} vs {f(t['mAP'])} "
                                      f"({compare(warp['mAP'], t['mAP'])} for WARP > triplet)"),
-                        "verdict": "supported" if ok else "not supported"})
+                        "verdict": ("supported" if ok and total < 1 else
+                                    "supported for the fine-tuning alone" if ok else "not supported")})
     cos, ns = by.get("cross-entropy + cosine"), by.get("NormSoftmax")
     for name, c in (("cosine classifier", cos), ("NormSoftmax", ns)):
         if c and ce:
@@ -650,15 +658,21 @@ def claims(summary: List[Dict]) -> List[Dict]:
     cen = by.get("centroid triplet bound")
     for trip in ("batch-hard triplet", "batch-all triplet"):
         t = by.get(trip)
-        if cen and t:
-            cost = (f"loss fwd+bwd {cen['loss_ms']:.2f} vs {t['loss_ms']:.2f} ms / batch"
-                    if isinstance(cen.get("loss_ms"), float) and isinstance(t.get("loss_ms"), float) else "")
+        if cen and t and isinstance(cen.get("loss_ms"), float) and isinstance(t.get("loss_ms"), float):
+            per_sample = (cen["loss_ms"] / cen["batch"]) / (t["loss_ms"] / t["batch"])
             faster = cen["seconds"][0] + cen["seconds"][1] < t["seconds"][0] - t["seconds"][1]
-            ok = faster and comparable(cen["mAP"], t["mAP"]) and comparable(cen["R@1"], t["R@1"])
+            competitive = comparable(cen["mAP"], t["mAP"]) and comparable(cen["R@1"], t["R@1"])
+            verdict = ("supported" if faster and competitive else
+                       "loss cheaper, training not faster; accuracy competitive" if competitive and per_sample < 1 else
+                       "loss cheaper, training not faster; accuracy not competitive" if per_sample < 1 else
+                       "not supported")
             out.append({"claim": f"the centroid bound trains faster than {trip} at competitive accuracy",
-                        "measured": (f"training {f(cen['seconds'])} vs {f(t['seconds'])} s; {cost}; mAP "
-                                     f"{f(cen['mAP'])} vs {f(t['mAP'])}; R@1 {f(cen['R@1'])} vs {f(t['R@1'])}"),
-                        "verdict": "supported" if ok else "not supported"})
+                        "measured": (f"training {f(cen['seconds'])} vs {f(t['seconds'])} s on {cen['images']} vs "
+                                     f"{t['images']} images; loss fwd+bwd per sample {per_sample:.2f}x "
+                                     f"({cen['loss_ms']:.2f} ms / {cen['batch']} vs {t['loss_ms']:.2f} ms / "
+                                     f"{t['batch']}); mAP {f(cen['mAP'])} vs {f(t['mAP'])}; R@1 {f(cen['R@1'])} vs "
+                                     f"{f(t['R@1'])}"),
+                        "verdict": verdict})
     for trip in ("batch-hard triplet", "batch-all triplet", "semi-hard triplet"):
         t = by.get(trip)
         if t and isinstance(t.get("loss_ms"), float) and t["step_ms"] is not None:
