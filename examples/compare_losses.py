@@ -732,8 +732,10 @@ def write_outputs(rows: List[Dict], summary: List[Dict], claim_rows: List[Dict],
     axes[1].invert_yaxis()
     axes[1].set_xlabel("retrieval on unseen classes")
     axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
-    for s in trained:
-        axes[2].plot(np.arange(1, len(s["val_mAP_curve"]) + 1), s["val_mAP_curve"], marker=".", label=s["loss"])
+    colours = plt.get_cmap("tab20").colors  # 11+ rows: the default 10-colour cycle would repeat
+    for i, s in enumerate(trained):
+        axes[2].plot(np.arange(1, len(s["val_mAP_curve"]) + 1), s["val_mAP_curve"], marker=".", label=s["loss"],
+                     color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("seen-class validation mAP (mean over seeds)")
     axes[2].legend(fontsize=7)

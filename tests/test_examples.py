@@ -55,6 +55,16 @@ def test_compare_losses_smoke(tmp_path, capsys):
     assert "FINGERPRINT DIFFERS" not in capsys.readouterr().out
 
 
+def test_defaults_and_full():
+    compare = _load("compare_losses")
+    args = compare.parse_args([])
+    assert (args.seeds, args.epochs, args.finetune_epochs, args.threads) == ([0, 1, 2], 8, 4, 1)
+    full = compare.parse_args(["--full"])
+    assert (full.seeds, full.epochs, full.finetune_epochs) == ([0, 1, 2, 3, 4], 20, 8)
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--losses", "no such loss"])
+
+
 def test_fingerprint_differs_loudly():
     compare = _load("compare_losses")
     args = compare.parse_args([])
