@@ -58,11 +58,10 @@ METRICS = ("cosine", "euclidean")
 
 # Named heuristic: one similarity GEMM computes about this many bytes of fp32 similarities. Its shape
 # (rows × G) depends on the gallery size only, never on `chunk_bytes`, so the values do not either.
-SIMILARITY_TILE_BYTES = 32 << 20
-# Ranking temporaries per gallery item of a ranked row (the budget of `chunk_bytes`): a candidate costs at
-# most its mask byte, its flat index (8), its value (4), row (8), key (8) and position (8), with frees.
+SIMILARITY_TILE_BYTES = 64 << 20
+# Ranking temporaries per counted item (the budget of `chunk_bytes`): its flat index (8), row (8), column
+# (8), value (4), key (8) and position (8), some freed before the next exists.
 _BYTES_PER_ITEM = 40
-_BYTES_PER_RELEVANT = 96  # per relevant slot of a row: member table, valid mask, values, keys, histogram, ranks
 
 
 def similarity_tile_rows(n_query: int, n_gallery: int) -> int:
@@ -106,6 +105,29 @@ def _comparable_labels(labels: torch.Tensor, gallery_labels: Optional[torch.Tens
     return out[0], (out[1] if gallery_labels is not None else None)
 
 
+_HASH_ROWS = 8192  # rows hashed at once: an (8192, D) int64 temporary
+
+
+def _may_have_duplicate_rows(x: torch.Tensor) -> bool:
+    """False only if the (G, D) fp32 rows are pairwise distinct (a cheap proof before ``unique(dim=0)``).
+
+    Each row's bit pattern (−0.0 read as +0.0, as ``unique`` compares) is hashed to one int64 (a random
+    linear form, wrapping); identical rows hash alike, so G distinct hashes prove G distinct rows, at the
+    cost of one O(G·D) pass and a sort of G integers instead of ``unique``'s sort of whole rows. A hash
+    collision only costs the exact ``unique``. One host read.
+    """
+    if x.shape[0] < 2:
+        return False
+    gen = torch.Generator().manual_seed(0x5EED)
+    coeff = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=gen, dtype=torch.int64) | 1).to(x.device)
+    hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for s in range(0, x.shape[0], _HASH_ROWS):
+        bits = (x[s:s + _HASH_ROWS] + 0.0).view(torch.int32).to(torch.int64)
+        hashes[s:s + _HASH_ROWS] = bits.mul_(coeff).sum(1)
+    ordered = torch.sort(hashes).values
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 class _Problem:
     """The prepared operands of one call: fp32 queries and (deduplicated) gallery, labels in a common dtype.
 
@@ -124,10 +146,12 @@ class _Problem:
         self.n_query, self.n_gallery = q.shape[0], self.g.shape[0]
         # Exact duplicates must tie (and then break by index), but a GEMM may round two identical columns
         # differently. Deduplicated gallery rows get one column each; the block is expanded back by index.
-        g_unique, g_inverse = torch.unique(self.g, dim=0, return_inverse=True)
-        self.expand = g_unique.shape[0] < self.n_gallery
-        g_ranked = g_unique if self.expand else self.g  # no duplicates: no second (G, D) copy kept alive
-        self.g_inverse = g_inverse if self.expand else None
+        self.expand, self.g_inverse, g_ranked = False, None, self.g
+        if _may_have_duplicate_rows(self.g):
+            g_unique, g_inverse = torch.unique(self.g, dim=0, return_inverse=True)
+            self.expand = g_unique.shape[0] < self.n_gallery
+            if self.expand:  # no duplicates: no second (G, D) copy kept alive
+                g_ranked, self.g_inverse = g_unique, g_inverse
         if metric == "cosine":
             # unit rows: the similarity is the plain product, no augmented operands ((G, D) copies) needed
             self._block: Callable[[int, int], torch.Tensor] = lambda s, e: torch.mm(q[s:e], g_ranked.T)
@@ -198,10 +222,10 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
         chunk_bytes: memory budget of the ranking temporaries of one query chunk (default 64 MiB, or
             ``METRICLOSS_CHUNK_BYTES``). The results do not depend on it (bitwise): the similarities are
-            computed in tiles of :func:`similarity_tile_rows` rows (about 32 MiB of fp32), a shape set by
+            computed in tiles of :func:`similarity_tile_rows` rows (about 64 MiB of fp32), a shape set by
             Q and G alone; a tile is ranked in chunks of the budget's rows. Peak memory: one tile plus
             one chunk, O(chunk · G).
-        progress: show a tqdm progress bar over query chunks (needs ``tqdm``).
+        progress: show a tqdm progress bar over the similarity tiles (needs ``tqdm``).
 
     Returns:
         ``{"R@1": …, "R@2": …, "mAP": …, "MAP@R": …, "R-precision": …}`` as Python floats, over the
@@ -209,8 +233,9 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         ``embeddings`` or ``gallery`` holds a NaN or ±Inf (checked on the device, read with the results:
         no extra sync).
 
-    Cost: one GEMM per tile, O(Q·G·D) time, plus O(log R) per counted item. Two host syncs per call
-    (the largest class size, and the results), whatever the number of chunks.
+    Cost: one GEMM per tile, O(Q·G·D) time, plus O(log R) per counted item. Three host reads per call
+    (whether the gallery may hold duplicate rows, the largest class size, and the results), whatever the
+    number of chunks.
     """
     problem, ks, finite = _prepare(embeddings, labels, ks, gallery, gallery_labels, metric, chunk_bytes,
                                    "retrieval_metrics")
@@ -243,53 +268,63 @@ def _rank_keys(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, ind
     return keys.bitwise_or_(rows.bitwise_left_shift(32 + index_bits))
 
 
-def _rank_chunk(block: torch.Tensor, s: int, problem: _Problem, index: ClassIndex, cls, width: int,
-                ks_values: torch.Tensor, compact: bool) -> torch.Tensor:
-    """Per-query values ``[R@K hits…, AP, AP@R, R-precision]`` (n, len(ks) + 3) fp64 of queries s:s+n.
+def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex, cls, width: int,
+               ks_values: torch.Tensor, compact: bool, chunk_bytes: Optional[int]) -> torch.Tensor:
+    """Per-query values ``[R@K hits…, AP, AP@R, R-precision]`` (n, len(ks) + 3) fp64 of queries ts:ts+n.
 
-    ``block``: their (n, G) fp32 similarities (overwritten). ``cls``: their class facts.
+    ``tile``: their (n, G) fp32 similarities (overwritten). ``cls``: their class facts. The items are
+    keyed and counted in chunks of the ``chunk_bytes`` budget: pieces of the candidate list (compact), or
+    of rows (every item counted); the counts are integers, so the chunking changes nothing.
     """
-    n, n_gallery = block.shape
-    device = block.device
+    n, n_gallery = tile.shape
+    device = tile.device
     index_bits = max(1, (n_gallery - 1).bit_length())
+    row_shift = 32 + index_bits
     row_ids = torch.arange(n, device=device)
     members, valid = index.positive_table(cls, width)                        # (n, W) gallery columns
-    rel_values = block.gather(1, members)                                     # bitwise the block's values
+    rel_values = tile.gather(1, members)                                      # bitwise the tile's values
     # The lowest relevant similarity per row (+inf for lone queries: nothing is counted). Taken before
     # the keys overwrite `rel_values`.
     lowest = torch.where(valid, rel_values, torch.full_like(rel_values, float("inf"))).amin(1, keepdim=True)
     # 1. the relevant keys, ascending per row, padding (row << (32 + b), below every real key of the
-    #    row) first; flattened they are one sorted sequence over the chunk
+    #    row) first; flattened they are one sorted sequence over the tile
     rel = _rank_keys(rel_values, row_ids.unsqueeze(1), members, index_bits, n_gallery)
-    rel = torch.where(valid, rel, row_ids.unsqueeze(1).bitwise_left_shift(32 + index_bits).expand_as(rel))
+    del rel_values
+    rel = torch.where(valid, rel, row_ids.unsqueeze(1).bitwise_left_shift(row_shift).expand_as(rel))
     rel = torch.sort(rel, dim=1).values.reshape(-1)
-    # 2. the counted items' keys; the left-out query is never counted
+    # 2. count the items: bin = row·(W + 1) + #{relevant keys of the row below the item's key}
+    #    = searchsorted position in `rel` (row·W + that count) + row
+    hist = torch.zeros(n * (width + 1), dtype=torch.int64, device=device)
     if problem.leave_one_out:
-        block[row_ids, row_ids + s] = float("nan")  # NaN >= x is False; below, its key is overwritten
+        tile[row_ids, row_ids + ts] = float("nan")  # the left-out query: NaN >= x is False, never counted
     if compact:
-        flat = torch.nonzero((block >= lowest).view(-1)).squeeze(1)          # only these can be above
-        values = block.view(-1)[flat]
-        rows = torch.div(flat, n_gallery, rounding_mode="floor")
-        cols = flat.sub_(rows * n_gallery)
-        keys = _rank_keys(values, rows, cols, index_bits, n_gallery)
-        del values, cols, flat, block
-        # 3. pos = row·W + #{relevant keys of the row below the key}; bin = pos + row indexes (n, W + 1)
-        bins = torch.searchsorted(rel, keys).add_(rows)
-        del keys, rows
+        flat = torch.nonzero((tile >= lowest).view(-1)).squeeze(1)           # only these can be above
+        piece = rows_per_chunk(1, _BYTES_PER_ITEM, chunk_bytes)            # candidates per piece
+        for p in range(0, flat.shape[0], piece):
+            idx = flat[p:p + piece]
+            rows = torch.div(idx, n_gallery, rounding_mode="floor")
+            keys = _rank_keys(tile.view(-1)[idx], rows, idx - rows * n_gallery, index_bits, n_gallery)
+            hist += torch.bincount(torch.searchsorted(rel, keys).add_(rows), minlength=hist.shape[0])
+            del idx, rows, keys
+        del flat
     else:
-        keys = _rank_keys(block, row_ids.unsqueeze(1), torch.arange(n_gallery, device=device), index_bits,
-                          n_gallery)
-        del block
-        if problem.leave_one_out:  # the padding key: placed below every relevant key, counted nowhere
-            keys[row_ids, row_ids + s] = row_ids.bitwise_left_shift(32 + index_bits)
-        bins = torch.searchsorted(rel, keys.view(-1)).view(n, n_gallery).add_(row_ids.unsqueeze(1)).view(-1)
-        del keys
-    hist = torch.bincount(bins, minlength=n * (width + 1)).view(n, width + 1)
-    del bins
+        cols = torch.arange(n_gallery, device=device)
+        step = rows_per_chunk(n_gallery, _BYTES_PER_ITEM, chunk_bytes)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            sub = row_ids[s:e].unsqueeze(1)
+            keys = _rank_keys(tile[s:e], sub, cols, index_bits, n_gallery)
+            if problem.leave_one_out:  # the padding key: placed below every relevant key, counted nowhere
+                keys[row_ids[:e - s], row_ids[s:e] + ts] = row_ids[s:e].bitwise_left_shift(row_shift)
+            bins = torch.searchsorted(rel, keys.view(-1)).view(e - s, n_gallery).add_(sub)
+            del keys
+            hist += torch.bincount(bins.view(-1), minlength=hist.shape[0])
+            del bins
+    hist = hist.view(n, width + 1)
     # above_i = #{items ranked above the relevant key at ascending slot i} = #{k : pos_k >= i + 1}
     suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
     rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
-    # 4. per query: the n-th best relevant item sits at ascending slot width − n
+    # 3. per query: the n-th best relevant item sits at ascending slot width − n
     num_rel = cls.num_pos
     slots = torch.arange(width, device=device)
     is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
@@ -305,14 +340,6 @@ def _rank_chunk(block: torch.Tensor, s: int, problem: _Problem, index: ClassInde
                       within_r.sum(1, keepdim=True) / r_q], dim=1)
 
 
-def _chunk_ranges(problem: _Problem, rows: int) -> List[Tuple[int, int, int, int]]:
-    """``(tile start, tile end, chunk start, chunk end)``: each tile split into chunks of ``rows`` rows."""
-    out = []
-    for ts, te in problem.tiles():
-        out.extend((ts, te, s, min(s + rows, te)) for s in range(ts, te, rows))
-    return out
-
-
 def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Tensor, chunk_bytes: Optional[int],
                        progress: bool, compact: bool) -> Dict[str, float]:
     n_query, n_gallery = problem.n_query, problem.n_gallery
@@ -326,26 +353,18 @@ def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Ten
     if width == 0:  # no query has a relevant gallery item: all lone
         return {name: float("nan") for name in names}
     ks_values = torch.tensor(ks, dtype=torch.float64, device=device)
-    index_bits = max(1, (n_gallery - 1).bit_length())
-    rows = rows_per_chunk(n_gallery, _BYTES_PER_ITEM, chunk_bytes, bytes_per_row=width * _BYTES_PER_RELEVANT)
-    rows = min(rows, 1 << (31 - index_bits))  # the row field of the int64 keys
     # per-query values stay on the device; summed once, in one fixed order, at the end
     per_query = torch.zeros((n_query, len(names)), dtype=torch.float64, device=device)
-    chunks = _chunk_ranges(problem, rows)
+    tiles = problem.tiles()
     if progress:
         try:
             from tqdm.auto import tqdm
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("retrieval_metrics(progress=True) needs tqdm: pip install tqdm") from err
-        chunks = tqdm(chunks, desc="retrieval metrics", unit="chunk")
-    tile, tile_range = None, None
-    for ts, te, s, e in chunks:
-        if tile_range != (ts, te):
-            tile = None  # free the previous tile before the next GEMM
-            tile, tile_range = problem.similarity(ts, te), (ts, te)
-        per_query[s:e] = _rank_chunk(tile[s - ts:e - ts], s, problem, index, cls[s:e], width,
-                                       ks_values, compact)
-    del tile
+        tiles = tqdm(tiles, desc="retrieval metrics", unit="tile")
+    for ts, te in tiles:
+        per_query[ts:te] = _rank_tile(problem.similarity(ts, te), ts, problem, index, cls[ts:te], width, ks_values,
+                                      compact, chunk_bytes)
     keep = (cls.num_pos > 0).double()
     totals = torch.cat([keep @ per_query, keep.sum().unsqueeze(0), finite.double().unsqueeze(0)])
     *sums, counted, all_finite = totals.tolist()  # the one read of the results

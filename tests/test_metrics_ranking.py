@@ -148,7 +148,7 @@ def test_host_reads_do_not_grow_with_the_number_of_chunks():
     finally:
         for p in patches:
             p.stop()
-    assert counts[0] == counts[1] <= 2, counts
+    assert counts[0] == counts[1] <= 3, counts  # duplicate check, largest class, results
 
 
 # ---- issue 18.1: mixed label dtypes compare in a wide dtype -------------------------------------------------
