@@ -37,6 +37,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,16 +67,26 @@ def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
 
     emb, labels = make_data(n, d)
 
+    started = []  # process CPU seconds (all threads) when the step starts: robust to a shared machine's load
+
     def record(values):
+        values = {k: float(v) for k, v in values.items()}
+        values["cpu_s"] = time.process_time() - started[0]
         if out:
             with open(out, "w") as f:
-                json.dump({k: float(v) for k, v in values.items()}, f)
+                json.dump(values, f)
         return values
+
+    def timed(step):
+        def run():
+            started[:] = [time.process_time()]
+            return step()
+        return run
 
     if method == "metricloss":
         from metricloss.metrics import retrieval_metrics
 
-        return lambda: record(retrieval_metrics(emb, labels))
+        return timed(lambda: record(retrieval_metrics(emb, labels)))
     if method == "floor":
         from metricloss.metrics import similarity_tile_rows
 
@@ -87,7 +98,7 @@ def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
                 best[s:s + rows] = torch.mm(z[s:s + rows], z.T).amax(1)
             return record({"mean row max": best.mean()})
 
-        return floor
+        return timed(floor)
     if method in ("pml_faiss_maxbin", "pml_faiss_all"):
         import faiss
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -104,7 +115,7 @@ def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
             z = torch.nn.functional.normalize(emb, dim=1)
             return record(calc.get_accuracy(z, labels))
 
-        return pml
+        return timed(pml)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -153,13 +164,13 @@ def main() -> None:
     print(f"Retrieval metrics, leave-one-out, D={args.dim}, fp32, cosine, {SAMPLES_PER_CLASS} per class, "
           f"{args.threads} threads, one subprocess per method, one run; torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}\n")
-    print("| N | method | time (s) | × floor | peak extra (MiB) | R@1 / P@1 | MAP@R | mAP |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| N | method | time (s) | × floor | CPU (s) | peak extra (MiB) | R@1 / P@1 | MAP@R | mAP |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         floor = next((r.get("median_s") for r in rows if r["n"] == n and r["method"] == "floor"), None)
         for r in (r for r in rows if r["n"] == n):
             if "median_s" not in r:
-                print(f"| {n} | {r['method']} | {r.get('skipped') or r.get('error')} | | | | | |")
+                print(f"| {n} | {r['method']} | {r.get('skipped') or r.get('error')} | | | | | | |")
                 continue
             v = r.get("values", {})
             p1 = v.get("R@1", v.get("precision_at_1"))
@@ -167,7 +178,8 @@ def main() -> None:
             m_ap = v.get("mAP", v.get("mean_average_precision"))
             ratio = f"{r['median_s'] / floor:.2f}" if floor else ""
             cells = [f"{x:.4f}" if x is not None else "" for x in (p1, mapr, m_ap)]
-            print(f"| {n} | {r['method']} | {r['median_s']:.2f} | {ratio} | {r['peak_extra_mib']:.0f} | "
+            cpu = f"{v['cpu_s']:.1f}" if "cpu_s" in v else ""
+            print(f"| {n} | {r['method']} | {r['median_s']:.2f} | {ratio} | {cpu} | {r['peak_extra_mib']:.0f} | "
                   + " | ".join(cells) + " |")
     if args.json_out:
         with open(args.json_out, "w") as f:
