@@ -220,11 +220,12 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         gallery, gallery_labels: optional (G, D), (G,) gallery. Without it the queries are their own
             gallery, each query left out of its own ranking (leave-one-out).
         metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
-        chunk_bytes: memory budget of the ranking temporaries of one query chunk (default 64 MiB, or
+        chunk_bytes: memory budget of the ranking temporaries of one piece of a tile (default 64 MiB, or
             ``METRICLOSS_CHUNK_BYTES``). The results do not depend on it (bitwise): the similarities are
             computed in tiles of :func:`similarity_tile_rows` rows (about 64 MiB of fp32), a shape set by
-            Q and G alone; a tile is ranked in chunks of the budget's rows. Peak memory: one tile plus
-            one chunk, O(chunk · G).
+            Q and G alone; a tile is ranked in pieces of the budget. Peak memory O(rows · G), never (Q, G): one tile,
+            its candidate list (on CPU; 8 bytes per candidate, usually a few % of the tile's items)
+            and one piece.
         progress: show a tqdm progress bar over the similarity tiles (needs ``tqdm``).
 
     Returns:
