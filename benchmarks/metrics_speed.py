@@ -10,7 +10,7 @@ Methods:
 * ``metricloss``: :func:`metricloss.retrieval_metrics` with its defaults: R@1/2/4/8, full-ranking mAP,
   MAP@R, R-precision.
 * ``floor``: the bare cost of looking at every pair once: normalise, then ``z[s:e] @ z.T`` in chunks of
-  :func:`metricloss.metrics.similarity_tile_rows` rows (the tile metricloss uses, about 64 MiB of
+  :func:`metricloss.metrics.similarity_tile_rows` rows (the tile metricloss uses, about 128 MiB of
   similarities) and a row max. No metric comes out of it.
 * ``pml_faiss_maxbin``: pytorch-metric-learning's ``AccuracyCalculator`` with its default faiss k-NN on the
   normalised embeddings (L2 order = cosine order), ``k="max_bin_count"``: precision@1, R-precision,

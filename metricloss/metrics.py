@@ -58,7 +58,7 @@ METRICS = ("cosine", "euclidean")
 
 # Named heuristic: one similarity GEMM computes about this many bytes of fp32 similarities. Its shape
 # (rows × G) depends on the gallery size only, never on `chunk_bytes`, so the values do not either.
-SIMILARITY_TILE_BYTES = 64 << 20
+SIMILARITY_TILE_BYTES = 128 << 20
 # Ranking temporaries per counted item (the budget of `chunk_bytes`): its flat index (8), row (8), column
 # (8), value (4), key (8) and position (8), some freed before the next exists.
 _BYTES_PER_ITEM = 40
@@ -222,7 +222,7 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
         chunk_bytes: memory budget of the ranking temporaries of one piece of a tile (default 64 MiB, or
             ``METRICLOSS_CHUNK_BYTES``). The results do not depend on it (bitwise): the similarities are
-            computed in tiles of :func:`similarity_tile_rows` rows (about 64 MiB of fp32), a shape set by
+            computed in tiles of :func:`similarity_tile_rows` rows (about 128 MiB of fp32), a shape set by
             Q and G alone; a tile is ranked in pieces of the budget. Peak memory O(rows · G), never (Q, G): one tile,
             its candidate list (on CPU; 8 bytes per candidate, usually a few % of the tile's items)
             and one piece.
