@@ -4,8 +4,9 @@
 Leave-one-out retrieval over N × D fp32 embeddings (D = 512 by default), N/50 classes of 50 shuffled
 samples, cosine similarity, default chunk budget (64 MiB), 2 threads. Each N runs in its own subprocess
 (:mod:`benchmarks.harness`); "peak extra" is the peak RSS above the RSS once the embeddings exist, so it
-counts everything ``retrieval_metrics`` allocates: the normalised copy (N·D·4 bytes), the deduplication
-of the gallery, the class index and the query chunks. A dense evaluation would hold an N × N similarity
+counts everything ``retrieval_metrics`` allocates: the normalised copy (N·D·4 bytes), the duplicate-row
+check (and the deduplicated gallery when rows repeat), the class index, one similarity tile with its
+candidate list and one chunk. ``benchmarks/metrics_speed.py`` compares with PML + faiss and the GEMM floor. A dense evaluation would hold an N × N similarity
 matrix (N²·4 bytes: 149 GiB at N = 200k) before ranking it.
 
 Usage:
