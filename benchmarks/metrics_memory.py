@@ -4,9 +4,11 @@
 Leave-one-out retrieval over N × D fp32 embeddings (D = 512 by default), N/50 classes of 50 shuffled
 samples, cosine similarity, default chunk budget (64 MiB), 2 threads. Each N runs in its own subprocess
 (:mod:`benchmarks.harness`); "peak extra" is the peak RSS above the RSS once the embeddings exist, so it
-counts everything ``retrieval_metrics`` allocates: the normalised copy (N·D·4 bytes), the deduplication
-of the gallery, the class index and the query chunks. A dense evaluation would hold an N × N similarity
-matrix (N²·4 bytes: 149 GiB at N = 200k) before ranking it.
+counts everything ``retrieval_metrics`` allocates: the normalised copy (N·D·4 bytes), the duplicate-row
+check (and the deduplicated gallery when rows repeat), the class index, one similarity tile with its
+candidate list and one chunk. A dense evaluation would hold an N × N similarity matrix (N²·4 bytes:
+149 GiB at N = 200k) before ranking it. ``benchmarks/metrics_speed.py`` compares with PML + faiss and
+the bare GEMM floor.
 
 Usage:
     python benchmarks/metrics_memory.py                       # N in 25k, 50k, 100k, 200k

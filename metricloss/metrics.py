@@ -14,18 +14,35 @@ For a query q with R_q relevant items whose ranks are r_1 < r_2 < … < r_{R_q}:
 * MAP@R = mean_q (1/R_q) Σ_{n : r_n <= R_q} n / r_n (Musgrave et al. 2020);
 * R-precision = mean_q #{n : r_n <= R_q} / R_q.
 
-How ranks are found without sorting each gallery row (O(G log G)) or holding a (Q, G) matrix:
-similarities of a query chunk are encoded as int64 keys, ``(order-preserving float bits << 32) |
-(G − 1 − index)``, so a larger key means "ranked earlier" and ties break by index exactly. The query's
-R_q relevant keys are sorted (a short member table, :class:`~metricloss.ops.labels.ClassIndex`), every
-gallery key is placed among them with ``searchsorted``, and a per-row histogram of those positions
-gives, for each relevant item, the number of gallery items ranked above it: its exact rank.
-Cost O(Q·G·(D + log R)) time, O(chunk·G) memory.
+How ranks are found without sorting any gallery row (O(G log G)) or holding a (Q, G) matrix: all four
+metrics follow from the ranks of the R_q relevant items, and the rank of a relevant item is one plus the
+number of gallery items ranked above it. Per query chunk, every similarity becomes an int64 key,
+``(row << (32 + b)) | (order-preserving fp32 bits << b) | (G − 1 − index)`` with ``b`` the bits of a
+gallery index, so a larger key means "ranked earlier" within a row, ties break by index exactly, and the
+keys of all rows of the chunk form one sorted sequence. The R_q relevant keys of each query are sorted
+(a short member table, :class:`~metricloss.ops.labels.ClassIndex`), every counted gallery key is placed
+among them by one 1-D ``searchsorted`` (O(log R) per item), and a ``bincount`` of those positions gives,
+for each relevant item, the number of items above it: its exact rank.
+
+Only the items scored at least as high as the query's lowest relevant item can be above any relevant
+item, so on CPU only those are keyed and counted (found by one comparison pass and ``nonzero``, which on
+a CPU is no device sync). On other devices every item is counted (no data-dependent shape, no sync in
+the loop). Both give the same ranks (tested).
+
+Determinism: the similarities are computed by one GEMM per *similarity tile* of
+:func:`similarity_tile_rows` query rows, a shape fixed by the query and gallery sizes alone; the ranks
+are exact integer logic, and per-query values are summed in a fixed order. So the results are bitwise
+identical for every ``chunk_bytes`` (a GEMM of another shape may round differently, which would move
+near-ties between chunkings; ``chunk_bytes`` only sets how many rows of a tile are ranked at once).
+
+Non-finite embeddings (NaN or ±Inf in ``embeddings`` or ``gallery``) make every metric NaN, as the losses
+return NaN: a corrupted embedding must not look like a plausible score.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+import numbers
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,155 +52,323 @@ from .ops.distance import GramFactors
 from .ops.labels import ClassIndex
 from .ops.mining import rows_per_chunk
 
-__all__ = ["METRICS", "retrieval_metrics"]
+__all__ = ["METRICS", "retrieval_metrics", "similarity_tile_rows", "compact_candidates"]
 
 METRICS = ("cosine", "euclidean")
 
-_INDEX_BITS = 32
-_SELF_KEY = torch.iinfo(torch.int64).min          # the left-out query: below every real key
-_PAD_KEY = torch.iinfo(torch.int64).min + 1       # member-table padding: below every real key, above self
+# Named heuristic: one similarity GEMM computes about this many bytes of fp32 similarities. Its shape
+# (rows × G) depends on the gallery size only, never on `chunk_bytes`, so the values do not either.
+SIMILARITY_TILE_BYTES = 128 << 20
+# Ranking temporaries per counted item (the budget of `chunk_bytes`): its flat index (8), row (8), column
+# (8), value (4), key (8) and position (8), some freed before the next exists.
+_BYTES_PER_ITEM = 40
 
 
-def _order_keys(similarity: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordering (similarity desc, column index asc) as plain integers descending.
+def similarity_tile_rows(n_query: int, n_gallery: int) -> int:
+    """Query rows of one similarity GEMM: :data:`SIMILARITY_TILE_BYTES` of fp32, at least 1, at most Q.
 
-    ``similarity``: a (rows, G) fp32 block the caller no longer needs: it is overwritten (its bits become
-    the order-preserving int32). The float32 bit pattern is made order-preserving as a signed int32
-    (negative floats have their magnitude bits flipped), shifted to the high half; the low half holds
-    ``G − 1 − index``. Temporaries: one int32 block beside the int64 result (12 bytes per element).
+    Depends on the sizes only, so every ``chunk_bytes`` computes each similarity by the same GEMM call.
     """
-    sim = similarity.add_(0.0)  # -0.0 becomes +0.0, so they tie (and break by index)
-    bits = sim.view(torch.int32)
-    # b ^ 0x7FFFFFFF for negative b only: (b >> 31) is -1 for negatives and 0 otherwise
-    bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF))
-    g = sim.shape[1]
-    keys = bits.to(torch.int64).bitwise_left_shift_(_INDEX_BITS)
-    return keys.bitwise_or_((g - 1) - torch.arange(g, device=sim.device, dtype=torch.int64))
+    return max(1, min(n_query, SIMILARITY_TILE_BYTES // (4 * max(n_gallery, 1))))
 
 
-def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 2, 4, 8), *,
-                      gallery: Optional[torch.Tensor] = None, gallery_labels: Optional[torch.Tensor] = None,
-                      metric: str = "cosine", chunk_bytes: Optional[int] = None,
-                      progress: bool = False) -> Dict[str, float]:
-    """Retrieval quality of an embedding: R@K, mAP, MAP@R and R-precision.
+def compact_candidates(device: torch.device) -> bool:
+    """Named heuristic: count only the items scored at least as high as the lowest relevant one.
 
-    Args:
-        embeddings: (Q, D) query embeddings, any float dtype (ranked in fp32).
-        labels: (Q,) integer labels.
-        ks: the K of R@K, each >= 1. Default (1, 2, 4, 8) (CUB/CARS protocol).
-        gallery, gallery_labels: optional (G, D), (G,) gallery. Without it the queries are their own
-            gallery, each query left out of its own ranking (leave-one-out).
-        metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
-        chunk_bytes: memory budget of one query chunk (default 64 MiB).
-        progress: show a tqdm progress bar over query chunks (needs ``tqdm``).
-
-    Returns:
-        ``{"R@1": …, "R@2": …, "mAP": …, "MAP@R": …, "R-precision": …}`` as Python floats, over the
-        queries with at least one relevant gallery item (NaN if there is none).
+    On CPU, finding them (one comparison pass and ``nonzero``) costs far less than placing every item
+    among the relevant keys. Elsewhere ``nonzero`` would stall the device once per chunk, so every item is
+    counted instead (sync-free; the same ranks).
     """
-    where = "retrieval_metrics"
+    return device.type == "cpu"
+
+
+_UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+
+
+def _comparable_labels(labels: torch.Tensor, gallery_labels: Optional[torch.Tensor],
+                       where: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Both label tensors as int64 tensors that are equal exactly where the labels are equal.
+
+    Labels are only compared for equality, in a dtype wide enough for both, never cast down: casting 256
+    to uint8 (0) or 2**32 + 7 to int32 (7) would merge classes. Every dtype but uint64 converts to int64
+    by value; uint64 labels (and unsigned ones meeting them) keep their 64 bits, reinterpreted as int64
+    (a bijection, so equality is kept). uint64 cannot meet a signed dtype without loss: refused.
+    """
+    tensors = [labels] if gallery_labels is None else [labels, gallery_labels]
+    if any(t.dtype == torch.uint64 for t in tensors):
+        if gallery_labels is not None and not all(t.dtype in _UNSIGNED for t in tensors):
+            raise TypeError(f"{where}: `labels` ({labels.dtype}) and `gallery_labels` ({gallery_labels.dtype}) "
+                            f"have no common integer dtype that holds both without loss; cast them to one dtype")
+        out = [t.to(torch.uint64).view(torch.int64) for t in tensors]
+    else:
+        out = [t.to(torch.int64) for t in tensors]
+    return out[0], (out[1] if gallery_labels is not None else None)
+
+
+_HASH_ROWS = 8192  # rows hashed at once: an (8192, D) int64 temporary
+
+
+def _may_have_duplicate_rows(x: torch.Tensor) -> bool:
+    """False only if the (G, D) fp32 rows are pairwise distinct (a cheap proof before ``unique(dim=0)``).
+
+    Each row's bit pattern (−0.0 read as +0.0, as ``unique`` compares) is hashed to one int64 (a random
+    linear form, wrapping); identical rows hash alike, so G distinct hashes prove G distinct rows, at the
+    cost of one O(G·D) pass and a sort of G integers instead of ``unique``'s sort of whole rows. A hash
+    collision only costs the exact ``unique``. One host read.
+    """
+    if x.shape[0] < 2:
+        return False
+    gen = torch.Generator().manual_seed(0x5EED)
+    coeff = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=gen, dtype=torch.int64) | 1).to(x.device)
+    hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for s in range(0, x.shape[0], _HASH_ROWS):
+        bits = (x[s:s + _HASH_ROWS] + 0.0).view(torch.int32).to(torch.int64)
+        hashes[s:s + _HASH_ROWS] = bits.mul_(coeff).sum(1)
+    ordered = torch.sort(hashes).values
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
+class _Problem:
+    """The prepared operands of one call: fp32 queries and (deduplicated) gallery, labels in a common dtype.
+
+    ``similarity(s, e)`` is the (e − s, G) fp32 block of queries s:e (higher = ranked earlier), expanded
+    back from the deduplicated gallery columns. The ranking path and the tests' dense reference both read
+    similarities through it, tile by tile (:func:`similarity_tile_rows`).
+    """
+
+    def __init__(self, q: torch.Tensor, labels: torch.Tensor, g: Optional[torch.Tensor],
+                 g_labels: Optional[torch.Tensor], metric: str):
+        self.leave_one_out = g is None
+        self.labels = labels
+        self.g_labels = labels if g is None else g_labels
+        self.q = q
+        self.g = q if g is None else g
+        self.n_query, self.n_gallery = q.shape[0], self.g.shape[0]
+        # Exact duplicates must tie (and then break by index), but a GEMM may round two identical columns
+        # differently. Deduplicated gallery rows get one column each; the block is expanded back by index.
+        self.expand, self.g_inverse, g_ranked = False, None, self.g
+        if _may_have_duplicate_rows(self.g):
+            g_unique, g_inverse = torch.unique(self.g, dim=0, return_inverse=True)
+            self.expand = g_unique.shape[0] < self.n_gallery
+            if self.expand:  # no duplicates: no second (G, D) copy kept alive
+                g_ranked, self.g_inverse = g_unique, g_inverse
+        if metric == "cosine":
+            # unit rows: the similarity is the plain product, no augmented operands ((G, D) copies) needed
+            self._block: Callable[[int, int], torch.Tensor] = lambda s, e: torch.mm(q[s:e], g_ranked.T)
+        else:
+            # the Gram block is d²: smaller is closer, so similarity = −block
+            gram = GramFactors(q, g_ranked, "squared_euclidean")
+            self._block = lambda s, e: gram.raw_block(s, e).neg_()
+        self.tile_rows = similarity_tile_rows(self.n_query, self.n_gallery)
+
+    def similarity(self, s: int, e: int) -> torch.Tensor:
+        block = self._block(s, e)
+        return block[:, self.g_inverse] if self.expand else block
+
+    def tiles(self) -> List[Tuple[int, int]]:
+        """The (start, end) query ranges of the similarity GEMMs: fixed by Q and G alone."""
+        return [(s, min(s + self.tile_rows, self.n_query)) for s in range(0, self.n_query, self.tile_rows)]
+
+
+def _prepare(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]],
+             gallery: Optional[torch.Tensor], gallery_labels: Optional[torch.Tensor], metric: str,
+             chunk_bytes: Optional[int], where: str) -> Tuple[_Problem, Tuple[int, ...], torch.Tensor]:
+    """Validate the arguments (before any work) and prepare the operands.
+
+    Returns ``(problem, ks, finite)``: ``finite`` is a 0-d bool device tensor (all embeddings finite),
+    read with the results so that it costs no extra sync.
+    """
     C.check_embeddings(embeddings, "embeddings", where)
     C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
     has_gallery = C.check_reference_set(gallery, gallery_labels, embeddings, where,
                                         names=("gallery", "gallery_labels"))
     C.check_option(metric, "metric", METRICS, where)
     C.check_chunk_bytes(chunk_bytes, where)
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+        ks = (ks,)  # ks=1 means (1,)
+    elif isinstance(ks, (str, bytes, torch.Tensor)) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"{where}: `ks` must be an int or a sequence of ints >= 1, got {type(ks).__name__}")
     ks = tuple(ks)
     if not ks:
         raise ValueError(f"{where}: `ks` must name at least one K, got ()")
-    for k in ks:
-        C.check_positive_int(k, "ks", where)
-
+    ks = tuple(C.check_positive_int(k, "ks", where) for k in ks)
+    labels, gallery_labels = _comparable_labels(labels, gallery_labels if has_gallery else None, where)
     with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
+        finite = torch.isfinite(embeddings.detach()).all()
+        if has_gallery:
+            finite = finite & torch.isfinite(gallery.detach()).all()
         q = embeddings.detach().float()
-        g = gallery.detach().float() if has_gallery else q
+        g = gallery.detach().float() if has_gallery else None
         if metric == "cosine":
             q = F.normalize(q, dim=1)
-            g = F.normalize(g, dim=1) if has_gallery else q
-        g_labels = gallery_labels if has_gallery else labels
-        return _retrieval_metrics(q, labels, g, g_labels, not has_gallery, ks, metric, chunk_bytes, progress)
+            g = F.normalize(g, dim=1) if has_gallery else None
+        return _Problem(q, labels, g, gallery_labels if has_gallery else None, metric), ks, finite
 
 
-def _retrieval_metrics(q: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, g_labels: torch.Tensor,
-                       leave_one_out: bool, ks: Iterable[int], metric: str, chunk_bytes: Optional[int],
-                       progress: bool) -> Dict[str, float]:
-    n_query, n_gallery = q.shape[0], g.shape[0]
-    index = ClassIndex(g_labels)
-    cls = index.anchor_classes(labels, self_ref=leave_one_out)
-    width = max(index.max_count - (1 if leave_one_out else 0), 0)
-    # Exact duplicates must tie (and then break by index), but a GEMM may round two identical columns
-    # differently. Deduplicated gallery rows get one column each; the block is expanded back by index.
-    g_unique, g_inverse = torch.unique(g, dim=0, return_inverse=True)
-    expand = g_unique.shape[0] < n_gallery
-    if not expand:
-        g_unique = g_inverse = None  # no duplicates: do not keep a second (G, D) copy alive
-    g_ranked = g_unique if expand else g
-    if metric == "cosine":
-        # unit rows: the similarity is the plain product, no augmented operands ((G, D) copies) needed
-        def similarity_block(s: int, e: int) -> torch.Tensor:
-            return torch.mm(q[s:e], g_ranked.T)
+def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8),
+                      *, gallery: Optional[torch.Tensor] = None, gallery_labels: Optional[torch.Tensor] = None,
+                      metric: str = "cosine", chunk_bytes: Optional[int] = None,
+                      progress: bool = False) -> Dict[str, float]:
+    """Retrieval quality of an embedding: R@K, mAP (full ranking), MAP@R and R-precision.
+
+    Args:
+        embeddings: (Q, D) query embeddings, any float dtype (ranked in fp32).
+        labels: (Q,) integer labels. With a gallery, ``labels`` and ``gallery_labels`` may have different
+            integer dtypes: they are compared in a dtype wide enough for both (int64), never cast down.
+            ``uint64`` labels pair only with unsigned ones (TypeError otherwise).
+        ks: the K of R@K, an int or a sequence of ints, each >= 1. Default (1, 2, 4, 8) (CUB/CARS protocol).
+        gallery, gallery_labels: optional (G, D), (G,) gallery. Without it the queries are their own
+            gallery, each query left out of its own ranking (leave-one-out).
+        metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
+        chunk_bytes: memory budget of the ranking temporaries of one piece of a tile (default 64 MiB, or
+            ``METRICLOSS_CHUNK_BYTES``). The results do not depend on it (bitwise): the similarities are
+            computed in tiles of :func:`similarity_tile_rows` rows (about 128 MiB of fp32), a shape set by
+            Q and G alone; a tile is ranked in pieces of the budget. Peak memory O(rows · G), never (Q, G): one tile,
+            its candidate list (on CPU; 8 bytes per candidate, usually a few % of the tile's items)
+            and one piece.
+        progress: show a tqdm progress bar over the similarity tiles (needs ``tqdm``).
+
+    Returns:
+        ``{"R@1": …, "R@2": …, "mAP": …, "MAP@R": …, "R-precision": …}`` as Python floats, over the
+        queries with at least one relevant gallery item (NaN if there is none). Every value is NaN when
+        ``embeddings`` or ``gallery`` holds a NaN or ±Inf (checked on the device, read with the results:
+        no extra sync).
+
+    Cost: one GEMM per tile, O(Q·G·D) time, plus O(log R) per counted item. Three host reads per call
+    (whether the gallery may hold duplicate rows, the largest class size, and the results), whatever the
+    number of chunks.
+    """
+    problem, ks, finite = _prepare(embeddings, labels, ks, gallery, gallery_labels, metric, chunk_bytes,
+                                   "retrieval_metrics")
+    with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return _retrieval_metrics(problem, ks, finite, chunk_bytes, progress,
+                                  compact_candidates(embeddings.device))
+
+
+def _order_bits(values: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2**32) ordering fp32 ``values`` like the floats (−0.0 and +0.0 equal); overwrites them.
+
+    The float32 bit pattern as a signed int32 orders non-negative floats; negative floats have their
+    magnitude bits flipped (b ^ 0x7FFFFFFF for b < 0: (b >> 31) is −1 for negatives, 0 otherwise), and
+    the offset 2**31 makes every key non-negative.
+    """
+    v = values.add_(0.0)  # -0.0 becomes +0.0, so they tie (and break by index)
+    bits = v.view(torch.int32)
+    bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF))
+    return bits.to(torch.int64).add_(1 << 31)
+
+
+def _rank_keys(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, index_bits: int,
+               n_gallery: int) -> torch.Tensor:
+    """Keys ``(row << (32 + b)) | (order bits << b) | (G − 1 − col)``: ascending = (row asc, rank desc).
+
+    ``values`` (fp32, overwritten), ``rows``, ``cols`` (int64) broadcast together.
+    """
+    keys = _order_bits(values).bitwise_left_shift_(index_bits)
+    keys = keys.bitwise_or_((n_gallery - 1) - cols)
+    return keys.bitwise_or_(rows.bitwise_left_shift(32 + index_bits))
+
+
+def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex, cls, width: int,
+               ks_values: torch.Tensor, compact: bool, chunk_bytes: Optional[int]) -> torch.Tensor:
+    """Per-query values ``[R@K hits…, AP, AP@R, R-precision]`` (n, len(ks) + 3) fp64 of queries ts:ts+n.
+
+    ``tile``: their (n, G) fp32 similarities (overwritten). ``cls``: their class facts. The items are
+    keyed and counted in chunks of the ``chunk_bytes`` budget: pieces of the candidate list (compact), or
+    of rows (every item counted); the counts are integers, so the chunking changes nothing.
+    """
+    n, n_gallery = tile.shape
+    device = tile.device
+    index_bits = max(1, (n_gallery - 1).bit_length())
+    row_shift = 32 + index_bits
+    row_ids = torch.arange(n, device=device)
+    members, valid = index.positive_table(cls, width)                        # (n, W) gallery columns
+    rel_values = tile.gather(1, members)                                      # bitwise the tile's values
+    # The lowest relevant similarity per row (+inf for lone queries: nothing is counted). Taken before
+    # the keys overwrite `rel_values`.
+    lowest = torch.where(valid, rel_values, torch.full_like(rel_values, float("inf"))).amin(1, keepdim=True)
+    # 1. the relevant keys, ascending per row, padding (row << (32 + b), below every real key of the
+    #    row) first; flattened they are one sorted sequence over the tile
+    rel = _rank_keys(rel_values, row_ids.unsqueeze(1), members, index_bits, n_gallery)
+    del rel_values
+    rel = torch.where(valid, rel, row_ids.unsqueeze(1).bitwise_left_shift(row_shift).expand_as(rel))
+    rel = torch.sort(rel, dim=1).values.reshape(-1)
+    # 2. count the items: bin = row·(W + 1) + #{relevant keys of the row below the item's key}
+    #    = searchsorted position in `rel` (row·W + that count) + row
+    hist = torch.zeros(n * (width + 1), dtype=torch.int64, device=device)
+    if problem.leave_one_out:
+        tile[row_ids, row_ids + ts] = float("nan")  # the left-out query: NaN >= x is False, never counted
+    if compact:
+        flat = torch.nonzero((tile >= lowest).view(-1)).squeeze(1)           # only these can be above
+        piece = rows_per_chunk(1, _BYTES_PER_ITEM, chunk_bytes)            # candidates per piece
+        for p in range(0, flat.shape[0], piece):
+            idx = flat[p:p + piece]
+            rows = torch.div(idx, n_gallery, rounding_mode="floor")
+            keys = _rank_keys(tile.view(-1)[idx], rows, idx - rows * n_gallery, index_bits, n_gallery)
+            hist += torch.bincount(torch.searchsorted(rel, keys).add_(rows), minlength=hist.shape[0])
+            del idx, rows, keys
+        del flat
     else:
-        # the Gram block is d²: smaller is closer, so similarity = −block
-        gram = GramFactors(q, g_ranked, "squared_euclidean")
+        cols = torch.arange(n_gallery, device=device)
+        step = rows_per_chunk(n_gallery, _BYTES_PER_ITEM, chunk_bytes)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            sub = row_ids[s:e].unsqueeze(1)
+            keys = _rank_keys(tile[s:e], sub, cols, index_bits, n_gallery)
+            if problem.leave_one_out:  # the padding key: placed below every relevant key, counted nowhere
+                keys[row_ids[:e - s], row_ids[s:e] + ts] = row_ids[s:e].bitwise_left_shift(row_shift)
+            bins = torch.searchsorted(rel, keys.view(-1)).view(e - s, n_gallery).add_(sub)
+            del keys
+            hist += torch.bincount(bins.view(-1), minlength=hist.shape[0])
+            del bins
+    hist = hist.view(n, width + 1)
+    # above_i = #{items ranked above the relevant key at ascending slot i} = #{k : pos_k >= i + 1}
+    suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
+    rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
+    # 3. per query: the n-th best relevant item sits at ascending slot width − n
+    num_rel = cls.num_pos
+    slots = torch.arange(width, device=device)
+    is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
+    nth = (width - slots).unsqueeze(0).double()          # n for each slot (valid where is_rel)
+    prec = torch.where(is_rel, nth / rank, torch.zeros_like(rank))
+    within_r = is_rel & (rank <= num_rel.unsqueeze(1))
+    r_q = num_rel.clamp_min(1).double().unsqueeze(1)
+    # sums by cumsum: a sequential scan per row, the same order whatever the number of rows (a `sum` may
+    # reduce a (1, W) and an (n, W) tensor in different orders); exact for the integer counts anyway
+    ap = prec.cumsum(1)[:, -1:]
+    ap_r = torch.where(within_r, prec, torch.zeros_like(prec)).cumsum(1)[:, -1:]
+    return torch.cat([(rank[:, -1:] <= ks_values).double(), ap / r_q, ap_r / r_q,
+                      within_r.sum(1, keepdim=True) / r_q], dim=1)
 
-        def similarity_block(s: int, e: int) -> torch.Tensor:
-            return gram.raw_block(s, e).neg_()
-    # Peak per element: the int64 key with the fp32 block and an int32 temporary while the keys are
-    # built (16 bytes), then the int64 key and its int64 position (16 bytes); with duplicates, the
-    # unexpanded block lives beside them (+4). Per row: the member table, its keys and the histogram.
-    rows = rows_per_chunk(n_gallery, 16 + (4 if expand else 0), chunk_bytes, bytes_per_row=width * 40)
+
+def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Tensor, chunk_bytes: Optional[int],
+                       progress: bool, compact: bool) -> Dict[str, float]:
+    n_query, n_gallery = problem.n_query, problem.n_gallery
+    if n_gallery >= 1 << 31:
+        raise ValueError(f"retrieval_metrics: the gallery has {n_gallery} items; at most 2**31 - 1 are supported")
+    device = problem.q.device
+    index = ClassIndex(problem.g_labels)
+    cls = index.anchor_classes(problem.labels, self_ref=problem.leave_one_out)
+    width = max(index.max_count - (1 if problem.leave_one_out else 0), 0)  # one host sync
     names = [f"R@{k}" for k in ks] + ["mAP", "MAP@R", "R-precision"]
-    k_values = torch.tensor(list(ks), dtype=torch.float64, device=q.device)
-    # per-metric sums over the counted queries, then their count; on the device, read once at the end
-    totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=q.device)
-    starts = range(0, n_query, rows)
+    if width == 0:  # no query has a relevant gallery item: all lone
+        return {name: float("nan") for name in names}
+    ks_values = torch.tensor(ks, dtype=torch.float64, device=device)
+    # per-query values stay on the device; summed once, in one fixed order, at the end
+    per_query = torch.zeros((n_query, len(names)), dtype=torch.float64, device=device)
+    tiles = problem.tiles()
     if progress:
         try:
             from tqdm.auto import tqdm
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("retrieval_metrics(progress=True) needs tqdm: pip install tqdm") from err
-        starts = tqdm(starts, desc="retrieval metrics", unit="chunk")
-    for s in starts:
-        e = min(s + rows, n_query)
-        c = cls[s:e]
-        if width == 0:  # no query has a relevant gallery item: all lone
-            continue
-        # 1. keys: larger = ranked earlier; the left-out query sinks below everything
-        block = similarity_block(s, e)
-        keys = _order_keys(block[:, g_inverse] if expand else block)
-        del block  # overwritten by the keys' construction; free it before the positions exist
-        if leave_one_out:
-            keys[torch.arange(e - s, device=keys.device), torch.arange(s, e, device=keys.device)] = _SELF_KEY
-        # 2. the relevant items' keys, ascending, padding first
-        members, valid = index.positive_table(c, width)
-        rel = torch.where(valid, keys.gather(1, members), torch.full_like(members, _PAD_KEY))
-        rel, _ = torch.sort(rel, dim=1)
-        # 3. above_i = #{gallery items ranked above the i-th relevant key} = #{k : pos_k >= i + 1},
-        #    where pos_k = #{relevant keys < key_k}: a suffix sum of the histogram of pos
-        pos = torch.searchsorted(rel, keys)
-        del keys
-        hist = torch.zeros((e - s, width + 1), dtype=torch.int64, device=pos.device)
-        hist.scatter_add_(1, pos, torch.ones((1, 1), dtype=pos.dtype, device=pos.device).expand_as(pos))
-        del pos
-        suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
-        rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
-        # 4. per query: the n-th best relevant item sits at ascending slot width − n
-        num_rel = c.num_pos
-        slots = torch.arange(width, device=hist.device)
-        is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
-        nth = (width - slots).unsqueeze(0).double()          # n for each slot (valid where is_rel)
-        prec = torch.where(is_rel, nth / rank, torch.zeros_like(rank))
-        within_r = is_rel & (rank <= num_rel.unsqueeze(1))
-        r_q = num_rel.clamp_min(1).double()
-        keep = num_rel > 0
-        best_rank = rank[:, -1:]
-        per_query = torch.cat([(best_rank <= k_values).double(),                       # R@K hits
-                               (prec.sum(1) / r_q).unsqueeze(1),                         # AP
-                               (torch.where(within_r, prec, torch.zeros_like(prec)).sum(1) / r_q).unsqueeze(1),
-                               (within_r.sum(1) / r_q).unsqueeze(1),                    # R-precision
-                               torch.ones_like(r_q).unsqueeze(1)], dim=1)               # counted
-        totals += (per_query * keep.unsqueeze(1)).sum(0)
-    *sums, counted = totals.tolist()
-    if counted == 0:
+        tiles = tqdm(tiles, desc="retrieval metrics", unit="tile")
+    for ts, te in tiles:
+        per_query[ts:te] = _rank_tile(problem.similarity(ts, te), ts, problem, index, cls[ts:te], width, ks_values,
+                                      compact, chunk_bytes)
+    keep = (cls.num_pos > 0).double()
+    totals = torch.cat([keep @ per_query, keep.sum().unsqueeze(0), finite.double().unsqueeze(0)])
+    *sums, counted, all_finite = totals.tolist()  # the one read of the results
+    if counted == 0 or not all_finite:
         return {name: float("nan") for name in names}
     return {name: value / counted for name, value in zip(names, sums)}

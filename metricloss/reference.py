@@ -13,7 +13,7 @@ All functions compute in at least fp32 and accept the same arguments as their fa
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from .ops.reduction import LossTerms  # the container only: no computation is sh
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_terms", "triplet_loss_loop", "warp_loss",
            "warp_loss_loop", "normalize_scale", "cosine_logits", "norm_softmax_loss", "gram_schmidt_loop",
-           "centralized_ranking_loss", "centroid_triplet_loss"]
+           "centralized_ranking_loss", "centroid_triplet_loss", "retrieval_metrics"]
 
 Margin = Union[float, str]
 
@@ -414,3 +414,65 @@ def centroid_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, centro
     if reduction == "none":
         return per_row
     return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+def _comparable(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as int64, equal exactly where the labels are (uint64 reinterpreted bit for bit)."""
+    return labels.view(torch.int64) if labels.dtype == torch.uint64 else labels.to(torch.int64)
+
+
+def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8),
+                      *, gallery: Optional[torch.Tensor] = None, gallery_labels: Optional[torch.Tensor] = None,
+                      metric: str = "cosine", similarity: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Full-sort retrieval metrics: the dense (Q, G) similarity matrix, every row sorted.
+
+    The twin of :func:`metricloss.metrics.retrieval_metrics` (same arguments, same protocol, same
+    definitions of R@K, mAP, MAP@R and R-precision): each row is sorted by similarity, descending, with a
+    stable sort, so equal similarities keep index order (the lower index ranks first); the left-out
+    query (no gallery) is dropped from its own ranking; the rank of every relevant item is read off the
+    sorted order. O(Q·G) memory and O(Q·G log G) time on purpose. NaN or ±Inf embeddings give NaN metrics.
+
+    Args:
+        similarity: optional (Q, G) similarities (higher = ranked earlier) to rank instead of computing
+            them here (fp32 products of the normalised rows for cosine, −squared distances from explicit
+            differences for Euclidean, identical gallery rows given identical columns). The tests pass the
+            chunked path's own similarity tiles, so that both rank bitwise-identical values.
+    """
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+    loo = gallery is None
+    g, g_labels = (embeddings, labels) if loo else (gallery, gallery_labels)
+    names = [f"R@{k}" for k in ks] + ["mAP", "MAP@R", "R-precision"]
+    if not (bool(torch.isfinite(embeddings).all()) and bool(torch.isfinite(g).all())):
+        return {name: float("nan") for name in names}
+    if similarity is None:
+        q, r = embeddings.detach().float(), g.detach().float()
+        if metric == "cosine":
+            q, r = F.normalize(q, dim=1), F.normalize(r, dim=1)
+        r_unique, inverse = torch.unique(r, dim=0, return_inverse=True)
+        if metric == "cosine":
+            similarity = (q @ r_unique.T)[:, inverse]
+        else:
+            similarity = -((q.unsqueeze(1) - r_unique.unsqueeze(0)) ** 2).sum(-1)[:, inverse]
+    n_query, n_gallery = similarity.shape
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices           # (Q, G)
+    relevant = _comparable(g_labels)[order] == _comparable(labels).unsqueeze(1)
+    if loo:
+        not_self = order != torch.arange(n_query, device=order.device).unsqueeze(1)
+        relevant &= not_self
+        rank = not_self.cumsum(1).double()          # rank among the items other than the query itself
+    else:
+        rank = torch.arange(1, n_gallery + 1, device=order.device, dtype=torch.float64).expand(n_query, n_gallery)
+    num_rel = relevant.sum(1).double()
+    nth = relevant.cumsum(1).double()
+    prec = torch.where(relevant, nth / rank, torch.zeros_like(rank))
+    within_r = relevant & (rank <= num_rel.unsqueeze(1))
+    first = torch.where(relevant, rank, torch.full_like(rank, float("inf"))).amin(1)
+    keep = num_rel > 0
+    if not bool(keep.any()):
+        return {name: float("nan") for name in names}
+    r_q = num_rel[keep]
+    values = [(first[keep] <= k).double().mean() for k in ks]
+    values += [(prec.sum(1)[keep] / r_q).mean(),
+               (torch.where(within_r, prec, torch.zeros_like(prec)).sum(1)[keep] / r_q).mean(),
+               (within_r.sum(1)[keep] / r_q).mean()]
+    return {name: float(v) for name, v in zip(names, values)}
