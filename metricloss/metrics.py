@@ -296,6 +296,7 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
     # 2. count the items: bin = row·(W + 1) + #{relevant keys of the row below the item's key}
     #    = searchsorted position in `rel` (row·W + that count) + row
     hist = torch.zeros(n * (width + 1), dtype=torch.int64, device=device)
+    one = torch.ones(1, dtype=torch.int64, device=device)
     if problem.leave_one_out:
         tile[row_ids, row_ids + ts] = float("nan")  # the left-out query: NaN >= x is False, never counted
     if compact:
@@ -305,7 +306,8 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
             idx = flat[p:p + piece]
             rows = torch.div(idx, n_gallery, rounding_mode="floor")
             keys = _rank_keys(tile.view(-1)[idx], rows, idx - rows * n_gallery, index_bits, n_gallery)
-            hist += torch.bincount(torch.searchsorted(rel, keys).add_(rows), minlength=hist.shape[0])
+            pos = torch.searchsorted(rel, keys).add_(rows)
+            hist.index_add_(0, pos, one.expand(pos.shape[0]))  # a bincount would read its size from the device
             del idx, rows, keys
         del flat
     else:
@@ -319,7 +321,7 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
                 keys[row_ids[:e - s], row_ids[s:e] + ts] = row_ids[s:e].bitwise_left_shift(row_shift)
             bins = torch.searchsorted(rel, keys.view(-1)).view(e - s, n_gallery).add_(sub)
             del keys
-            hist += torch.bincount(bins.view(-1), minlength=hist.shape[0])
+            hist.index_add_(0, bins.view(-1), one.expand(bins.numel()))
             del bins
     hist = hist.view(n, width + 1)
     # above_i = #{items ranked above the relevant key at ascending slot i} = #{k : pos_k >= i + 1}
