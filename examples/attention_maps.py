@@ -50,13 +50,14 @@ def train_triplet(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: in
     """Batch-hard triplet training on P×K batches (as the main job's row); returns the wall time."""
     criterion = ml.TripletLoss(margin=0.2, mining="batch_hard", reduction="mean_nonzero")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = np.random.RandomState(seed)
     labels = y.numpy()
     start = time.perf_counter()
-    for _ in range(epochs):
+    sampler = compare_losses.pk_sampler(labels, batch // 8, 8, seed)
+    for epoch in range(epochs):
         model.train()
-        for idx in compare_losses.pk_batches(labels, batch // 8, 8, rng):
-            idx = torch.from_numpy(idx)
+        sampler.set_epoch(epoch)
+        for idx in sampler:
+            idx = torch.tensor(idx)
             loss = criterion(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -188,6 +189,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr-caf", type=float, default=0.05, help="L2-CAF learning rate")
     ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="L2-CAF optimiser")
     ap.add_argument("--renders", type=int, default=3, help="jittered renders per glyph (fonts)")
+    ap.add_argument("--size", type=int, default=32, help="glyph image side in pixels (fonts; 32)")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the glyph jitter and the class split")
     ap.add_argument("--max-fonts", type=int, default=None)
     ap.add_argument("--font-dir", action="append", default=[], help="extra font directory (repeatable)")
     ap.add_argument("--seed", type=int, default=0)

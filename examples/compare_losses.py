@@ -126,14 +126,11 @@ def random_batches(n: int, batch: int, rng: np.random.RandomState) -> Iterator[n
         yield order[s:s + batch]
 
 
-def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.RandomState) -> Iterator[np.ndarray]:
-    """P classes × K samples per batch (with replacement inside small classes), about one epoch's worth."""
-    classes = np.unique(labels)
-    members = {c: np.flatnonzero(labels == c) for c in classes}
-    p = min(p, len(classes))
-    for _ in range(max(1, len(labels) // (p * k))):
-        chosen = rng.choice(classes, size=p, replace=False)
-        yield np.concatenate([rng.choice(members[c], size=k, replace=len(members[c]) < k) for c in chosen])
+def pk_sampler(labels: np.ndarray, p: int, k: int, seed: int) -> ml.PKSampler:
+    """P classes × K samples per batch (:class:`metricloss.PKSampler`): every sample at least once per epoch,
+    classes with fewer than K samples completed by resampling; ``set_epoch`` draws each epoch anew."""
+    p = min(p, len(np.unique(labels)))
+    return ml.PKSampler(torch.from_numpy(labels), p, k, seed=seed, num_replicas=1, rank=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,16 +318,18 @@ def retrieval_embeddings(method: Optional[Method], model: nn.Module, head: Optio
     return method.retrieval(emb, head)
 
 
-def batches(method: Method, labels: np.ndarray, rng: np.random.RandomState) -> Iterator[np.ndarray]:
+def batches(method: Method, labels: np.ndarray, rng: np.random.RandomState, seed: int,
+            epoch: int) -> Iterator[np.ndarray]:
     if method.sampler[0] == "pk":
-        return pk_batches(labels, method.sampler[1], method.sampler[2], rng)
+        sampler = pk_sampler(labels, method.sampler[1], method.sampler[2], seed)
+        sampler.set_epoch(epoch)
+        return (np.asarray(idx) for idx in sampler)
     return random_batches(len(labels), method.sampler[1], rng)
 
 
-def iterations_per_epoch(method: Method, labels: np.ndarray) -> int:
+def iterations_per_epoch(method: Method, labels: np.ndarray, seed: int = 0) -> int:
     if method.sampler[0] == "pk":
-        p = min(method.sampler[1], len(np.unique(labels)))
-        return max(1, len(labels) // (p * method.sampler[2]))
+        return len(pk_sampler(labels, method.sampler[1], method.sampler[2], seed))
     return len(labels) // method.sampler[1]
 
 
@@ -354,20 +353,20 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
     rng = np.random.RandomState(seed)
     x, y = data["x_train"], data["y_train"]
     labels = y.numpy()
-    total = epochs * iterations_per_epoch(method, labels)
+    total = epochs * iterations_per_epoch(method, labels, seed)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, desc=f"{method.name:>32s} seed {seed}", unit="epoch", leave=False)
     seconds, step, images, curve, losses = 0.0, 0, 0, [], []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
         if head is not None:
             head.train()
         start = time.perf_counter()
         epoch_loss = torch.zeros(())
-        for idx in batches(method, labels, rng):
+        for idx in batches(method, labels, rng, seed, epoch):
             if method.schedule == "hermans":
                 lr, beta1 = hermans_lr(step, total, method.lr)
                 for group in opt.param_groups:
@@ -381,7 +380,7 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
             step += 1
             images += len(idx)
         seconds += time.perf_counter() - start
-        losses.append(float(epoch_loss) / iterations_per_epoch(method, labels))
+        losses.append(float(epoch_loss) / iterations_per_epoch(method, labels, seed))
         val = retrieval_embeddings(method, model, head, data["x_val"])
         curve.append(retrieval_metrics(val, data["y_val"], ks=(1,))["mAP"])
         if bar is not None:

@@ -46,10 +46,13 @@ def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     labels = y.numpy()
     start = time.perf_counter()
-    for _ in range(epochs):
+    # each call (generation) draws its own epochs: the sampler's seed comes from the caller's RandomState
+    sampler = compare_losses.pk_sampler(labels, batch // 8, 8, int(rng.randint(2 ** 31 - 1)))
+    for epoch in range(epochs):
         model.train()
-        for idx in compare_losses.pk_batches(labels, batch // 8, 8, rng):
-            idx = torch.from_numpy(idx)
+        sampler.set_epoch(epoch)
+        for idx in sampler:
+            idx = torch.tensor(idx)
             loss = criterion(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,6 +141,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--width", type=int, default=16, help="channels of the first conv block")
     ap.add_argument("--renders", type=int, default=3, help="jittered renders per glyph (fonts)")
+    ap.add_argument("--size", type=int, default=32, help="glyph image side in pixels (fonts; 32)")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the glyph jitter and the class split")
     ap.add_argument("--max-fonts", type=int, default=None)
     ap.add_argument("--font-dir", action="append", default=[], help="extra font directory (repeatable)")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false",

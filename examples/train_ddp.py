@@ -49,6 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--width", type=int, default=16, help="channels of the first conv block")
     ap.add_argument("--renders", type=int, default=2, help="jittered renders per glyph (fonts)")
+    ap.add_argument("--size", type=int, default=32, help="glyph image side in pixels (fonts; 32)")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the glyph jitter and the class split")
     ap.add_argument("--max-fonts", type=int, default=24)
     ap.add_argument("--font-dir", action="append", default=[], help="extra font directory (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
