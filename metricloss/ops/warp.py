@@ -358,8 +358,10 @@ def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, s: int, e: int, margin:
     counts, starts = ex.counts[s:e], ex.starts[s:e]
     pos_cells = (ex.rows[lo:hi] - s) * C + ex.cols[lo:hi]
     min_count, max_count = (int(v) for v in torch.aminmax(counts))
-    z = torch.empty_like(x)
-    viol = torch.empty_like(x)
+    # fresh contiguous buffers (not empty_like: a transposed or sliced ``scores`` would hand its strides
+    # to z, and the flat view below needs row-major cells)
+    z = torch.empty(x.shape, dtype=acc, device=x.device)
+    viol = torch.empty(x.shape, dtype=acc, device=x.device)
     for slot in range(max_count):
         # one positive per row at a time: the slot-th positive of each row (invalid rows are masked)
         valid = counts > slot
