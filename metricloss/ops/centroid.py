@@ -39,6 +39,7 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .autograd import not_twice_differentiable
 from .distance import REFINE_RATIO, GramFactors, refine_small_entries, squared_norms
 from .mining import default_chunk_bytes, rows_per_chunk
 from .reduction import reduce_loss, row_argmax
@@ -363,63 +364,75 @@ class CentroidLossRows(torch.autograd.Function):
 
     Inputs: prepared rows ``x`` (B, D) in the accumulation dtype, ``centroids`` (C, D) in the same dtype or
     None for one-hot centroids e_0 … e_{C−1} (needs D >= C), int64 ``labels`` (B,) in [0, C), ``num_classes``
-    C >= 2, ``chunk_bytes``, and whether x / the centroids need a gradient. Output: ℓ, (B,).
+    C >= 2, ``chunk_bytes``, and whether x / the centroids need a gradient. Outputs: ℓ (B,), and the
+    Jacobian rows (B, D) (non-differentiable, saved; empty when x needs no gradient).
 
     Row tiles outer, class chunks inner (the layout of a fused kernel: one program per row tile streaming
     the centroids), so everything a row tile needs stays in cache. Row i depends on x_i only, so forward
     also builds the Jacobian rows J_i = ∂ℓ_i/∂x_i = (x_i − c_{y_i})/‖x_i − c_{y_i}‖ + α (v_i − s_i x_i)
     (B, D) and backward is ``grad_out[:, None] * J`` for any reduction. The centroid gradient depends on the
-    upstream gradient and is recomputed tile by tile in backward. Subgradient 0 where x_i = c_m. Not twice
-    differentiable.
+    upstream gradient and is recomputed tile by tile in backward. Subgradient 0 where x_i = c_m.
+    ``setup_context`` form (``torch.func.grad`` works); backward releases the Jacobian. Not twice
+    differentiable: a second derivative raises (the saved Jacobian is a constant here).
     """
 
     @staticmethod
-    def forward(ctx, x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c, backend="torch"):
-        alpha = 1.0 / (3.0 * (num_classes - 1))
+    def forward(x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c, backend="torch"):
         if backend == "triton":
             loss, jacobian = _rows_triton(x, centroids, labels, num_classes, chunk_bytes, want_grad_x)
         else:
             loss, jacobian = _rows_torch(x, centroids, labels, num_classes, chunk_bytes, want_grad_x)
-        ctx.save_for_backward(jacobian, x if want_grad_c else None, centroids if want_grad_c else None,
-                              labels)
-        ctx.num_classes, ctx.chunk_bytes, ctx.alpha = num_classes, chunk_bytes, alpha
-        return loss
+        return loss, x.new_empty(0) if jacobian is None else jacobian
 
     @staticmethod
-    def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            # create_graph=True: the saved Jacobian is a constant here, so a second derivative would be
-            # silently wrong; refuse instead.
-            raise RuntimeError("metricloss.centroid_triplet_loss is not twice differentiable "
-                               "(backward with create_graph=True)")
+    def setup_context(ctx, inputs, output):
+        x, centroids, labels, num_classes, chunk_bytes, want_grad_x, want_grad_c = inputs[:7]
+        _, jacobian = output
+        ctx.mark_non_differentiable(jacobian)
+        ctx.save_for_backward(jacobian, x, centroids, labels)
+        ctx.num_classes, ctx.chunk_bytes = num_classes, chunk_bytes
+        ctx.alpha = 1.0 / (3.0 * (num_classes - 1))
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_jacobian):
         jacobian, x, centroids, labels = ctx.saved_tensors
         grad_x = grad_c = None
-        if ctx.needs_input_grad[0]:
-            grad_x = jacobian * grad_out.unsqueeze(1)
-        if ctx.needs_input_grad[1] and centroids is not None:
-            grad_c = torch.zeros_like(centroids)
-            n, dim = x.shape
-            rows, classes = _tile_shape(n, ctx.num_classes, dim, x.element_size(), ctx.chunk_bytes)
-            for r0 in range(0, n, rows):
-                r1 = min(r0 + rows, n)
-                xr, yr, g = x[r0:r1], labels[r0:r1], grad_out[r0:r1]
-                # own term: ∂‖x_i − c_{y_i}‖/∂c_{y_i} = −(x_i − c_{y_i})/‖x_i − c_{y_i}‖
-                diff = _own_difference(xr, centroids, yr)
-                inv_own = _inverse_distances_(torch.linalg.vecdot(diff, diff, dim=1).sqrt_())
-                grad_c.index_add_(0, yr, diff.mul_((-g * inv_own).unsqueeze(1)))
-                # others, weight g' = −α g: ∂/∂c_m Σ_i g'_i d_im = (Σ_i g'_i w_im)·c_m − Σ_i g'_i w_im x_i
-                g = g * -ctx.alpha
-                for tile, d in _other_class_tiles(xr, yr, centroids, ctx.num_classes, classes):
-                    w = _inverse_distances_(d)
-                    near = _take_near_entries_(w, tile.near_limit)
-                    w.mul_(g.unsqueeze(1))
-                    grad_chunk = grad_c[tile.c0:tile.c1]
-                    grad_chunk.addcmul_(w.sum(0).unsqueeze(1), tile.c).addmm_(w.T, xr, alpha=-1.0)
-                    if near is not None:  # near pairs from their exact differences, as in forward
-                        near_rows, cols, vals = near
-                        exact = (tile.c[cols] - xr[near_rows]).mul_((vals * g[near_rows]).unsqueeze(1))
-                        grad_c.index_add_(0, cols + tile.c0, exact)
+        with torch.no_grad():
+            if ctx.needs_input_grad[0]:
+                grad_x = jacobian * grad_out.unsqueeze(1)
+            if ctx.needs_input_grad[1] and centroids is not None:
+                grad_c = _centroid_gradient(x, centroids, labels, grad_out, ctx.num_classes, ctx.chunk_bytes,
+                                            ctx.alpha)
+        grad_x, grad_c = not_twice_differentiable("centroid_triplet_loss", (grad_x, grad_c), (x, centroids))
         return grad_x, grad_c, None, None, None, None, None, None
+
+
+def _centroid_gradient(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, grad_out: torch.Tensor,
+                       num_classes: int, chunk_bytes: Optional[int], alpha: float) -> torch.Tensor:
+    """∂(Σ_i g_i ℓ_i)/∂c (C, D), recomputed tile by tile."""
+    grad_c = torch.zeros_like(centroids)
+    n, dim = x.shape
+    rows, classes = _tile_shape(n, num_classes, dim, x.element_size(), chunk_bytes)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        xr, yr, g = x[r0:r1], labels[r0:r1], grad_out[r0:r1]
+        # own term: ∂‖x_i − c_{y_i}‖/∂c_{y_i} = −(x_i − c_{y_i})/‖x_i − c_{y_i}‖
+        diff = _own_difference(xr, centroids, yr)
+        inv_own = _inverse_distances_(torch.linalg.vecdot(diff, diff, dim=1).sqrt_())
+        grad_c.index_add_(0, yr, diff.mul_((-g * inv_own).unsqueeze(1)))
+        # others, weight g' = −α g: ∂/∂c_m Σ_i g'_i d_im = (Σ_i g'_i w_im)·c_m − Σ_i g'_i w_im x_i
+        g = g * -alpha
+        for tile, d in _other_class_tiles(xr, yr, centroids, num_classes, classes):
+            w = _inverse_distances_(d)
+            near = _take_near_entries_(w, tile.near_limit)
+            w.mul_(g.unsqueeze(1))
+            grad_chunk = grad_c[tile.c0:tile.c1]
+            grad_chunk.addcmul_(w.sum(0).unsqueeze(1), tile.c).addmm_(w.T, xr, alpha=-1.0)
+            if near is not None:  # near pairs from their exact differences, as in forward
+                near_rows, cols, vals = near
+                exact = (tile.c[cols] - xr[near_rows]).mul_((vals * g[near_rows]).unsqueeze(1))
+                grad_c.index_add_(0, cols + tile.c0, exact)
+    return grad_c
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -455,7 +468,7 @@ def centroid_triplet_loss_op(x: torch.Tensor, labels: torch.Tensor, centroids: O
     want_grad_c = grad and centroids is not None and centroids.requires_grad
     if backend == "triton" and (centroids is None or x.dtype != torch.float32):
         backend = "torch"
-    per_row = CentroidLossRows.apply(x, centroids, labels.long(), num_classes, chunk_bytes, want_grad_x,
-                                     want_grad_c, backend)
+    per_row, _ = CentroidLossRows.apply(x, centroids, labels.long(), num_classes, chunk_bytes, want_grad_x,
+                                        want_grad_c, backend)
     count = torch.tensor(x.shape[0], device=x.device)
     return reduce_loss(per_row, count, count, reduction)

@@ -39,10 +39,11 @@ is the shift above.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
+from .autograd import linked_to_inputs, scaled_saved_gradients
 from .distance import accumulation_dtype
 from .mining import default_chunk_bytes, rows_per_chunk
 from .reduction import reduce_loss
@@ -59,6 +60,8 @@ __all__ = [
     "any_violator",
     "first_violators",
     "sample_violators",
+    "exact_chunk_plan",
+    "ExactWARPLoss",
     "warp_loss_op",
 ]
 
@@ -184,10 +187,29 @@ def rank_weights(rank: torch.Tensor, rank_weight: RankWeight, dtype: torch.dtype
     return out.detach().to(dtype)
 
 
-def _chunk_examples(ex: WarpExamples, s: int, e: int) -> Tuple[int, int]:
-    """Index range of the examples of rows s:e (one host sync)."""
-    bounds = ex.starts[[s, e]].tolist()
-    return bounds[0], bounds[1]
+def exact_chunk_plan(ex: WarpExamples, rows: int) -> List[Tuple[int, int, int, int, int, int]]:
+    """The row chunks of exact WARP: ``(s, e, lo, hi, min_count, max_count)`` per chunk of ``rows`` rows.
+
+    [lo, hi) are the examples of rows s:e and min/max_count the fewest / most positives of a row there.
+    Integer labels know them without reading the device (one example per row); multi-hot labels read all
+    chunks' bounds in one host sync, whatever the number of chunks (never one per chunk).
+    """
+    B = ex.num_rows
+    starts = list(range(0, B, rows))
+    if ex.single:
+        return [(s, min(s + rows, B), s, min(s + rows, B), 1, 1) for s in starts]
+    device = ex.counts.device
+    edges = torch.tensor(starts + [B], device=device)
+    padded = torch.zeros(len(starts) * rows, dtype=ex.counts.dtype, device=device)
+    padded[:B] = ex.counts
+    blocks = padded.view(len(starts), rows)
+    # the last chunk's padding must not lower its minimum: use its real rows' count there
+    last = B - starts[-1]
+    lows = torch.cat([blocks[:-1].amin(1), blocks[-1, :last].amin().unsqueeze(0)])
+    values = torch.cat([ex.starts[edges], lows, blocks.amax(1)]).tolist()
+    n = len(starts)
+    bounds, mins, maxs = values[:n + 1], values[n + 1:2 * n + 1], values[2 * n + 1:]
+    return [(s, min(s + rows, B), bounds[k], bounds[k + 1], mins[k], maxs[k]) for k, s in enumerate(starts)]
 
 
 def any_violator(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor,
@@ -341,23 +363,22 @@ def _sampled_per_row(scores: torch.Tensor, ex: WarpExamples, margin: float, max_
     return torch.zeros(B, dtype=acc, device=scores.device).index_add(0, ex.rows, terms)
 
 
-def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, s: int, e: int, margin: float, rank_weight: RankWeight,
-                 table: Optional[torch.Tensor], grad: Optional[torch.Tensor] = None,
-                 grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Exact WARP of rows s:e: returns the per-row loss sums (c,). When ``grad`` is given (a zeroed
-    (c, C) block in the accumulation dtype), adds the gradient into it with row i scaled by
-    ``grad_scale[i]`` (a (c,) tensor or a scalar tensor)."""
+def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, chunk: Tuple[int, int, int, int, int, int],
+                 margin: float, rank_weight: RankWeight, table: Optional[torch.Tensor],
+                 grad: Optional[torch.Tensor] = None, grad_scale: float = 1.0) -> torch.Tensor:
+    """Exact WARP of one chunk of :func:`exact_chunk_plan`: returns the per-row loss sums (c,). When
+    ``grad`` is given (a zeroed (c, C) block in the accumulation dtype), adds the gradient of
+    ``grad_scale`` × the sum of the chunk's row losses into it. No host sync."""
+    s, e, lo, hi, min_count, max_count = chunk
     B, C = scores.shape
     acc = accumulation_dtype(scores.dtype)
     x = scores[s:e].to(acc)
     c = x.shape[0]
     sums = torch.zeros(c, dtype=acc, device=x.device)
-    lo, hi = _chunk_examples(ex, s, e)
     if lo == hi:
         return sums
     counts, starts = ex.counts[s:e], ex.starts[s:e]
     pos_cells = (ex.rows[lo:hi] - s) * C + ex.cols[lo:hi]
-    min_count, max_count = (int(v) for v in torch.aminmax(counts))
     # fresh contiguous buffers (not empty_like: a transposed or sliced ``scores`` would hand its strides
     # to z, and the flat view below needs row-major cells)
     z = torch.empty(x.shape, dtype=acc, device=x.device)
@@ -396,64 +417,83 @@ def _exact_rows_per_chunk(scores: torch.Tensor, chunk_bytes: Optional[int]) -> i
     return rows_per_chunk(scores.shape[1], 4 * acc_size, chunk_bytes)
 
 
-class ExactWARPLoss(torch.autograd.Function):
-    """Exact WARP over row chunks, O(chunk·C) temporaries.
+def _exact_pass(scores: torch.Tensor, ex: WarpExamples, plan, margin: float, rank_weight: RankWeight,
+                table: Optional[torch.Tensor], want_grad: bool,
+                grad_scale: float = 1.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Every chunk of ``plan``: per-row sums (B,) and, with ``want_grad``, the gradient (B, C) of
+    ``grad_scale`` × their sum (in the scores' dtype and layout)."""
+    B = scores.shape[0]
+    acc = accumulation_dtype(scores.dtype)
+    per_row = torch.empty(B, dtype=acc, device=scores.device)
+    grad = torch.empty_like(scores) if want_grad else None
+    for chunk in plan:
+        s, e = chunk[0], chunk[1]
+        block = _zeroed_grad_block(grad, s, e, acc) if want_grad else None
+        per_row[s:e] = _exact_chunk(scores, ex, chunk, margin, rank_weight, table, block, grad_scale)
+        if want_grad and grad.dtype != acc:  # a half-precision block is a temporary: cast it back
+            grad[s:e] = block
+    return per_row, grad
 
-    Output: the reduced loss (``()``) or per-row sums (``(B,)``) for ``reduction="none"``. For scalar
-    reductions the gradient is computed in the forward pass (the loss is terminal, so this saves a second
-    pass over the scores); with ``"none"`` the upstream gradient weighs rows differently, so backward
-    recomputes the chunks. Not twice differentiable.
+
+class ExactWARPLoss(torch.autograd.Function):
+    """Exact WARP over row chunks, O(chunk·C) temporaries; ``setup_context`` form (``torch.func`` ready).
+
+    Inputs: ``scores`` (B, C), the :class:`WarpExamples`, margin, rank weight, reduction, ``chunk_bytes``
+    and whether to compute the gradient in forward. Outputs: the reduced loss (``()``) or per-row sums
+    (``(B,)``) for ``reduction="none"``, and the gradient of the scalar loss (B, C) computed in the same
+    pass (an empty tensor when not wanted), non-differentiable, saved for backward. The loss is terminal,
+    so computing its gradient in forward saves a second pass; ``"none"`` weighs rows by the upstream
+    gradient, so its backward recomputes the chunks.
+
+    Twice differentiable, exactly: ∂ℓ/∂s is piecewise constant in the scores (L(r)/r changes only where r
+    does), so the second derivative with respect to the scores is 0, and backward is linear in the
+    upstream gradient (a product autograd differentiates under ``create_graph``).
     """
 
     @staticmethod
-    def forward(ctx, scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad):
+    def forward(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad):
         B, C = scores.shape
-        acc = accumulation_dtype(scores.dtype)
         rows = _exact_rows_per_chunk(scores, chunk_bytes)
+        plan = exact_chunk_plan(ex, rows)
         harmonic = isinstance(rank_weight, str) and rank_weight == "harmonic"
         table = harmonic_numbers(C - 1, scores.device) if harmonic else None
         grad_now = want_grad and reduction != "none"
-        scale = torch.tensor(1.0 / B if reduction == "mean" else 1.0, dtype=acc, device=scores.device)
-        per_row = torch.empty(B, dtype=acc, device=scores.device)
-        grad = torch.empty_like(scores) if grad_now else None
-        for s in range(0, B, rows):
-            e = min(s + rows, B)
-            block = _zeroed_grad_block(grad, s, e, acc) if grad_now else None
-            per_row[s:e] = _exact_chunk(scores, ex, s, e, margin, rank_weight, table, block, scale)
-            if grad_now and block.data_ptr() != grad[s:e].data_ptr():
-                grad[s:e] = block
+        scale = 1.0 / B if reduction == "mean" else 1.0
+        per_row, grad = _exact_pass(scores, ex, plan, margin, rank_weight, table, grad_now, scale)
         count = torch.tensor(B, device=scores.device)
         loss = reduce_loss(per_row, count, count, reduction)
-        ctx.grad_now = grad_now
-        if grad_now:
-            ctx.save_for_backward(grad)
-        else:
-            ctx.save_for_backward(scores)
-            ctx.ex, ctx.margin, ctx.rank_weight, ctx.rows, ctx.table = ex, margin, rank_weight, rows, table
-        return loss
+        return loss, scores.new_empty(0) if grad is None else grad
 
     @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.grad_now:
-            (grad,) = ctx.saved_tensors
-            if bool(grad_out == 1):
-                # plain loss.backward(): hand over the saved gradient as is. Autograd releases it before
-                # accumulating (so .grad takes it without a copy) or, with retain_graph, clones it; it is
-                # never modified here, so a second backward sees it unchanged.
-                return (grad,) + (None,) * 6
-            return (grad * grad_out.to(grad.dtype),) + (None,) * 6
-        # reduction="none": row i of the gradient is scaled by grad_out[i]
-        (scores,) = ctx.saved_tensors
-        B = scores.shape[0]
-        acc = accumulation_dtype(scores.dtype)
-        grad = torch.empty_like(scores)
-        for s in range(0, B, ctx.rows):
-            e = min(s + ctx.rows, B)
-            block = _zeroed_grad_block(grad, s, e, acc)
-            _exact_chunk(scores, ctx.ex, s, e, ctx.margin, ctx.rank_weight, ctx.table, block, grad_out[s:e])
-            if block.data_ptr() != grad[s:e].data_ptr():
-                grad[s:e] = block
-        return (grad,) + (None,) * 6
+    def setup_context(ctx, inputs, output):
+        scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad = inputs
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(scores, grad)
+        ctx.ex, ctx.margin, ctx.rank_weight, ctx.reduction = ex, margin, rank_weight, reduction
+        ctx.chunk_bytes = chunk_bytes
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_of_grad):
+        scores, saved = ctx.saved_tensors
+        if ctx.reduction != "none" and saved.numel() > 0:
+            grads = scaled_saved_gradients(ctx, (saved,), grad_out)
+            if grads is not None:
+                return linked_to_inputs(grads, (scores,)) + (None,) * 6
+        # reduction="none" (row i scaled by grad_out[i]) or a retained second backward: recompute the
+        # unit-weight gradient (a constant: no graph through the scores) and scale it
+        with torch.no_grad():
+            C = scores.shape[1]
+            harmonic = isinstance(ctx.rank_weight, str) and ctx.rank_weight == "harmonic"
+            table = harmonic_numbers(C - 1, scores.device) if harmonic else None
+            plan = exact_chunk_plan(ctx.ex, _exact_rows_per_chunk(scores, ctx.chunk_bytes))
+            scale = 1.0 / scores.shape[0] if ctx.reduction == "mean" else 1.0
+            _, unit = _exact_pass(scores, ctx.ex, plan, ctx.margin, ctx.rank_weight, table, True, scale)
+        factor = grad_out.to(unit.dtype)
+        factor = factor.unsqueeze(1) if ctx.reduction == "none" else factor
+        if torch.is_grad_enabled():
+            return linked_to_inputs((unit * factor,), (scores,)) + (None,) * 6
+        return (unit.mul_(factor),) + (None,) * 6
 
 
 def _zeroed_grad_block(grad: torch.Tensor, s: int, e: int, acc: torch.dtype) -> torch.Tensor:
@@ -481,7 +521,8 @@ def warp_loss_op(scores: torch.Tensor, labels: torch.Tensor, margin: float, max_
     ex = WarpExamples(labels, C)
     if mode == "exact":
         want_grad = torch.is_grad_enabled() and scores.requires_grad
-        return ExactWARPLoss.apply(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad)
+        loss, _ = ExactWARPLoss.apply(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad)
+        return loss
     per_row = _sampled_per_row(scores, ex, margin, max_trials, rank_weight, generator, chunk_bytes)
     count = torch.tensor(B, device=scores.device)
     return reduce_loss(per_row, count, count, reduction)
