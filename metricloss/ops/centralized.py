@@ -59,9 +59,23 @@ def gram_schmidt_rows(weight: torch.Tensor) -> torch.Tensor:
     flipped where diag(R) < 0 so that R has a positive diagonal: that is exactly classical Gram-Schmidt
     (q_1 ∥ w_1, q_2 ∥ the part of w_2 orthogonal to q_1, …). Needs linearly independent rows.
     """
+    return _gram_schmidt(weight)[0]
+
+
+def _gram_schmidt(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gram_schmidt_rows` and a () bool tensor: whether the rows are (numerically) linearly dependent.
+
+    Dependent rows (an all-zero row, a repeated row) leave Gram-Schmidt undefined: the forward picks some
+    orthonormal direction, but the QR backward divides by diag(R) and gives NaN gradients. A row counts as
+    dependent when |r_kk| <= C · eps · max_j ‖w_j‖ (the rounding level of the decomposition).
+    """
     q, r = torch.linalg.qr(weight.to(accumulation_dtype(weight.dtype)).T, mode="reduced")
-    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype).detach()
-    return (q * sign).T
+    diag = r.diagonal()
+    sign = torch.where(diag < 0, -1.0, 1.0).to(q.dtype).detach()
+    with torch.no_grad():
+        tol = weight.shape[0] * torch.finfo(r.dtype).eps * torch.linalg.vector_norm(r, dim=0).amax()
+        dependent = (diag.abs() <= tol).any()
+    return (q * sign).T, dependent
 
 
 def orthogonality_penalty(weight: torch.Tensor, eps: float = NORM_EPS, chunk_bytes: Optional[int] = None
@@ -313,8 +327,14 @@ def centralized_ranking_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.
     """
     dtype = accumulation_dtype(torch.promote_types(x.dtype, weight.dtype))
     a = normalize_scale(x.to(dtype), scale, eps)
+    dependent = None
     if decorrelation == "qr":
-        centres, normalize = gram_schmidt_rows(weight.to(dtype)), False
+        (centres, dependent), normalize = _gram_schmidt(weight.to(dtype)), False
+        if not torch.compiler.is_compiling() and bool(dependent):  # one host read per call, outside any loop
+            raise ValueError("centralized_ranking_loss: `weight` has linearly dependent rows (e.g. an all-zero "
+                             "or a repeated class row), so decorrelation='qr' (Gram-Schmidt) is undefined and "
+                             "its gradient would be NaN; re-initialise those rows or use "
+                             "decorrelation='penalty'")
     else:
         centres, normalize = weight, True
     chunk = centres.shape[0] if class_chunk is None else class_chunk
@@ -324,4 +344,7 @@ def centralized_ranking_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.
     if decorrelation == "penalty" and decorrelation_weight > 0:
         penalty = decorrelation_weight * orthogonality_penalty(weight, eps)
         loss = loss + (penalty / x.shape[0] if reduction == "none" else penalty)
+    if dependent is not None:
+        # compiled code cannot raise on a device value: a NaN loss flags the dependent rows there instead
+        loss = torch.where(dependent, torch.full_like(loss, float("nan")), loss)
     return loss

@@ -122,6 +122,19 @@ class WarpExamples:
         self.num_neg = num_classes - self.counts
         self._q_keys: Optional[torch.Tensor] = None
 
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        """The example tensors, for ``save_for_backward`` (so backward releases them)."""
+        return self.rows, self.cols, self.counts, self.starts, self.num_neg
+
+    @classmethod
+    def from_tensors(cls, tensors: Tuple[torch.Tensor, ...], num_classes: int, single: bool) -> "WarpExamples":
+        """Rebuild from :meth:`tensors` (no device work)."""
+        ex = cls.__new__(cls)
+        ex.rows, ex.cols, ex.counts, ex.starts, ex.num_neg = tensors
+        ex.num_rows, ex.num_classes, ex.single = ex.counts.shape[0], num_classes, single
+        ex._q_keys = None
+        return ex
+
     @property
     def num_examples(self) -> int:
         return self.rows.shape[0]
@@ -469,13 +482,13 @@ class ExactWARPLoss(torch.autograd.Function):
         scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad = inputs
         _, grad = output
         ctx.mark_non_differentiable(grad)
-        ctx.save_for_backward(scores, grad)
-        ctx.ex, ctx.margin, ctx.rank_weight, ctx.reduction = ex, margin, rank_weight, reduction
+        ctx.save_for_backward(scores, grad, *ex.tensors())
+        ctx.single, ctx.margin, ctx.rank_weight, ctx.reduction = ex.single, margin, rank_weight, reduction
         ctx.chunk_bytes = chunk_bytes
 
     @staticmethod
     def backward(ctx, grad_out, _grad_of_grad):
-        scores, saved = ctx.saved_tensors
+        scores, saved, *ex_tensors = ctx.saved_tensors
         if ctx.reduction != "none" and saved.numel() > 0:
             grads = scaled_saved_gradients(ctx, (saved,), grad_out)
             if grads is not None:
@@ -486,9 +499,10 @@ class ExactWARPLoss(torch.autograd.Function):
             C = scores.shape[1]
             harmonic = isinstance(ctx.rank_weight, str) and ctx.rank_weight == "harmonic"
             table = harmonic_numbers(C - 1, scores.device) if harmonic else None
-            plan = exact_chunk_plan(ctx.ex, _exact_rows_per_chunk(scores, ctx.chunk_bytes))
+            ex = WarpExamples.from_tensors(tuple(ex_tensors), C, ctx.single)
+            plan = exact_chunk_plan(ex, _exact_rows_per_chunk(scores, ctx.chunk_bytes))
             scale = 1.0 / scores.shape[0] if ctx.reduction == "mean" else 1.0
-            _, unit = _exact_pass(scores, ctx.ex, plan, ctx.margin, ctx.rank_weight, table, True, scale)
+            _, unit = _exact_pass(scores, ex, plan, ctx.margin, ctx.rank_weight, table, True, scale)
         factor = grad_out.to(unit.dtype)
         factor = factor.unsqueeze(1) if ctx.reduction == "none" else factor
         if torch.is_grad_enabled():

@@ -164,3 +164,47 @@ def test_func_grad_of_exact_warp_matches_the_reference():
     leaf = s.clone().requires_grad_()
     (want,) = torch.autograd.grad(reference.warp_loss(leaf, y), leaf)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a kept loss holds no buffers after backward (issue 18.11)
+# ---------------------------------------------------------------------------------------------------
+
+def _custom_nodes(loss):
+    """The custom-Function nodes (their ctx) of a loss's graph."""
+    seen, stack, found = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _holds_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    return hasattr(value, "__dict__") and any(isinstance(v, torch.Tensor) for v in vars(value).values())
+
+
+@pytest.mark.parametrize("case", ["warp_exact", "warp_exact_multi_none", "norm_softmax_streamed",
+                                  "dgcrl_qr", "dgcrl_penalty_chunked", "dgcrl_none", "centroid_tensor",
+                                  "centroid_onehot"])
+def test_kept_loss_holds_no_buffers_after_backward(case):
+    fn, inputs = _func_grad_cases()[case]
+    leaves = tuple(t.detach().clone().requires_grad_() for t in inputs)
+    loss = fn(*leaves)
+    nodes = _custom_nodes(loss)
+    assert nodes
+    loss.backward()
+    for node in nodes:
+        # what backward needed was saved with save_for_backward, which backward released ...
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            node.saved_tensors
+        # ... and nothing tensor-valued (scratch blocks, plans, precomputed gradients) sits on the ctx
+        assert not any(_holds_tensor(v) for v in vars(node).values()), vars(node)
