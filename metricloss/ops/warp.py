@@ -307,35 +307,68 @@ def first_violators(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor, 
     done, block = 0, _FIRST_BLOCK
     while idx.numel() > 0 and done < max_cap:
         a = idx.numel()
-        fits = max(1, budget // (a * _BYTES_PER_DRAW))
-        t = min(max(block, _MIN_DRAWS_PER_BLOCK // a), max_cap - done, fits)
-        # 1. t i.i.d. uniform draws from each example's negatives, one call for the whole block
-        if ex.single:
-            k = torch.randint(0, C - 1, (a, t), generator=generator, device=device)
-        else:
-            n = num_neg[idx].unsqueeze(1)
-            u = torch.rand((a, t), dtype=torch.float64, generator=generator, device=device)
-            k = torch.minimum((u * n).to(torch.int64), n - 1)
-        cols = ex.negative_columns(k, idx)
-        # 2. violation mask v = [s_n + (m − s_p) > 0] (strict)
-        vals = torch.take(scores, ex.rows[idx].unsqueeze(1) * C + cols).to(base.dtype)
-        viol = (vals + base[idx].unsqueeze(1)) > 0
-        if per_example_cap:
-            viol &= (done + torch.arange(t, device=device)) < num_neg[idx].unsqueeze(1)
-        # 3. the first violator: argmax returns the first maximal index
-        hit = viol.any(1)
-        first = viol.to(torch.uint8).argmax(1, keepdim=True)
+        # the block's trial count follows the schedule alone (never the budget), so the number of blocks,
+        # and of host reads (one per block, below), does not depend on the memory budget
+        t = min(max(block, _MIN_DRAWS_PER_BLOCK // a), max_cap - done)
+        hit, first, col = _draw_block(scores, ex, base, idx, num_neg, done, t, per_example_cap, generator, budget)
         hit_idx = idx[hit]
-        trials[hit_idx] = done + 1 + first.squeeze(1)[hit]
-        chosen[hit_idx] = cols.gather(1, first).squeeze(1)[hit]
+        trials[hit_idx] = done + 1 + first[hit]
+        chosen[hit_idx] = col[hit]
         done += t
-        # 4. examples that found a violator or used all their trials leave
+        # 4. examples that found a violator or used all their trials leave (one host read per block)
         keep = ~hit
         if per_example_cap:
             keep &= num_neg[idx] > done
         idx = idx[keep]
         block *= 2
     return trials, chosen
+
+
+def _draw_block(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor, idx: torch.Tensor,
+                num_neg: torch.Tensor, done: int, t: int, per_example_cap: bool,
+                generator: Optional[torch.Generator], budget: int
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trials ``done + 1 … done + t`` of the active examples ``idx`` (a,), in pieces that fit ``budget``.
+
+    Returns ``(hit, first, col)`` (a,): whether a violator was drawn, the 0-based trial of the first one
+    within the block and its column. Pieces are groups of examples and, when one example's t draws exceed
+    the budget, runs of trials; a later run only fills examples that had no violator yet, so the first
+    violator is the same as in one piece (the draws are i.i.d.). No host sync.
+    """
+    B, C = scores.shape
+    device = scores.device
+    a = idx.numel()
+    per_draw = max(1, budget // _BYTES_PER_DRAW)
+    group = max(1, min(a, per_draw // t))          # examples per piece
+    run = t if group * t <= per_draw else per_draw  # trials per piece (one example at a time when split)
+    hit = torch.zeros(a, dtype=torch.bool, device=device)
+    first = torch.zeros(a, dtype=torch.int64, device=device)
+    col = torch.full((a,), -1, dtype=torch.int64, device=device)
+    for g0 in range(0, a, group):
+        g1 = min(g0 + group, a)
+        gi = idx[g0:g1]
+        for t0 in range(0, t, run):
+            tt = min(run, t - t0)
+            # 1. tt i.i.d. uniform draws from each example's negatives, one call for the piece
+            if ex.single:
+                k = torch.randint(0, C - 1, (g1 - g0, tt), generator=generator, device=device)
+            else:
+                n = num_neg[gi].unsqueeze(1)
+                u = torch.rand((g1 - g0, tt), dtype=torch.float64, generator=generator, device=device)
+                k = torch.minimum((u * n).to(torch.int64), n - 1)
+            cols = ex.negative_columns(k, gi)
+            # 2. violation mask v = [s_n + (m − s_p) > 0] (strict)
+            vals = torch.take(scores, ex.rows[gi].unsqueeze(1) * C + cols).to(base.dtype)
+            viol = (vals + base[gi].unsqueeze(1)) > 0
+            if per_example_cap:
+                viol &= (done + t0 + torch.arange(tt, device=device)) < num_neg[gi].unsqueeze(1)
+            # 3. the first violator: argmax returns the first maximal index; earlier runs keep theirs
+            new = viol.any(1) & ~hit[g0:g1]
+            at = viol.to(torch.uint8).argmax(1, keepdim=True)
+            first[g0:g1] = torch.where(new, t0 + at.squeeze(1), first[g0:g1])
+            col[g0:g1] = torch.where(new, cols.gather(1, at).squeeze(1), col[g0:g1])
+            hit[g0:g1] |= new
+    return hit, first, col
 
 
 def sample_violators(scores: torch.Tensor, ex: WarpExamples, margin: float, max_trials: Optional[int],
