@@ -7,7 +7,7 @@
 * The number of synchronising calls of one loss call (forward and backward) does not depend on the number
   of chunks (``class_chunk``, ``chunk_bytes``).
 * What the chunking changes: the losses and gradients agree across chunk sizes within rounding (the
-  tolerances below), and some are bitwise invariant (see :func:`test_bitwise_invariance_across_chunks`).
+  tolerances below), and some are bitwise invariant (see :func:`test_invariance_across_chunks`).
 """
 
 import contextlib
@@ -219,3 +219,71 @@ def test_host_syncs_do_not_grow_with_the_number_of_chunks(case):
     # sampled WARP reads one flag per block of trials (O(log trials) blocks, by the schedule); the rest
     # read at most a few values per call
     assert many <= (16 if "sampled" in case else 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# what the chunking changes (issue 12.10)
+# ---------------------------------------------------------------------------------------------------
+
+def _value_and_grads(fn, inputs):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return (out.detach(),) + torch.autograd.grad(out.sum(), leaves)
+
+
+def _chunk_families(dtype):
+    g = _gen(11)
+    b, d, c = 48, 24, 150
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    w = torch.randn(c, d, generator=g, dtype=dtype)
+    w_qr = torch.randn(20, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+    s = torch.randn(b, c, generator=g, dtype=dtype)
+    multi = torch.rand(b, c, generator=g) < 0.05
+    cen = torch.randn(c, d, generator=g, dtype=dtype)
+    warp = lambda labels, mode, red: (  # noqa: E731
+        lambda s, k: _warp_op(s, labels, mode, red, k))
+    return {
+        # bitwise: every row is computed alone (exact WARP) / the same draws in the same order (sampled, CPU)
+        "warp_exact": (warp(y, "exact", "mean"), (s,), [None, 4000, 300, 1], True),
+        "warp_exact_multi": (warp(multi, "exact", "none"), (s,), [None, 4000, 300, 1], True),
+        "warp_sampled": (warp(y, "sampled", "mean"), (s,), [None, 4000, 300, 1], True),
+        "warp_sampled_multi": (warp(multi, "sampled", "sum"), (s,), [None, 4000, 300, 1], True),
+        # within rounding: sums over class chunks change their order
+        "norm_softmax": (lambda x, w, k: MF.norm_softmax_loss(x, y, w, class_chunk=k), (x, w),
+                         [None, 150, 64, 7], False),
+        "dgcrl_penalty": (lambda x, w, k: MF.centralized_ranking_loss(x, y, w, class_chunk=k), (x, w),
+                          [None, 150, 64, 7], False),
+        "dgcrl_qr": (lambda x, w, k: MF.centralized_ranking_loss(x, y % 20, w, decorrelation="qr",
+                                                                 class_chunk=k), (x, w_qr), [None, 20, 3], False),
+        "centroid": (lambda x, c, k: MF.centroid_triplet_loss(x, y, c, chunk_bytes=k), (x, cen),
+                     [None, 100_000, 3000, 64], False),
+        "centroid_onehot": (lambda x, k: MF.centroid_triplet_loss(x, y % d, "onehot", num_classes=d,
+                                                                  chunk_bytes=k), (x,), [None, 3000, 64], False),
+    }
+
+
+def _warp_op(s, labels, mode, reduction, chunk_bytes):
+    from metricloss.ops import warp as warp_ops
+
+    return warp_ops.warp_loss_op(s, labels, 1.0, None, mode, "harmonic", reduction, _gen(12), chunk_bytes)
+
+
+CHUNK_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family", list(_chunk_families(torch.float64)))
+def test_invariance_across_chunks(family, dtype):
+    fn, inputs, chunks, bitwise = _chunk_families(dtype)[family]
+    first = _value_and_grads(lambda *a: fn(*a, chunks[0]), inputs)
+    # run to run: bitwise, whatever the loss
+    again = _value_and_grads(lambda *a: fn(*a, chunks[0]), inputs)
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    for k in chunks[1:]:
+        other = _value_and_grads(lambda *a: fn(*a, k), inputs)
+        for p, q in zip(other, first):
+            if bitwise:
+                assert torch.equal(p, q), (family, k)
+            else:
+                torch.testing.assert_close(p, q, **CHUNK_TOLERANCE[dtype])
