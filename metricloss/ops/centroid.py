@@ -15,10 +15,13 @@ computed differently, on purpose:
 * the **own term** ‖x_i − c_{y_i}‖ is the attractor (x converges onto its centroid), so it is computed
   exactly from the difference x_i − c_{y_i}, O(B·D), with value and subgradient 0 at x = c;
 * the **other C − 1 terms** are walked in (row tile × class chunk) tiles under a memory budget, never as
-  a (B, C) matrix. Tensor centroids take one GEMM per tile (:class:`~metricloss.ops.distance.GramFactors`,
-  whose small, cancellation-prone entries are recomputed exactly from the difference); one-hot centroids
-  c_m = e_m need no GEMM at all: ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m, with the same exact refinement. The
-  gradient's near pairs (the same small entries) are applied from their exact differences too.
+  a (B, C) matrix. Tensor centroids take one GEMM per tile (the Gram expansion of
+  :class:`~metricloss.ops.distance.GramFactors`); one-hot centroids c_m = e_m need no GEMM at all:
+  ‖x − e_m‖² = ‖x‖² + 1 − 2·x_m. Small, cancellation-prone entries (below REFINE_RATIO of the squared
+  norms) are recomputed exactly from the difference, and the gradient's near pairs (the same entries) are
+  applied from their exact differences too. They are found without a host sync: one row argmin per tile
+  takes each row's :data:`NEAR_PAIRS_PER_CHUNK` smallest entries (a row argmin for one); a row with more near centroids in a
+  chunk is flagged and redone with every pair exact after the loops (one host read per call).
 
 Row i depends on x_i only, so the forward pass also accumulates s_i and v_i and keeps the (B, D) Jacobian
 rows: backward is one scaling, whatever the reduction. Gradients w.r.t. a centroid tensor that requires
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from .autograd import not_twice_differentiable
 from .distance import REFINE_RATIO, GramFactors, squared_norms
 from .mining import default_chunk_bytes, rows_per_chunk
-from .reduction import reduce_loss, row_argmax
+from .reduction import reduce_loss, row_argmax, row_argmin
 
 __all__ = [
     "CENTROID_SCHEMES",
@@ -50,6 +53,7 @@ __all__ = [
     "KMEANS_POINTS_PER_CLASS",
     "KMEANS_MAX_ITERATIONS",
     "TILE_BYTES",
+    "NEAR_PAIRS_PER_CHUNK",
     "onehot_centroids",
     "kmeans_sphere_centroids",
     "build_centroids",
@@ -171,8 +175,9 @@ class _Tile:
     Subclasses give the squared distances from an expansion (:meth:`_expanded_sq`, a GEMM or the one-hot
     closed form) and the exact differences x_i − c_m of chosen pairs (:meth:`_differences`). Expanded
     entries below the refinement threshold (REFINE_RATIO of the squared norms) cancel; every row's
-    ``near_k`` smallest entries are found with one ``topk`` and those below the threshold are recomputed
-    from their differences, which are kept for the gradient's near pairs. A row with more than ``near_k``
+    ``near_k`` smallest entries are found with one row argmin (``topk`` for several), and those below the
+    threshold are recomputed from their differences, which are kept for the gradient's near pairs. A row
+    with more than ``near_k``
     such entries in the chunk is flagged in ``overflow`` (the driver redoes it with every pair exact).
     """
 
@@ -195,7 +200,12 @@ class _Tile:
         # the own class is not a rival: +inf keeps it out of the near search, 0 below takes it out of the sums
         u.scatter_(1, own_col, torch.where(own_inside, float("inf"), u.gather(1, own_col)))
         k = width if near_k is None else min(near_k, width)
-        vals, cols = torch.topk(u, k, dim=1, largest=False, sorted=False)
+        if k == 1:
+            # the fast first-index row argmin (torch.topk and torch.min(dim=1) cost several passes on CPU)
+            vals, cols = row_argmin(u)
+            vals, cols = vals.unsqueeze(1), cols.unsqueeze(1)
+        else:
+            vals, cols = torch.topk(u, k, dim=1, largest=False, sorted=False)
         near = vals < self.thresh.unsqueeze(1)
         if k < width:
             self.overflow = (u < self.thresh.unsqueeze(1)).sum(1) > k
@@ -266,10 +276,12 @@ class _OneHotTile(_Tile):
 
 
 # Near pairs (d² below the refinement threshold: x almost on another class's centroid) a row may have in
-# one class chunk and still be refined without a host sync. Centroids closer to each other than twice the
-# refinement radius are needed for two; more than this many is a pathological clustering, flagged and
-# redone with every pair of the chunk exact (one host read per call, outside the loops).
-NEAR_PAIRS_PER_CHUNK = 4
+# one class chunk and still be refined without a host sync. Two need centroids closer to each other than
+# twice the refinement radius (rare: unit or one-hot centroids are about √2 apart), so one slot, found by a
+# row argmin, serves almost every row; a row with more is flagged and redone with every pair of the chunk
+# exact (one host read per call, outside the loops). Measured at B=4096, D=128, C=1000: 4 slots (topk)
+# cost about 2× the step, 1 slot about the same as the former host-synchronised refinement.
+NEAR_PAIRS_PER_CHUNK = 1
 
 
 def _tile_shape(num_rows: int, num_classes: int, dim: int, elem: int, chunk_bytes: Optional[int],
