@@ -27,6 +27,13 @@ from torch.autograd.function import _functions
 __all__ = ["linked_to_inputs", "not_twice_differentiable", "scaled_saved_gradients"]
 
 
+def _functorch_level() -> int:
+    """The current torch.func transform level (0 outside any; 1 inside one ``torch.func.grad``)."""
+    level_of = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    level = level_of() if level_of is not None else None
+    return 0 if level is None else level
+
+
 def _zero_anchor(inputs: Iterable[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     """An exact fp64 zero that depends on every input requiring grad (sums of empty slices), or None."""
     anchors = [t.reshape(-1)[:0].sum().to(torch.float64) for t in inputs
@@ -63,12 +70,16 @@ def not_twice_differentiable(name: str, grads: Sequence[Optional[torch.Tensor]],
     """
     if not torch.is_grad_enabled():
         return tuple(grads)
+    message = (f"{name} is not twice differentiable: its custom backward is not itself differentiable, so a "
+               f"second derivative (create_graph=True, gradgradcheck, hessian) would be wrong")
+    if _functorch_level() > 1:
+        # a backward run for an inner torch.func transform (grad of grad): the outer one would differentiate
+        # this backward, which functorch does not route through DelayedError; refuse now
+        raise RuntimeError(message + " (nested torch.func transforms)")
     anchor = _zero_anchor(inputs)
     idx = [i for i, g in enumerate(grads) if g is not None]
     if anchor is None or not idx:
         return tuple(grads)
-    message = (f"{name} is not twice differentiable: its custom backward is not itself differentiable, so a "
-               f"second derivative (create_graph=True, gradgradcheck, hessian) would be wrong")
     err = _functions.DelayedError(message.encode(), len(idx))
     linked = err(*[grads[i] + anchor.to(grads[i].dtype) for i in idx])
     linked = linked if isinstance(linked, tuple) else (linked,)

@@ -208,3 +208,20 @@ def test_kept_loss_holds_no_buffers_after_backward(case):
             node.saved_tensors
         # ... and nothing tensor-valued (scratch blocks, plans, precomputed gradients) sits on the ctx
         assert not any(_holds_tensor(v) for v in vars(node).values()), vars(node)
+
+
+@pytest.mark.parametrize("case", ["norm_softmax_streamed", "dgcrl_qr", "centroid_tensor", "centroid_onehot"])
+def test_nested_func_grad_raises_clearly(case):
+    # grad(grad(f)) used to return zeros (centroid) or a partial second derivative (NormSoftmax) silently
+    fn, inputs, name = _refusing_cases()[case]
+    first = lambda x: torch.func.grad(lambda x: fn(x, *inputs[1:]))(x).square().sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match=f"{name}.* is not twice differentiable"):
+        torch.func.grad(first)(inputs[0])
+
+
+def test_nested_func_grad_of_exact_warp_is_its_zero_hessian():
+    s = torch.randn(5, 7, generator=_gen(12), dtype=torch.float64)
+    y = torch.randint(0, 7, (5,), generator=_gen(13))
+    inner = lambda s: torch.func.grad(lambda s: MF.warp_loss(s, y, mode="exact"))(s)  # noqa: E731
+    outer = torch.func.grad(lambda s: (inner(s) * torch.arange(35.0, dtype=s.dtype).view(5, 7)).sum())(s)
+    assert torch.equal(outer, torch.zeros_like(outer))
