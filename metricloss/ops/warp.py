@@ -22,12 +22,15 @@ The sampled estimator keeps the paper's law exactly while bounding memory (``max
 2. The remaining examples draw trials in *blocks*: one ``randint``/``rand`` call draws (active, t)
    negatives, the violation mask is evaluated, ``argmax`` finds each example's first violator, and
    examples that found one (or used all their trials) leave. Block sizes start at ``_FIRST_BLOCK`` and
-   double (and give the few examples of a long tail at least ``_MIN_DRAWS_PER_BLOCK`` draws in total),
-   capped so a block's temporaries fit the memory budget (:func:`~metricloss.ops.mining.rows_per_chunk`
-   style). Draws are i.i.d., so the concatenated blocks are one long i.i.d. sequence and the pair
-   (first-violator trial N, chosen violator) has exactly the loop's law: N ~ Geometric(r/|𝒩|) truncated at
-   ``max_trials``, the violator uniform among the r violators. Python iterates over blocks (O(log
-   max_trials) of them), never over rows or single trials.
+   double (and give the few examples of a long tail at least ``_MIN_DRAWS_PER_BLOCK`` draws in total).
+   The schedule alone sets the blocks; the memory budget only splits a block into pieces (groups of
+   examples, or runs of one example's trials) evaluated on the device, so the blocks, and the one host
+   read each needs to drop the finished examples, do not depend on ``chunk_bytes``. Each example's draws
+   come in the same order whatever the pieces, so on the CPU the draws, and the loss, are bitwise the
+   same for every budget. Draws are i.i.d., so the concatenated blocks are one long i.i.d. sequence and
+   the pair (first-violator trial N, chosen violator) has exactly the loop's law: N ~ Geometric(r/|𝒩|)
+   truncated at ``max_trials``, the violator uniform among the r violators. Python iterates over blocks
+   (O(log max_trials) of them) and pieces, never over rows or single trials.
 
 Uniform draws over a row's negatives. Integer labels: draw k uniform in [0, C − 1) and shift, col = k +
 [k ≥ y]. Multi-hot labels: draw k uniform in [0, |𝒩_i|) (fp64 uniform × |𝒩_i|, floored) and map it to the
