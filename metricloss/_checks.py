@@ -81,6 +81,12 @@ def check_label_range(labels: torch.Tensor, num_classes: int, name: str = "label
     prefix = f"{where}: " if where else ""
     if labels.numel() == 0:
         return
+    if torch.compiler.is_compiling():
+        # Under torch.compile a host read would break the graph (a data-dependent guard): the same test
+        # becomes an asynchronous device-side assertion inside the graph (it fails when the graph runs).
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes})")
+        return
     lo, hi = torch.aminmax(labels)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_classes:

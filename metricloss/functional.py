@@ -467,7 +467,8 @@ def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, wei
             the loss at scale s equals s² times the loss at scale 1 with margin/s².
         scale: s > 0, the N-S radius (default 1).
         decorrelation: ``"qr"``: the centres are the Gram-Schmidt orthonormalisation of W's rows (a QR
-            re-parametrisation in forward; needs D >= C); ``"penalty"``: plain N-S centres plus
+            re-parametrisation in forward; needs D >= C and linearly independent rows of W, else ``ValueError``:
+            Gram-Schmidt of an all-zero or repeated row is undefined and its gradient NaN); ``"penalty"``: plain N-S centres plus
             ``decorrelation_weight · mean((ŴŴᵀ − I)²)``; ``"none"``; ``"auto"`` (default): ``"qr"`` when
             D >= C, else ``"penalty"``.
         decorrelation_weight: λ >= 0 of the penalty (ignored unless the penalty is used).
@@ -535,7 +536,9 @@ def _check_centroid_inputs(where: str, embeddings, labels, centroids, num_classe
         if num < 2:
             raise ValueError(f"{where}: `centroids` must hold C >= 2 classes (the loss pushes each row away "
                              f"from the other C - 1 centroids), got C={num}")
-        if num_classes is not None and (isinstance(num_classes, bool) or num_classes != num):
+        if num_classes is not None:
+            C.check_positive_int(num_classes, "num_classes", where, minimum=2)  # 4.0 or True: TypeError
+        if num_classes is not None and num_classes != num:
             raise ValueError(f"{where}: `num_classes`={num_classes!r} does not match "
                              f"`centroids`.shape[0]={num}")
         C.check_same_device([("embeddings", embeddings), ("centroids", centroids)], where)

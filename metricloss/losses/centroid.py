@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import weakref
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -43,8 +44,12 @@ class CentroidTripletLoss(nn.Module):
         chunk_bytes: memory budget of one tile of distances (default 64 MiB, or ``METRICLOSS_CHUNK_BYTES``).
 
     The centroids are a buffer, ``self.centroids`` (C, D): saved in ``state_dict``, moved by ``.to()``, never
-    a parameter. With ``"onehot"`` the buffer holds ``torch.eye(C, D)`` and the loss uses the closed form
-    ‖x − e_m‖² = ‖x‖² + 1 − 2x_m instead of reading it.
+    a parameter, and always what the loss uses. With ``"onehot"`` the buffer holds ``torch.eye(C, D)``; while
+    it does, the loss uses the closed form ‖x − e_m‖² = ‖x‖² + 1 − 2x_m instead of a GEMM. Loading other
+    centroids (``load_state_dict``, an in-place edit) switches to the general path; whether the buffer is
+    still the identity is checked once per change of the buffer (one host read), not per call, and under
+    ``torch.compile`` the general path is used. The buffer's dtype counts as the centroids' dtype in every
+    case (``.double()`` gives fp64 losses).
 
     Shapes:
         - embeddings: (B, D) float (fp16/bf16/fp32/fp64); labels: (B,) int in [0, C).
@@ -88,6 +93,7 @@ class CentroidTripletLoss(nn.Module):
                                  f"embedding_dim) or pass a (C, D) tensor")
         built = build_centroids(centroids, self.num_classes, self.embedding_dim, self.seed)
         self.register_buffer("centroids", built)
+        self._onehot_cache: Optional[Tuple[weakref.ref, int, bool]] = None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The centroid bound of a batch against the fixed centroids in ``self.centroids``.
@@ -112,10 +118,32 @@ class CentroidTripletLoss(nn.Module):
             raise ValueError(f"{where}: `embeddings` must have D={self.embedding_dim} columns "
                              f"(embedding_dim), "
                              f"got shape {tuple(embeddings.shape)}")
-        centroids = "onehot" if self.scheme == "onehot" else self.centroids
-        return centroid_triplet_loss(embeddings, labels, centroids, num_classes=self.num_classes,
+        if self._buffer_is_onehot():
+            # the closed form reads no centroids; compute in (at least) the buffer's dtype, as the tensor path
+            embeddings = embeddings.to(torch.promote_types(embeddings.dtype, self.centroids.dtype))
+            return centroid_triplet_loss(embeddings, labels, "onehot", num_classes=self.num_classes,
+                                         reduction=self.reduction, backend=self.backend,
+                                         chunk_bytes=self.chunk_bytes)
+        return centroid_triplet_loss(embeddings, labels, self.centroids, num_classes=self.num_classes,
                                      reduction=self.reduction, backend=self.backend,
                                      chunk_bytes=self.chunk_bytes)
+
+    def _buffer_is_onehot(self) -> bool:
+        """Whether the closed form applies: scheme ``"onehot"`` and the buffer still exactly ``eye(C, D)``.
+
+        The answer is cached against the buffer object and its version counter (bumped by in-place writes
+        such as ``load_state_dict``; ``.to()``/``.double()`` make a new buffer), so the comparison, a host
+        read, runs once per change of the buffer.
+        """
+        if self.scheme != "onehot" or torch.compiler.is_compiling():
+            return False
+        buffer = self.centroids
+        cached = self._onehot_cache
+        if cached is not None and cached[0]() is buffer and cached[1] == buffer._version:
+            return cached[2]
+        is_eye = bool(torch.equal(buffer, torch.eye(*buffer.shape, dtype=buffer.dtype, device=buffer.device)))
+        self._onehot_cache = (weakref.ref(buffer), buffer._version, is_eye)
+        return is_eye
 
     def extra_repr(self) -> str:
         seed = f", seed={self.seed}" if self.scheme == "kmeans" else ""

@@ -24,8 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
+from .autograd import not_twice_differentiable, scaled_saved_gradients
 from .cosine import NORM_EPS, block_view, normalize_backward, normalize_scale, unit_rows
 from .distance import (accumulation_dtype, gram_backward, paired_distance, scale_distance_weights_,
                        squared_norms)
@@ -60,9 +59,23 @@ def gram_schmidt_rows(weight: torch.Tensor) -> torch.Tensor:
     flipped where diag(R) < 0 so that R has a positive diagonal: that is exactly classical Gram-Schmidt
     (q_1 ∥ w_1, q_2 ∥ the part of w_2 orthogonal to q_1, …). Needs linearly independent rows.
     """
+    return _gram_schmidt(weight)[0]
+
+
+def _gram_schmidt(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gram_schmidt_rows` and a () bool tensor: whether the rows are (numerically) linearly dependent.
+
+    Dependent rows (an all-zero row, a repeated row) leave Gram-Schmidt undefined: the forward picks some
+    orthonormal direction, but the QR backward divides by diag(R) and gives NaN gradients. A row counts as
+    dependent when |r_kk| <= C · eps · max_j ‖w_j‖ (the rounding level of the decomposition).
+    """
     q, r = torch.linalg.qr(weight.to(accumulation_dtype(weight.dtype)).T, mode="reduced")
-    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype).detach()
-    return (q * sign).T
+    diag = r.diagonal()
+    sign = torch.where(diag < 0, -1.0, 1.0).to(q.dtype).detach()
+    with torch.no_grad():
+        tol = weight.shape[0] * torch.finfo(r.dtype).eps * torch.linalg.vector_norm(r, dim=0).amax()
+        dependent = (diag.abs() <= tol).any()
+    return (q * sign).T, dependent
 
 
 def orthogonality_penalty(weight: torch.Tensor, eps: float = NORM_EPS, chunk_bytes: Optional[int] = None
@@ -76,7 +89,7 @@ def orthogonality_penalty(weight: torch.Tensor, eps: float = NORM_EPS, chunk_byt
     c, d = weight.shape
     if c > d:
         rows = rows_per_chunk(d, 4 * weight.element_size(), chunk_bytes)
-        return StreamedOrthogonalityPenalty.apply(weight, eps, rows)
+        return StreamedOrthogonalityPenalty.apply(weight, eps, rows)[0]
     v = F.normalize(weight.to(accumulation_dtype(weight.dtype)), p=2.0, dim=1, eps=eps)
     gram = v @ v.T
     return (gram - torch.eye(c, dtype=v.dtype, device=v.device)).pow(2).sum() / (c * c)
@@ -85,13 +98,14 @@ def orthogonality_penalty(weight: torch.Tensor, eps: float = NORM_EPS, chunk_byt
 class StreamedOrthogonalityPenalty(torch.autograd.Function):
     """P = (‖M‖_F² − 2‖Ŵ‖_F² + C) / C² with M = ŴᵀŴ (D, D), over row chunks of W (C, D).
 
-    Forward accumulates M and ‖Ŵ‖_F² chunk by chunk; backward maps dP/dŴ = (4/C²)·Ŵ(M − I) back through
-    each chunk's row normalisation. Memory: M, W's gradient and one chunk's temporaries. Not twice
-    differentiable.
+    Forward accumulates M and ‖Ŵ‖_F² chunk by chunk and returns (P, M), M non-differentiable and saved;
+    backward maps dP/dŴ = (4/C²)·Ŵ(M − I) back through each chunk's row normalisation. Memory: M, W's
+    gradient and one chunk's temporaries. ``setup_context`` form. Not twice differentiable (a second
+    derivative raises).
     """
 
     @staticmethod
-    def forward(ctx, weight, eps, rows):
+    def forward(weight, eps, rows):
         c, d = weight.shape
         dtype = accumulation_dtype(weight.dtype)
         gram = torch.zeros(d, d, dtype=dtype, device=weight.device)
@@ -100,22 +114,30 @@ class StreamedOrthogonalityPenalty(torch.autograd.Function):
             v, _, _ = unit_rows(weight[s:s + rows], dtype, eps)
             gram.addmm_(v.T, v)
             total_sq += v.pow(2).sum()
-        ctx.save_for_backward(weight, gram)
-        ctx.eps, ctx.rows = eps, rows
-        return (gram.pow(2).sum() - 2.0 * total_sq + c) / (c * c)
+        return (gram.pow(2).sum() - 2.0 * total_sq + c) / (c * c), gram
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
+    def setup_context(ctx, inputs, output):
+        weight, eps, rows = inputs
+        _, gram = output
+        ctx.mark_non_differentiable(gram)
+        ctx.save_for_backward(weight, gram)
+        ctx.eps, ctx.rows = eps, rows
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_gram):
         weight, gram = ctx.saved_tensors
-        c = weight.shape[0]
-        # dP/dŴ = (4/C²)·Ŵ·(M − I), scaled by the upstream gradient
-        m_minus_i = gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        m_minus_i.mul_(grad_out.to(gram.dtype) * (4.0 / (c * c)))
-        grad_w = torch.empty_like(weight)
-        for s in range(0, c, ctx.rows):
-            v, norm, active = unit_rows(weight[s:s + ctx.rows], gram.dtype, ctx.eps)
-            grad_w[s:s + ctx.rows] = normalize_backward(v @ m_minus_i, v, norm, active)
+        with torch.no_grad():
+            c = weight.shape[0]
+            # dP/dŴ = (4/C²)·Ŵ·(M − I), scaled by the upstream gradient
+            m_minus_i = gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            m_minus_i.mul_(grad_out.to(gram.dtype) * (4.0 / (c * c)))
+            grad_w = torch.empty_like(weight)
+            for s in range(0, c, ctx.rows):
+                v, norm, active = unit_rows(weight[s:s + ctx.rows], gram.dtype, ctx.eps)
+                grad_w[s:s + ctx.rows] = normalize_backward(v @ m_minus_i, v, norm, active)
+        (grad_w,) = not_twice_differentiable("centralized_ranking_loss (decorrelation penalty, C > D)",
+                                             (grad_w,), (weight,))
         return grad_w, None, None
 
 
@@ -224,51 +246,74 @@ class _RankingPlan:
         return sums, nonzero, grad_a, grad_w
 
 
+def _scalar_factor(reduction: str, num_terms: int, nonzero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The factor between the summed hinges and a scalar reduction: 1, 1/#terms or 1/#active (device)."""
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=nonzero.device)
+    denom = torch.tensor(num_terms, device=nonzero.device) if reduction == "mean" else nonzero
+    return 1.0 / denom.clamp_min(1).to(dtype)
+
+
 class StreamedCentralizedRanking(torch.autograd.Function):
     """The global centralized ranking loss over class chunks, O(B·chunk) memory, GEMM gradients.
 
     Inputs: ``a`` (B, D) N-S features s·x̂ (accumulation dtype), ``centres`` (C, D) raw class weights
     (normalised and scaled by s chunk by chunk when ``normalize``) or unit centre directions (scaled by s
-    only), ``labels`` (B,) int64, and the static options. Output: the reduced loss (), or per-row sums
-    ℓ_i (B,) for ``reduction="none"``. With a scalar reduction the gradient is computed in the forward
-    pass (one pass over the classes instead of two) and the first backward only rescales it, in place;
-    with ``"none"`` (or a second backward through a retained graph) backward recomputes the chunks with
-    each row weighted by its upstream gradient. Not twice differentiable.
+    only), ``labels`` (B,) int64, and the static options. Outputs: the reduced loss (), or per-row sums
+    ℓ_i (B,) for ``reduction="none"``; and, for a scalar reduction with ``want_grad``, the loss's
+    gradients with respect to ``a`` and ``centres``, computed in the same pass over the classes (one pass
+    instead of two), non-differentiable and saved (empty tensors otherwise). The first backward scales
+    them in place; ``"none"``, or a second backward through a retained graph, recomputes the chunks with
+    each row weighted by its upstream gradient. ``setup_context`` form; nothing but the saved tensors is
+    kept, so backward releases every buffer. Not twice differentiable (a second derivative raises,
+    including through the QR of ``decorrelation="qr"``).
     """
 
     @staticmethod
-    def forward(ctx, a, centres, labels, scale, margin, normalize, eps, class_chunk, reduction, want_grad):
+    def forward(a, centres, labels, scale, margin, normalize, eps, class_chunk, reduction, want_grad):
         plan = _RankingPlan(a, centres, labels, scale, margin, normalize, eps, class_chunk)
         grad_now = want_grad and reduction != "none"
         ones = torch.ones(a.shape[0], dtype=a.dtype, device=a.device) if grad_now else None
         sums, nonzero, grad_a, grad_w = plan.run(ones)
         # every (row, rival class) pair is a term: B·(C − 1) of them
-        num_terms = torch.tensor(a.shape[0] * (centres.shape[0] - 1), device=a.device)
-        loss = reduce_loss(sums, num_terms, nonzero, reduction)
-        # The gradients are intermediate results (neither inputs nor outputs), kept on ctx rather than saved:
-        # the first backward hands them out scaled in place, with no second (C, D) copy at the peak. Any
-        # later backward through a retained graph (gradcheck, jacobians) recomputes them from the plan.
-        denom = {"sum": None, "mean": num_terms, "mean_nonzero": nonzero, "none": None}[reduction]
-        ctx.factor = None if denom is None else 1.0 / denom.clamp_min(1).to(a.dtype)
-        ctx.grads = (grad_a, grad_w) if grad_now else None
-        ctx.plan = plan
-        return loss
+        num_terms = a.shape[0] * (centres.shape[0] - 1)
+        loss = reduce_loss(sums, torch.tensor(num_terms, device=a.device), nonzero, reduction)
+        if not grad_now:
+            return loss, a.new_empty(0), centres.new_empty(0)
+        factor = _scalar_factor(reduction, num_terms, nonzero, a.dtype)
+        return loss, grad_a.mul_(factor), grad_w.mul_(factor.to(grad_w.dtype))
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if grad_out.dim() == 1:
-            # "none": each row weighted by its own upstream gradient
-            _, _, grad_a, grad_w = ctx.plan.run(grad_out)
-            return (grad_a, grad_w) + (None,) * 8
-        if ctx.grads is not None:
-            grad_a, grad_w = ctx.grads
-            ctx.grads = None
-        else:
-            # the same unit-weight pass as the forward's, so every backward gives bit-identical gradients
-            _, _, grad_a, grad_w = ctx.plan.run(torch.ones_like(ctx.plan.d_y))
-        scale = grad_out.to(grad_a.dtype) if ctx.factor is None else grad_out.to(grad_a.dtype) * ctx.factor
-        return (grad_a.mul_(scale), grad_w.mul_(scale.to(grad_w.dtype))) + (None,) * 8
+    def setup_context(ctx, inputs, output):
+        a, centres, labels, scale, margin, normalize, eps, class_chunk, reduction, want_grad = inputs
+        _, grad_a, grad_w = output
+        ctx.mark_non_differentiable(grad_a, grad_w)
+        ctx.save_for_backward(a, centres, labels, grad_a, grad_w)
+        ctx.options = (scale, margin, normalize, eps, class_chunk)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_a, _grad_w):
+        a, centres, labels, saved_a, saved_w = ctx.saved_tensors
+        grads = None
+        if ctx.reduction != "none" and saved_a.numel() > 0:
+            grads = scaled_saved_gradients(ctx, (saved_a, saved_w), grad_out)
+        if grads is None:
+            with torch.no_grad():
+                plan = _RankingPlan(a, centres, labels, *ctx.options)
+                if ctx.reduction == "none":
+                    # each row weighted by its own upstream gradient
+                    _, _, grad_a, grad_w = plan.run(grad_out)
+                else:
+                    # the same unit-weight pass as the forward's, so every backward gives the same gradients
+                    _, nonzero, grad_a, grad_w = plan.run(torch.ones_like(plan.d_y))
+                    num_terms = a.shape[0] * (centres.shape[0] - 1)
+                    factor = _scalar_factor(ctx.reduction, num_terms, nonzero, a.dtype) * grad_out.to(a.dtype)
+                    grad_a.mul_(factor)
+                    grad_w.mul_(factor.to(grad_w.dtype))
+            grads = (grad_a, grad_w)
+        grads = not_twice_differentiable("centralized_ranking_loss", grads, (a, centres))
+        return grads + (None,) * 8
 
 
 def centralized_ranking_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, margin: float,
@@ -282,15 +327,24 @@ def centralized_ranking_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.
     """
     dtype = accumulation_dtype(torch.promote_types(x.dtype, weight.dtype))
     a = normalize_scale(x.to(dtype), scale, eps)
+    dependent = None
     if decorrelation == "qr":
-        centres, normalize = gram_schmidt_rows(weight.to(dtype)), False
+        (centres, dependent), normalize = _gram_schmidt(weight.to(dtype)), False
+        if not torch.compiler.is_compiling() and bool(dependent):  # one host read per call, outside any loop
+            raise ValueError("centralized_ranking_loss: `weight` has linearly dependent rows (e.g. an all-zero "
+                             "or a repeated class row), so decorrelation='qr' (Gram-Schmidt) is undefined and "
+                             "its gradient would be NaN; re-initialise those rows or use "
+                             "decorrelation='penalty'")
     else:
         centres, normalize = weight, True
     chunk = centres.shape[0] if class_chunk is None else class_chunk
     want_grad = torch.is_grad_enabled() and (a.requires_grad or centres.requires_grad)
-    loss = StreamedCentralizedRanking.apply(a, centres, labels, scale, margin, normalize, eps, chunk,
-                                            reduction, want_grad)
+    loss, _, _ = StreamedCentralizedRanking.apply(a, centres, labels, scale, margin, normalize, eps, chunk,
+                                                  reduction, want_grad)
     if decorrelation == "penalty" and decorrelation_weight > 0:
         penalty = decorrelation_weight * orthogonality_penalty(weight, eps)
         loss = loss + (penalty / x.shape[0] if reduction == "none" else penalty)
+    if dependent is not None:
+        # compiled code cannot raise on a device value: a NaN loss flags the dependent rows there instead
+        loss = torch.where(dependent, torch.full_like(loss, float("nan")), loss)
     return loss

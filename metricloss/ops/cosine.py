@@ -21,8 +21,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
+from .autograd import not_twice_differentiable
 from .distance import accumulation_dtype
 
 __all__ = [
@@ -127,8 +126,11 @@ class StreamedNormSoftmax(torch.autograd.Function):
 
     Inputs: ``a`` (B, D) the scaled unit features s·x̂ in the accumulation dtype, ``weight`` (C, D) the raw
     class weights (normalised chunk by chunk), ``labels`` (B,) int64 in [0, C), ``class_chunk`` and ``eps``.
-    Output: (B,) per-row losses ℓ_i = logsumexp_c(z_ic) − z_{i,y_i}, z = a·Ŵᵀ, in ``a``'s dtype.
-    Gradients flow to ``a`` and ``weight``. Not twice differentiable.
+    Outputs: (B,) per-row losses ℓ_i = logsumexp_c(z_ic) − z_{i,y_i}, z = a·Ŵᵀ, in ``a``'s dtype, and the
+    (B,) logsumexp (non-differentiable, saved for backward). Gradients flow to ``a`` and ``weight``.
+    ``setup_context`` form (``torch.func.grad`` works). Not twice differentiable: a second derivative
+    raises (:func:`~metricloss.ops.autograd.not_twice_differentiable`); the dense path
+    (``class_chunk=None``) is plain autograd and is.
 
     The forward pass keeps only the running max and sum of the logsumexp (B,) per row; the backward pass
     recomputes each chunk's logits (the softmax needs the final logsumexp, so a second GEMM per chunk is
@@ -136,7 +138,7 @@ class StreamedNormSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, weight, labels, class_chunk, eps):
+    def forward(a, weight, labels, class_chunk, eps):
         b, c = a.shape[0], weight.shape[0]
         run_max = torch.full((b,), float("-inf"), dtype=a.dtype, device=a.device)
         run_sum = torch.zeros(b, dtype=a.dtype, device=a.device)
@@ -156,44 +158,60 @@ class StreamedNormSoftmax(torch.autograd.Function):
             run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max.unsqueeze(1)).exp_().sum(1))
             run_max = new_max
         lse = run_max + torch.log(run_sum)
-        ctx.save_for_backward(a, weight, labels, lse)
-        ctx.class_chunk, ctx.eps = class_chunk, eps
-        return lse - target
+        return lse - target, lse
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_rows):
+    def setup_context(ctx, inputs, output):
+        a, weight, labels, class_chunk, eps = inputs
+        _, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(a, weight, labels, lse)
+        ctx.class_chunk, ctx.eps = class_chunk, eps
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_lse):
         a, weight, labels, lse = ctx.saved_tensors
-        need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        c = weight.shape[0]
-        g = grad_rows.to(a.dtype).unsqueeze(1)
-        # dℓ_i/dz_ic = p_ic − [c = y_i]; the upstream g_i scales row i, so it is folded into the (B, D)
-        # operands (a·g for W's gradient, a final row scaling for a's) instead of the (B, k) blocks
-        grad_a = torch.zeros_like(a) if need_a else None
-        grad_w = torch.empty_like(weight) if need_w else None
-        a_g = a * g if need_w else None
-        write_in_place = need_w and grad_w.dtype == a.dtype
-        b = a.shape[0]
-        buffer = torch.empty(b * min(ctx.class_chunk, c), dtype=a.dtype, device=a.device)
-        for s in range(0, c, ctx.class_chunk):
-            e = min(s + ctx.class_chunk, c)
-            v, norm, active = unit_rows(weight[s:e], a.dtype, ctx.eps)
-            # 1. recompute the chunk's softmax p = exp(z − lse)
-            p = torch.mm(a, v.T, out=block_view(buffer, b, e - s)).sub_(lse.unsqueeze(1)).exp_()
-            # 2. minus the one-hot of the target, on the rows whose target is in this chunk
-            in_chunk, col = _target_in_chunk(labels, s, e)
-            p.scatter_add_(1, col, -in_chunk.to(p.dtype).unsqueeze(1))
-            # 3. dL/da += (P − Y)·v_c ; dL/dv_c = (P − Y)ᵀ·(g⊙a), then back through W's row normalisation
-            if need_a:
-                grad_a.addmm_(p, v)
-            if need_w:
-                if write_in_place:
-                    normalize_backward(torch.mm(p.T, a_g, out=grad_w[s:e]), v, norm, active)
-                else:
-                    grad_w[s:e] = normalize_backward(torch.mm(p.T, a_g), v, norm, active)
-        if need_a:
-            grad_a.mul_(g)
+        with torch.no_grad():
+            grad_a, grad_w = _norm_softmax_backward(a, weight, labels, lse, grad_rows, ctx.class_chunk, ctx.eps,
+                                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_a, grad_w = not_twice_differentiable("norm_softmax_loss (class_chunk streaming)", (grad_a, grad_w),
+                                                  (a, weight))
         return grad_a, grad_w, None, None, None
+
+
+def _norm_softmax_backward(a: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                           grad_rows: torch.Tensor, class_chunk: int, eps: float, need_a: bool, need_w: bool
+                           ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The gradients of Σ_i g_i·ℓ_i with respect to ``a`` and ``weight``, streamed over class chunks."""
+    c = weight.shape[0]
+    g = grad_rows.to(a.dtype).unsqueeze(1)
+    # dℓ_i/dz_ic = p_ic − [c = y_i]; the upstream g_i scales row i, so it is folded into the (B, D)
+    # operands (a·g for W's gradient, a final row scaling for a's) instead of the (B, k) blocks
+    grad_a = torch.zeros_like(a) if need_a else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    a_g = a * g if need_w else None
+    write_in_place = need_w and grad_w.dtype == a.dtype
+    b = a.shape[0]
+    buffer = torch.empty(b * min(class_chunk, c), dtype=a.dtype, device=a.device)
+    for s in range(0, c, class_chunk):
+        e = min(s + class_chunk, c)
+        v, norm, active = unit_rows(weight[s:e], a.dtype, eps)
+        # 1. recompute the chunk's softmax p = exp(z − lse)
+        p = torch.mm(a, v.T, out=block_view(buffer, b, e - s)).sub_(lse.unsqueeze(1)).exp_()
+        # 2. minus the one-hot of the target, on the rows whose target is in this chunk
+        in_chunk, col = _target_in_chunk(labels, s, e)
+        p.scatter_add_(1, col, -in_chunk.to(p.dtype).unsqueeze(1))
+        # 3. dL/da += (P − Y)·v_c ; dL/dv_c = (P − Y)ᵀ·(g⊙a), then back through W's row normalisation
+        if need_a:
+            grad_a.addmm_(p, v)
+        if need_w:
+            if write_in_place:
+                normalize_backward(torch.mm(p.T, a_g, out=grad_w[s:e]), v, norm, active)
+            else:
+                grad_w[s:e] = normalize_backward(torch.mm(p.T, a_g), v, norm, active)
+    if need_a:
+        grad_a.mul_(g)
+    return grad_a, grad_w
 
 
 def norm_softmax_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, scale: float,
@@ -210,7 +228,7 @@ def norm_softmax_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
         return F.cross_entropy(cosine_logits(x, weight, scale, eps=eps), labels, reduction=reduction)
     dtype = accumulation_dtype(torch.promote_types(x.dtype, weight.dtype))
     a = normalize_scale(x.to(dtype), scale, eps)
-    rows = StreamedNormSoftmax.apply(a, weight, labels, class_chunk, eps)
+    rows, _ = StreamedNormSoftmax.apply(a, weight, labels, class_chunk, eps)
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.mean()

@@ -22,12 +22,15 @@ The sampled estimator keeps the paper's law exactly while bounding memory (``max
 2. The remaining examples draw trials in *blocks*: one ``randint``/``rand`` call draws (active, t)
    negatives, the violation mask is evaluated, ``argmax`` finds each example's first violator, and
    examples that found one (or used all their trials) leave. Block sizes start at ``_FIRST_BLOCK`` and
-   double (and give the few examples of a long tail at least ``_MIN_DRAWS_PER_BLOCK`` draws in total),
-   capped so a block's temporaries fit the memory budget (:func:`~metricloss.ops.mining.rows_per_chunk`
-   style). Draws are i.i.d., so the concatenated blocks are one long i.i.d. sequence and the pair
-   (first-violator trial N, chosen violator) has exactly the loop's law: N ~ Geometric(r/|𝒩|) truncated at
-   ``max_trials``, the violator uniform among the r violators. Python iterates over blocks (O(log
-   max_trials) of them), never over rows or single trials.
+   double (and give the few examples of a long tail at least ``_MIN_DRAWS_PER_BLOCK`` draws in total).
+   The schedule alone sets the blocks; the memory budget only splits a block into pieces (groups of
+   examples, or runs of one example's trials) evaluated on the device, so the blocks, and the one host
+   read each needs to drop the finished examples, do not depend on ``chunk_bytes``. Each example's draws
+   come in the same order whatever the pieces, so on the CPU the draws, and the loss, are bitwise the
+   same for every budget. Draws are i.i.d., so the concatenated blocks are one long i.i.d. sequence and
+   the pair (first-violator trial N, chosen violator) has exactly the loop's law: N ~ Geometric(r/|𝒩|)
+   truncated at ``max_trials``, the violator uniform among the r violators. Python iterates over blocks
+   (O(log max_trials) of them) and pieces, never over rows or single trials.
 
 Uniform draws over a row's negatives. Integer labels: draw k uniform in [0, C − 1) and shift, col = k +
 [k ≥ y]. Multi-hot labels: draw k uniform in [0, |𝒩_i|) (fp64 uniform × |𝒩_i|, floored) and map it to the
@@ -39,10 +42,11 @@ is the shift above.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
+from .autograd import linked_to_inputs, scaled_saved_gradients
 from .distance import accumulation_dtype
 from .mining import default_chunk_bytes, rows_per_chunk
 from .reduction import reduce_loss
@@ -59,6 +63,8 @@ __all__ = [
     "any_violator",
     "first_violators",
     "sample_violators",
+    "exact_chunk_plan",
+    "ExactWARPLoss",
     "warp_loss_op",
 ]
 
@@ -118,6 +124,19 @@ class WarpExamples:
             torch.cumsum(self.counts, 0, out=self.starts[1:])
         self.num_neg = num_classes - self.counts
         self._q_keys: Optional[torch.Tensor] = None
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        """The example tensors, for ``save_for_backward`` (so backward releases them)."""
+        return self.rows, self.cols, self.counts, self.starts, self.num_neg
+
+    @classmethod
+    def from_tensors(cls, tensors: Tuple[torch.Tensor, ...], num_classes: int, single: bool) -> "WarpExamples":
+        """Rebuild from :meth:`tensors` (no device work)."""
+        ex = cls.__new__(cls)
+        ex.rows, ex.cols, ex.counts, ex.starts, ex.num_neg = tensors
+        ex.num_rows, ex.num_classes, ex.single = ex.counts.shape[0], num_classes, single
+        ex._q_keys = None
+        return ex
 
     @property
     def num_examples(self) -> int:
@@ -184,10 +203,29 @@ def rank_weights(rank: torch.Tensor, rank_weight: RankWeight, dtype: torch.dtype
     return out.detach().to(dtype)
 
 
-def _chunk_examples(ex: WarpExamples, s: int, e: int) -> Tuple[int, int]:
-    """Index range of the examples of rows s:e (one host sync)."""
-    bounds = ex.starts[[s, e]].tolist()
-    return bounds[0], bounds[1]
+def exact_chunk_plan(ex: WarpExamples, rows: int) -> List[Tuple[int, int, int, int, int, int]]:
+    """The row chunks of exact WARP: ``(s, e, lo, hi, min_count, max_count)`` per chunk of ``rows`` rows.
+
+    [lo, hi) are the examples of rows s:e and min/max_count the fewest / most positives of a row there.
+    Integer labels know them without reading the device (one example per row); multi-hot labels read all
+    chunks' bounds in one host sync, whatever the number of chunks (never one per chunk).
+    """
+    B = ex.num_rows
+    starts = list(range(0, B, rows))
+    if ex.single:
+        return [(s, min(s + rows, B), s, min(s + rows, B), 1, 1) for s in starts]
+    device = ex.counts.device
+    edges = torch.tensor(starts + [B], device=device)
+    padded = torch.zeros(len(starts) * rows, dtype=ex.counts.dtype, device=device)
+    padded[:B] = ex.counts
+    blocks = padded.view(len(starts), rows)
+    # the last chunk's padding must not lower its minimum: use its real rows' count there
+    last = B - starts[-1]
+    lows = torch.cat([blocks[:-1].amin(1), blocks[-1, :last].amin().unsqueeze(0)])
+    values = torch.cat([ex.starts[edges], lows, blocks.amax(1)]).tolist()
+    n = len(starts)
+    bounds, mins, maxs = values[:n + 1], values[n + 1:2 * n + 1], values[2 * n + 1:]
+    return [(s, min(s + rows, B), bounds[k], bounds[k + 1], mins[k], maxs[k]) for k, s in enumerate(starts)]
 
 
 def any_violator(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor,
@@ -272,35 +310,68 @@ def first_violators(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor, 
     done, block = 0, _FIRST_BLOCK
     while idx.numel() > 0 and done < max_cap:
         a = idx.numel()
-        fits = max(1, budget // (a * _BYTES_PER_DRAW))
-        t = min(max(block, _MIN_DRAWS_PER_BLOCK // a), max_cap - done, fits)
-        # 1. t i.i.d. uniform draws from each example's negatives, one call for the whole block
-        if ex.single:
-            k = torch.randint(0, C - 1, (a, t), generator=generator, device=device)
-        else:
-            n = num_neg[idx].unsqueeze(1)
-            u = torch.rand((a, t), dtype=torch.float64, generator=generator, device=device)
-            k = torch.minimum((u * n).to(torch.int64), n - 1)
-        cols = ex.negative_columns(k, idx)
-        # 2. violation mask v = [s_n + (m − s_p) > 0] (strict)
-        vals = torch.take(scores, ex.rows[idx].unsqueeze(1) * C + cols).to(base.dtype)
-        viol = (vals + base[idx].unsqueeze(1)) > 0
-        if per_example_cap:
-            viol &= (done + torch.arange(t, device=device)) < num_neg[idx].unsqueeze(1)
-        # 3. the first violator: argmax returns the first maximal index
-        hit = viol.any(1)
-        first = viol.to(torch.uint8).argmax(1, keepdim=True)
+        # the block's trial count follows the schedule alone (never the budget), so the number of blocks,
+        # and of host reads (one per block, below), does not depend on the memory budget
+        t = min(max(block, _MIN_DRAWS_PER_BLOCK // a), max_cap - done)
+        hit, first, col = _draw_block(scores, ex, base, idx, num_neg, done, t, per_example_cap, generator, budget)
         hit_idx = idx[hit]
-        trials[hit_idx] = done + 1 + first.squeeze(1)[hit]
-        chosen[hit_idx] = cols.gather(1, first).squeeze(1)[hit]
+        trials[hit_idx] = done + 1 + first[hit]
+        chosen[hit_idx] = col[hit]
         done += t
-        # 4. examples that found a violator or used all their trials leave
+        # 4. examples that found a violator or used all their trials leave (one host read per block)
         keep = ~hit
         if per_example_cap:
             keep &= num_neg[idx] > done
         idx = idx[keep]
         block *= 2
     return trials, chosen
+
+
+def _draw_block(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor, idx: torch.Tensor,
+                num_neg: torch.Tensor, done: int, t: int, per_example_cap: bool,
+                generator: Optional[torch.Generator], budget: int
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trials ``done + 1 … done + t`` of the active examples ``idx`` (a,), in pieces that fit ``budget``.
+
+    Returns ``(hit, first, col)`` (a,): whether a violator was drawn, the 0-based trial of the first one
+    within the block and its column. Pieces are groups of examples and, when one example's t draws exceed
+    the budget, runs of trials; a later run only fills examples that had no violator yet, so the first
+    violator is the same as in one piece (the draws are i.i.d.). No host sync.
+    """
+    B, C = scores.shape
+    device = scores.device
+    a = idx.numel()
+    per_draw = max(1, budget // _BYTES_PER_DRAW)
+    group = max(1, min(a, per_draw // t))          # examples per piece
+    run = t if group * t <= per_draw else per_draw  # trials per piece (one example at a time when split)
+    hit = torch.zeros(a, dtype=torch.bool, device=device)
+    first = torch.zeros(a, dtype=torch.int64, device=device)
+    col = torch.full((a,), -1, dtype=torch.int64, device=device)
+    for g0 in range(0, a, group):
+        g1 = min(g0 + group, a)
+        gi = idx[g0:g1]
+        for t0 in range(0, t, run):
+            tt = min(run, t - t0)
+            # 1. tt i.i.d. uniform draws from each example's negatives, one call for the piece
+            if ex.single:
+                k = torch.randint(0, C - 1, (g1 - g0, tt), generator=generator, device=device)
+            else:
+                n = num_neg[gi].unsqueeze(1)
+                u = torch.rand((g1 - g0, tt), dtype=torch.float64, generator=generator, device=device)
+                k = torch.minimum((u * n).to(torch.int64), n - 1)
+            cols = ex.negative_columns(k, gi)
+            # 2. violation mask v = [s_n + (m − s_p) > 0] (strict)
+            vals = torch.take(scores, ex.rows[gi].unsqueeze(1) * C + cols).to(base.dtype)
+            viol = (vals + base[gi].unsqueeze(1)) > 0
+            if per_example_cap:
+                viol &= (done + t0 + torch.arange(tt, device=device)) < num_neg[gi].unsqueeze(1)
+            # 3. the first violator: argmax returns the first maximal index; earlier runs keep theirs
+            new = viol.any(1) & ~hit[g0:g1]
+            at = viol.to(torch.uint8).argmax(1, keepdim=True)
+            first[g0:g1] = torch.where(new, t0 + at.squeeze(1), first[g0:g1])
+            col[g0:g1] = torch.where(new, cols.gather(1, at).squeeze(1), col[g0:g1])
+            hit[g0:g1] |= new
+    return hit, first, col
 
 
 def sample_violators(scores: torch.Tensor, ex: WarpExamples, margin: float, max_trials: Optional[int],
@@ -341,25 +412,26 @@ def _sampled_per_row(scores: torch.Tensor, ex: WarpExamples, margin: float, max_
     return torch.zeros(B, dtype=acc, device=scores.device).index_add(0, ex.rows, terms)
 
 
-def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, s: int, e: int, margin: float, rank_weight: RankWeight,
-                 table: Optional[torch.Tensor], grad: Optional[torch.Tensor] = None,
-                 grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Exact WARP of rows s:e: returns the per-row loss sums (c,). When ``grad`` is given (a zeroed
-    (c, C) block in the accumulation dtype), adds the gradient into it with row i scaled by
-    ``grad_scale[i]`` (a (c,) tensor or a scalar tensor)."""
+def _exact_chunk(scores: torch.Tensor, ex: WarpExamples, chunk: Tuple[int, int, int, int, int, int],
+                 margin: float, rank_weight: RankWeight, table: Optional[torch.Tensor],
+                 grad: Optional[torch.Tensor] = None, grad_scale: float = 1.0) -> torch.Tensor:
+    """Exact WARP of one chunk of :func:`exact_chunk_plan`: returns the per-row loss sums (c,). When
+    ``grad`` is given (a zeroed (c, C) block in the accumulation dtype), adds the gradient of
+    ``grad_scale`` × the sum of the chunk's row losses into it. No host sync."""
+    s, e, lo, hi, min_count, max_count = chunk
     B, C = scores.shape
     acc = accumulation_dtype(scores.dtype)
     x = scores[s:e].to(acc)
     c = x.shape[0]
     sums = torch.zeros(c, dtype=acc, device=x.device)
-    lo, hi = _chunk_examples(ex, s, e)
     if lo == hi:
         return sums
     counts, starts = ex.counts[s:e], ex.starts[s:e]
     pos_cells = (ex.rows[lo:hi] - s) * C + ex.cols[lo:hi]
-    min_count, max_count = (int(v) for v in torch.aminmax(counts))
-    z = torch.empty_like(x)
-    viol = torch.empty_like(x)
+    # fresh contiguous buffers (not empty_like: a transposed or sliced ``scores`` would hand its strides
+    # to z, and the flat view below needs row-major cells)
+    z = torch.empty(x.shape, dtype=acc, device=x.device)
+    viol = torch.empty(x.shape, dtype=acc, device=x.device)
     for slot in range(max_count):
         # one positive per row at a time: the slot-th positive of each row (invalid rows are masked)
         valid = counts > slot
@@ -394,64 +466,84 @@ def _exact_rows_per_chunk(scores: torch.Tensor, chunk_bytes: Optional[int]) -> i
     return rows_per_chunk(scores.shape[1], 4 * acc_size, chunk_bytes)
 
 
-class ExactWARPLoss(torch.autograd.Function):
-    """Exact WARP over row chunks, O(chunk·C) temporaries.
+def _exact_pass(scores: torch.Tensor, ex: WarpExamples, plan, margin: float, rank_weight: RankWeight,
+                table: Optional[torch.Tensor], want_grad: bool,
+                grad_scale: float = 1.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Every chunk of ``plan``: per-row sums (B,) and, with ``want_grad``, the gradient (B, C) of
+    ``grad_scale`` × their sum (in the scores' dtype and layout)."""
+    B = scores.shape[0]
+    acc = accumulation_dtype(scores.dtype)
+    per_row = torch.empty(B, dtype=acc, device=scores.device)
+    grad = torch.empty_like(scores) if want_grad else None
+    for chunk in plan:
+        s, e = chunk[0], chunk[1]
+        block = _zeroed_grad_block(grad, s, e, acc) if want_grad else None
+        per_row[s:e] = _exact_chunk(scores, ex, chunk, margin, rank_weight, table, block, grad_scale)
+        if want_grad and grad.dtype != acc:  # a half-precision block is a temporary: cast it back
+            grad[s:e] = block
+    return per_row, grad
 
-    Output: the reduced loss (``()``) or per-row sums (``(B,)``) for ``reduction="none"``. For scalar
-    reductions the gradient is computed in the forward pass (the loss is terminal, so this saves a second
-    pass over the scores); with ``"none"`` the upstream gradient weighs rows differently, so backward
-    recomputes the chunks. Not twice differentiable.
+
+class ExactWARPLoss(torch.autograd.Function):
+    """Exact WARP over row chunks, O(chunk·C) temporaries; ``setup_context`` form (``torch.func`` ready).
+
+    Inputs: ``scores`` (B, C), the :class:`WarpExamples`, margin, rank weight, reduction, ``chunk_bytes``
+    and whether to compute the gradient in forward. Outputs: the reduced loss (``()``) or per-row sums
+    (``(B,)``) for ``reduction="none"``, and the gradient of the scalar loss (B, C) computed in the same
+    pass (an empty tensor when not wanted), non-differentiable, saved for backward. The loss is terminal,
+    so computing its gradient in forward saves a second pass; ``"none"`` weighs rows by the upstream
+    gradient, so its backward recomputes the chunks.
+
+    Twice differentiable, exactly: ∂ℓ/∂s is piecewise constant in the scores (L(r)/r changes only where r
+    does), so the second derivative with respect to the scores is 0, and backward is linear in the
+    upstream gradient (a product autograd differentiates under ``create_graph``).
     """
 
     @staticmethod
-    def forward(ctx, scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad):
+    def forward(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad):
         B, C = scores.shape
-        acc = accumulation_dtype(scores.dtype)
         rows = _exact_rows_per_chunk(scores, chunk_bytes)
+        plan = exact_chunk_plan(ex, rows)
         harmonic = isinstance(rank_weight, str) and rank_weight == "harmonic"
         table = harmonic_numbers(C - 1, scores.device) if harmonic else None
         grad_now = want_grad and reduction != "none"
-        scale = torch.tensor(1.0 / B if reduction == "mean" else 1.0, dtype=acc, device=scores.device)
-        per_row = torch.empty(B, dtype=acc, device=scores.device)
-        grad = torch.empty_like(scores) if grad_now else None
-        for s in range(0, B, rows):
-            e = min(s + rows, B)
-            block = _zeroed_grad_block(grad, s, e, acc) if grad_now else None
-            per_row[s:e] = _exact_chunk(scores, ex, s, e, margin, rank_weight, table, block, scale)
-            if grad_now and block.data_ptr() != grad[s:e].data_ptr():
-                grad[s:e] = block
+        scale = 1.0 / B if reduction == "mean" else 1.0
+        per_row, grad = _exact_pass(scores, ex, plan, margin, rank_weight, table, grad_now, scale)
         count = torch.tensor(B, device=scores.device)
         loss = reduce_loss(per_row, count, count, reduction)
-        ctx.grad_now = grad_now
-        if grad_now:
-            ctx.save_for_backward(grad)
-        else:
-            ctx.save_for_backward(scores)
-            ctx.ex, ctx.margin, ctx.rank_weight, ctx.rows, ctx.table = ex, margin, rank_weight, rows, table
-        return loss
+        return loss, scores.new_empty(0) if grad is None else grad
 
     @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.grad_now:
-            (grad,) = ctx.saved_tensors
-            if bool(grad_out == 1):
-                # plain loss.backward(): hand over the saved gradient as is. Autograd releases it before
-                # accumulating (so .grad takes it without a copy) or, with retain_graph, clones it; it is
-                # never modified here, so a second backward sees it unchanged.
-                return (grad,) + (None,) * 6
-            return (grad * grad_out.to(grad.dtype),) + (None,) * 6
-        # reduction="none": row i of the gradient is scaled by grad_out[i]
-        (scores,) = ctx.saved_tensors
-        B = scores.shape[0]
-        acc = accumulation_dtype(scores.dtype)
-        grad = torch.empty_like(scores)
-        for s in range(0, B, ctx.rows):
-            e = min(s + ctx.rows, B)
-            block = _zeroed_grad_block(grad, s, e, acc)
-            _exact_chunk(scores, ctx.ex, s, e, ctx.margin, ctx.rank_weight, ctx.table, block, grad_out[s:e])
-            if block.data_ptr() != grad[s:e].data_ptr():
-                grad[s:e] = block
-        return (grad,) + (None,) * 6
+    def setup_context(ctx, inputs, output):
+        scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad = inputs
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(scores, grad, *ex.tensors())
+        ctx.single, ctx.margin, ctx.rank_weight, ctx.reduction = ex.single, margin, rank_weight, reduction
+        ctx.chunk_bytes = chunk_bytes
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_of_grad):
+        scores, saved, *ex_tensors = ctx.saved_tensors
+        if ctx.reduction != "none" and saved.numel() > 0:
+            grads = scaled_saved_gradients(ctx, (saved,), grad_out)
+            if grads is not None:
+                return linked_to_inputs(grads, (scores,)) + (None,) * 6
+        # reduction="none" (row i scaled by grad_out[i]) or a retained second backward: recompute the
+        # unit-weight gradient (a constant: no graph through the scores) and scale it
+        with torch.no_grad():
+            C = scores.shape[1]
+            harmonic = isinstance(ctx.rank_weight, str) and ctx.rank_weight == "harmonic"
+            table = harmonic_numbers(C - 1, scores.device) if harmonic else None
+            ex = WarpExamples.from_tensors(tuple(ex_tensors), C, ctx.single)
+            plan = exact_chunk_plan(ex, _exact_rows_per_chunk(scores, ctx.chunk_bytes))
+            scale = 1.0 / scores.shape[0] if ctx.reduction == "mean" else 1.0
+            _, unit = _exact_pass(scores, ex, plan, ctx.margin, ctx.rank_weight, table, True, scale)
+        factor = grad_out.to(unit.dtype)
+        factor = factor.unsqueeze(1) if ctx.reduction == "none" else factor
+        if torch.is_grad_enabled():
+            return linked_to_inputs((unit * factor,), (scores,)) + (None,) * 6
+        return (unit.mul_(factor),) + (None,) * 6
 
 
 def _zeroed_grad_block(grad: torch.Tensor, s: int, e: int, acc: torch.dtype) -> torch.Tensor:
@@ -479,7 +571,8 @@ def warp_loss_op(scores: torch.Tensor, labels: torch.Tensor, margin: float, max_
     ex = WarpExamples(labels, C)
     if mode == "exact":
         want_grad = torch.is_grad_enabled() and scores.requires_grad
-        return ExactWARPLoss.apply(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad)
+        loss, _ = ExactWARPLoss.apply(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad)
+        return loss
     per_row = _sampled_per_row(scores, ex, margin, max_trials, rank_weight, generator, chunk_bytes)
     count = torch.tensor(B, device=scores.device)
     return reduce_loss(per_row, count, count, reduction)

@@ -305,3 +305,36 @@ def test_backward_through_a_retained_graph_twice_gives_the_same_gradient(reducti
     second = torch.autograd.grad(2.5 * loss.sum(), (x, w))
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", ["zero_row", "repeated_row"])
+def test_qr_with_dependent_weight_rows_raises_instead_of_nan_gradients(bad):
+    # Issue 18.9: an all-zero weight row gave a finite loss (0.2307) and a NaN weight.grad, silently.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, generator=g)
+    y = torch.arange(8) % 4
+    w = torch.randn(4, 6, generator=g)
+    if bad == "zero_row":
+        w[2] = 0.0
+    else:
+        w[3] = w[1]
+    w.requires_grad_()
+    with pytest.raises(ValueError, match="`weight` has linearly dependent rows"):
+        MF.centralized_ranking_loss(x, y, w, decorrelation="qr")
+    module = ml.CentralizedRankingLoss(6, 4, decorrelation="auto")
+    with torch.no_grad():
+        module.weight.copy_(w)
+    with pytest.raises(ValueError, match="decorrelation='penalty'"):
+        module(x, y)
+    # the penalty form has a finite gradient on the same weight
+    loss = MF.centralized_ranking_loss(x, y, w, decorrelation="penalty")
+    loss.backward()
+    assert torch.isfinite(w.grad).all()
+
+
+def test_qr_independent_rows_are_not_flagged():
+    g = torch.Generator().manual_seed(1)
+    for scale in (1e-6, 1.0, 1e6):
+        w = torch.randn(5, 5, generator=g, dtype=torch.float64) * scale
+        _, dependent = centralized_ops._gram_schmidt(w)
+        assert not dependent

@@ -1,6 +1,7 @@
 """CentroidTripletLoss and its functional twin: dense reference, gradients, buffers, edges, bad input."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -326,6 +327,9 @@ CEN = torch.randn(3, 4)
     (lambda: MF.centroid_triplet_loss(X, Y, "onehot", num_classes=1), ValueError, "num_classes"),
     (lambda: MF.centroid_triplet_loss(X, Y, "onehot", num_classes=5), ValueError, "centroids"),
     (lambda: MF.centroid_triplet_loss(X, Y, CEN, num_classes=4), ValueError, "num_classes"),
+    (lambda: MF.centroid_triplet_loss(X, Y, CEN, num_classes=3.0), TypeError, "num_classes"),  # issue 18.10
+    (lambda: MF.centroid_triplet_loss(X, Y, CEN, num_classes=True), TypeError, "num_classes"),
+    (lambda: MF.centroid_triplet_loss(X, Y, "onehot", num_classes=4.0), TypeError, "num_classes"),
     (lambda: MF.centroid_triplet_loss(X, Y, CEN, reduction="mean_nonzero"), ValueError, "reduction"),
     (lambda: MF.centroid_triplet_loss(X, Y, CEN, backend="gpu"), ValueError, "backend"),
     (lambda: MF.centroid_triplet_loss(X, Y, CEN, chunk_bytes=0), ValueError, "chunk_bytes"),
@@ -356,3 +360,41 @@ def test_onehot_with_too_few_dimensions_suggests_kmeans():
         ml.CentroidTripletLoss(10, 4)
     with pytest.raises(ValueError, match="centroids='kmeans'"):
         MF.centroid_triplet_loss(X, Y, "onehot", num_classes=5)
+
+
+def test_onehot_module_uses_its_centroids_buffer():
+    # Issue 18.13: loading other centroids into a one-hot module changed nothing, and .double() stayed fp32.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 6, generator=g)
+    y = torch.arange(10) % 4
+    module = ml.CentroidTripletLoss(4, 6)
+    onehot = module(x, y)
+    torch.testing.assert_close(onehot, MF.centroid_triplet_loss(x, y, "onehot", num_classes=4))
+    other = torch.randn(4, 6, generator=g)
+    module.load_state_dict({"centroids": other})
+    torch.testing.assert_close(module(x, y), MF.centroid_triplet_loss(x, y, other))
+    assert not torch.allclose(module(x, y), onehot)
+    with torch.no_grad():
+        module.centroids.copy_(torch.eye(4, 6))        # back to the identity: the closed form again
+    torch.testing.assert_close(module(x, y), onehot)
+    with torch.no_grad():
+        module.centroids[0, 0] = 2.0                   # an in-place edit is seen too
+    torch.testing.assert_close(module(x, y), MF.centroid_triplet_loss(x, y, module.centroids))
+    fresh = ml.CentroidTripletLoss(4, 6).double()
+    out = fresh(x, y)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, MF.centroid_triplet_loss(x.double(), y, "onehot", num_classes=4))
+
+
+def test_strided_labels_raise_no_warning_from_the_library():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 8, generator=g, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (torch.int64, torch.int32, torch.uint8):
+            y = (torch.arange(48) % 4).to(dtype)[::4]
+            assert not y.is_contiguous()
+            for module in (ml.CentroidTripletLoss(4, 8), ml.CentroidTripletLoss(4, 8, centroids="kmeans")):
+                module(x, y).backward()
+            MF.centroid_triplet_loss(x, y, "onehot", num_classes=4, backend="reference").backward()
+            MF.centroid_triplet_loss(x, y, torch.randn(4, 8, generator=g), backend="torch").backward()

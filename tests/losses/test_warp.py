@@ -492,3 +492,29 @@ def test_exact_backward_twice_and_with_a_scaled_upstream(reduction):
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(s.grad, 2 * want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["single", "sparse"])
+@pytest.mark.parametrize("chunk_bytes", [None, 200])
+def test_exact_on_transposed_scores_every_dtype_and_label_kind(dtype, kind, chunk_bytes):
+    # Issue 18.7: scores = (a @ b.T).T is a dense transposed view; a chunk holding every row kept its
+    # strides in the scratch buffers and crashed on the flat view (fp16, multi-hot and integer labels alike).
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 4, generator=g), torch.randn(6, 4, generator=g)
+    scores = (a @ b.T).T.to(dtype)
+    assert not scores.is_contiguous()
+    labels = make_labels(kind, 6, 9, g)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for reduction in ("mean", "none"):
+        x1 = scores.detach().requires_grad_()
+        x2 = scores.detach().contiguous().requires_grad_()
+        got = warp_ops.warp_loss_op(x1, labels, 0.5, None, "exact", "harmonic", reduction, None, chunk_bytes)
+        want = reference.warp_loss(x2, labels, margin=0.5, reduction=reduction)
+        torch.testing.assert_close(got, want.to(got.dtype), **tol)
+        (ga,) = torch.autograd.grad(got.sum(), x1)
+        (gb,) = torch.autograd.grad(want.sum(), x2)
+        torch.testing.assert_close(ga, gb, **tol)
+        # the module takes the same path
+        loss = ml.WARPLoss(mode="exact", margin=0.5, reduction=reduction)(scores, labels)
+        torch.testing.assert_close(loss, want.to(loss.dtype), **tol)

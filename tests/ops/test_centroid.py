@@ -106,5 +106,34 @@ def test_distance_sum_is_not_twice_differentiable():
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     c = torch.randn(3, 4, dtype=torch.float64)
     out = C.centroid_triplet_loss_op(x, torch.tensor([0, 1, 2, 0, 1]), c, 3, "sum", None)
-    with pytest.raises(RuntimeError, match="not twice differentiable"):
-        torch.autograd.grad(out, x, create_graph=True)
+    # create_graph itself is allowed (torch.func.grad needs it); differentiating the gradient raises
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="centroid_triplet_loss is not twice differentiable"):
+        torch.autograd.grad(g.square().sum(), x)
+
+
+def test_rows_with_more_near_centroids_than_the_sync_free_slots_are_redone_exactly():
+    # A row sitting among more than NEAR_PAIRS_PER_CHUNK other-class centroids, all within its refinement
+    # radius: the sync-free pass flags it and the driver redoes it with every pair exact (loss, ∂x and ∂c).
+    g = torch.Generator().manual_seed(5)
+    d, num = 6, 12
+    point = torch.randn(d, generator=g, dtype=torch.float64) * 3
+    c = torch.randn(num, d, generator=g, dtype=torch.float64)
+    c[1:9] = point + 1e-3 * torch.randn(8, d, generator=g, dtype=torch.float64)  # 8 near centroids
+    x = torch.randn(7, d, generator=g, dtype=torch.float64)
+    x[2] = point
+    y = torch.tensor([0, 1, 0, 3, 9, 10, 11])
+    assert C.NEAR_PAIRS_PER_CHUNK < 8
+    _, _, exact_rows = C._rows_torch(x, c, y, num, None, False)
+    assert exact_rows is not None and exact_rows.tolist() == [2]
+    for chunk_bytes in (None, 200):
+        xa, ca = x.clone().requires_grad_(), c.clone().requires_grad_()
+        xb, cb = x.clone().requires_grad_(), c.clone().requires_grad_()
+        got = C.centroid_triplet_loss_op(xa, y, ca, num, "none", chunk_bytes)
+        want = reference.centroid_triplet_loss(xb, y, cb, reduction="none")
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        weights = torch.rand(7, generator=g, dtype=torch.float64)
+        ga = torch.autograd.grad((got * weights).sum(), (xa, ca))
+        gb = torch.autograd.grad((want * weights).sum(), (xb, cb))
+        for p, q in zip(ga, gb):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
