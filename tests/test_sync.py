@@ -26,14 +26,6 @@ PER_CHUNK_SYNC = {
                          "being removed",
     "triplet semi_hard": "per-chunk host sync in ops/distance.py refine_small_entries (bool of mask.any()), "
                          "being removed",
-    "WARP sampled": "per-chunk host sync in ops/warp.py first_violators (boolean-mask indexing per trial block), "
-                    "being removed",
-    "WARP exact": "per-chunk host sync in ops/warp.py _chunk_examples (tolist) and _exact_chunk (int()), "
-                  "being removed",
-    "centroid (tensor, torch)": "per-chunk host sync in ops/centroid.py _take_near_entries_ and ops/distance.py "
-                                "refine_small_entries (bool of .any()), being removed",
-    "centroid (onehot)": "per-chunk host sync in ops/centroid.py _take_near_entries_ and ops/distance.py "
-                         "refine_small_entries (bool of .any()), being removed",
 }
 
 WORKLOADS = dict(sync_workloads("cpu", tiny=True))
