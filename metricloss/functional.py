@@ -66,6 +66,14 @@ def _check_triplet_inputs(where: str, embeddings, labels, ref_embeddings, ref_la
     return has_ref
 
 
+def _refuse_tracing(where: str) -> None:
+    """Mining is data-dependent (which rows are selected, how many chunks): a trace would freeze one batch's
+    choices and give wrong values on the next, so tracing raises instead."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(f"{where}: torch.jit.trace is not supported (mining depends on the data, and a trace "
+                           f"would replay one batch's selections); use eager mode or torch.compile")
+
+
 def _own_rows(where: str, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor],
               ref_labels: Optional[torch.Tensor], ref_self_index: object,
               has_ref: bool) -> Tuple[bool, Optional[torch.Tensor]]:
@@ -116,6 +124,7 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
         the anchor has no positive / no negative. Ties resolve to the first index. No gradient.
     """
     where = "mine_batch_hard"
+    _refuse_tracing(where)
     has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
                                     chunk_bytes)
     self_ref, self_index = _own_rows(where, embeddings, labels, ref_embeddings, ref_labels, ref_self_index, has_ref)
@@ -162,6 +171,7 @@ _REDUCTION_DOC = """
 def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance, normalize,
              reduction: Optional[str], backend, chunk_bytes, ref_self_index):
     """Validate and run a triplet loss; ``reduction=None`` returns its :class:`LossTerms`."""
+    _refuse_tracing(where)
     has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
                                     chunk_bytes)
     margin = C.check_margin(margin, "margin", where)

@@ -46,9 +46,13 @@ def default_chunk_bytes() -> int:
     """The per-chunk memory budget: ``METRICLOSS_CHUNK_BYTES`` if set, else 64 MiB."""
     env = os.environ.get("METRICLOSS_CHUNK_BYTES", "").strip()
     if env:
-        value = int(env)
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
         if value < 1:
-            raise ValueError(f"METRICLOSS_CHUNK_BYTES must be a positive int, got {env!r}")
+            raise ValueError(f"the environment variable METRICLOSS_CHUNK_BYTES must be a positive number of bytes "
+                             f"written as an integer (e.g. 67108864 for 64 MiB), got {env!r}")
         return value
     return DEFAULT_CHUNK_BYTES
 
@@ -122,7 +126,7 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
     width = max(index.max_count - (1 if self_ref else 0), 0)
     elem = a.element_size()
     rows = rows_per_chunk(m, elem + elem // 8 + 1, chunk_bytes, bytes_per_row=width * (16 + elem))
-    gram = GramFactors(a, r, distance)
+    gram = GramFactors(a, r, distance, canonical=True)  # duplicate rows tie exactly: first index wins
     pos_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     neg_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     block = torch.empty((min(rows, n), m), dtype=a.dtype, device=a.device)  # reused by every chunk
