@@ -24,6 +24,11 @@ Usage:
     python benchmarks/memory_triplet.py --sizes 4096     # one size
     python benchmarks/memory_triplet.py --json-out results.json
     python benchmarks/memory_triplet.py --outlier --sizes 4096 --dim 128 --minings batch_all semi_hard
+    python benchmarks/memory_triplet.py --retention --sizes 4096   # RSS growth when loss tensors are kept
+
+The retention case (``--retention``): 12 training steps (forward + backward) that keep each loss tensor
+in a list, against the same steps keeping ``loss.detach()``; each in its own subprocess, RSS growth over
+the 12 steps. A kept loss must not keep its scratch buffers alive.
 """
 
 from __future__ import annotations
@@ -149,9 +154,13 @@ def main() -> None:
     ap.add_argument("--outlier", action="store_true",
                     help="metricloss only, normalize=False: normal inputs vs one row scaled by 1000")
     ap.add_argument("--dim", type=int, default=D, help="embedding dimension of the --outlier case")
+    ap.add_argument("--retention", action="store_true", help="RSS growth when 12 loss tensors are kept")
     args = ap.parse_args()
     if args.outlier:
         outlier_table(args)
+        return
+    if args.retention:
+        retention_table(args)
         return
 
     results = {}
@@ -189,6 +198,54 @@ def main() -> None:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump([dict(v, method=k[0], mining=k[1], N=k[2]) for k, v in results.items()], f, indent=1)
+
+
+RETENTION_STEPS = 12
+
+
+def retention_case(mining: str, n: int, d: int, keep: str) -> float:
+    """RSS growth (MiB) over :data:`RETENTION_STEPS` steps keeping ``loss`` (``keep="loss"``) or
+    ``loss.detach()`` (``keep="detach"``) in a list. Runs in the calling process."""
+    import torch
+
+    import metricloss as ml
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    torch.set_num_threads(2)
+    emb0, labels = make_inputs(n, d)
+    fn = ml.TripletLoss(margin=MARGIN, mining=mining, backend="torch")
+    kept = []
+    step = emb0.clone().requires_grad_()
+    fn(step, labels).backward()  # warm
+    start = rss_mib()
+    for _ in range(RETENTION_STEPS):
+        emb = emb0.clone().requires_grad_()
+        loss = fn(emb, labels)
+        loss.backward()
+        kept.append(loss if keep == "loss" else loss.detach())
+    return rss_mib() - start
+
+
+def retention_table(args) -> None:
+    """The --retention comparison, each measurement in a fresh subprocess."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(f"| loss | N | D | RSS growth, {RETENTION_STEPS} losses kept (MiB) | with .detach() (MiB) |")
+    print("|---|---|---|---|---|")
+    for n in args.sizes:
+        for mining in args.minings:
+            got = {}
+            for keep in ("loss", "detach"):
+                code = (f"from benchmarks.memory_triplet import retention_case; "
+                        f"print(retention_case({mining!r}, {n}, {args.dim}, {keep!r}))")
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                                     env=dict(os.environ, PYTHONPATH=root))
+                got[keep] = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+            print(f"| {mining} | {n} | {args.dim} | {got['loss']:.0f} | {got['detach']:.0f} |", flush=True)
 
 
 def outlier_table(args) -> None:

@@ -148,7 +148,9 @@ _TRIPLET_DOC = """
         margin: float >= 0 for the hinge [m + d_ap − d_an]_+, or ``"soft"`` for softplus(d_ap − d_an).
         mining: ``"batch_hard"`` (hardest positive and negative per anchor), ``"batch_all"`` (every valid
             (a, p, n)) or ``"semi_hard"`` (per (a, p): the nearest negative farther than p, else the
-            farthest negative; TF-Addons semantics).
+            farthest negative; TF-Addons semantics; "farther" is beyond a relative tie band
+            :func:`metricloss.ops.mining.tie_rtol`, and tied nearest negatives go to the first index, so
+            exact ties are decided alike on every backend and chunk size).
         distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"`` (1 − cos).
         normalize: L2-normalise embeddings first (default True, as FaceNet and PML).{reduction}
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (dense; small inputs only).
