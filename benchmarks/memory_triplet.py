@@ -14,10 +14,21 @@ Each configuration runs in its own subprocess (:mod:`benchmarks.harness`): peak 
 peak RSS above the RSS after inputs are built and torch is warm. A PML configuration that cannot fit in
 ``--mem-limit-gb`` reports "out of memory" instead of swapping the machine.
 
+The outlier case (``--outlier``): metricloss alone with ``normalize=False``, the same inputs once as
+drawn and once with a single row scaled by 1000, timed in the same run; the table gives both steps and
+their ratio (one bad sample must not make the step much slower: small-entry refinement judges every
+entry by its own two norms).
+
 Usage:
     python benchmarks/memory_triplet.py                  # full grid, markdown table on stdout
     python benchmarks/memory_triplet.py --sizes 4096     # one size
     python benchmarks/memory_triplet.py --json-out results.json
+    python benchmarks/memory_triplet.py --outlier --sizes 4096 --dim 128 --minings batch_all semi_hard
+    python benchmarks/memory_triplet.py --retention --sizes 4096   # RSS growth when loss tensors are kept
+
+The retention case (``--retention``): 12 training steps (forward + backward) that keep each loss tensor
+in a list, against the same steps keeping ``loss.detach()``; each in its own subprocess, RSS growth over
+the 12 steps. A kept loss must not keep its scratch buffers alive.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ def make_inputs(n: int, d: int = D, seed: int = 0):
     return emb, labels[torch.randperm(n, generator=g)]
 
 
-def build_loss(method: str, mining: str):
+def build_loss(method: str, mining: str, normalize: bool = True):
     """A callable (embeddings, labels) -> loss for one configuration.
 
     ``method``: ``"metricloss"`` (chunked torch backend), ``"dense"``
@@ -72,7 +83,8 @@ def build_loss(method: str, mining: str):
     if method == "metricloss":
         import metricloss as ml
 
-        return ml.TripletLoss(margin=MARGIN, mining=mining, reduction="mean_nonzero", backend="torch")
+        return ml.TripletLoss(margin=MARGIN, mining=mining, reduction="mean_nonzero", backend="torch",
+                              normalize=normalize)
     if method == "dense":
         from metricloss import reference
 
@@ -105,10 +117,18 @@ def dense_gib(mining: str, n: int, d: int = D) -> float:
     return 4 * (4 * n * n * d + cubes * n**3) / 2**30
 
 
-def case(method: str, mining: str, n: int):
-    """Harness case: one forward+backward (the matmul floor: one forward)."""
-    emb0, labels = make_inputs(n)
-    fn = build_loss(method, mining)
+OUTLIER_SCALE = 1000.0
+
+
+def case(method: str, mining: str, n: int, d: int = D, normalize: bool = True, outlier: bool = False):
+    """Harness case: one forward+backward (the matmul floor: one forward).
+
+    ``outlier``: row 0 of the embeddings scaled by :data:`OUTLIER_SCALE` (meaningful with
+    ``normalize=False``)."""
+    emb0, labels = make_inputs(n, d)
+    if outlier:
+        emb0[0] *= OUTLIER_SCALE
+    fn = build_loss(method, mining, normalize)
 
     def step():
         emb = emb0.clone().requires_grad_(method != "matmul")
@@ -131,7 +151,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--outlier", action="store_true",
+                    help="metricloss only, normalize=False: normal inputs vs one row scaled by 1000")
+    ap.add_argument("--dim", type=int, default=D, help="embedding dimension of the --outlier case")
+    ap.add_argument("--retention", action="store_true", help="RSS growth when 12 loss tensors are kept")
     args = ap.parse_args()
+    if args.outlier:
+        outlier_table(args)
+        return
+    if args.retention:
+        retention_table(args)
+        return
 
     results = {}
     for n in args.sizes:
@@ -168,6 +198,78 @@ def main() -> None:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump([dict(v, method=k[0], mining=k[1], N=k[2]) for k, v in results.items()], f, indent=1)
+
+
+RETENTION_STEPS = 12
+
+
+def retention_case(mining: str, n: int, d: int, keep: str) -> float:
+    """RSS growth (MiB) over :data:`RETENTION_STEPS` steps keeping ``loss`` (``keep="loss"``) or
+    ``loss.detach()`` (``keep="detach"``) in a list. Runs in the calling process."""
+    import torch
+
+    import metricloss as ml
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    torch.set_num_threads(2)
+    emb0, labels = make_inputs(n, d)
+    fn = ml.TripletLoss(margin=MARGIN, mining=mining, backend="torch")
+    kept = []
+    step = emb0.clone().requires_grad_()
+    fn(step, labels).backward()  # warm
+    start = rss_mib()
+    for _ in range(RETENTION_STEPS):
+        emb = emb0.clone().requires_grad_()
+        loss = fn(emb, labels)
+        loss.backward()
+        kept.append(loss if keep == "loss" else loss.detach())
+    return rss_mib() - start
+
+
+def retention_table(args) -> None:
+    """The --retention comparison, each measurement in a fresh subprocess."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(f"| loss | N | D | RSS growth, {RETENTION_STEPS} losses kept (MiB) | with .detach() (MiB) |")
+    print("|---|---|---|---|---|")
+    for n in args.sizes:
+        for mining in args.minings:
+            got = {}
+            for keep in ("loss", "detach"):
+                code = (f"from benchmarks.memory_triplet import retention_case; "
+                        f"print(retention_case({mining!r}, {n}, {args.dim}, {keep!r}))")
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                                     env=dict(os.environ, PYTHONPATH=root))
+                got[keep] = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+            print(f"| {mining} | {n} | {args.dim} | {got['loss']:.0f} | {got['detach']:.0f} |", flush=True)
+
+
+def outlier_table(args) -> None:
+    """The --outlier comparison: same sizes, same run, normal and outlier steps side by side."""
+    rows = []
+    print("| loss | N | D | normal step (s) | one row ×1000 (s) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for mining in args.minings:
+            res = {}
+            for outlier in (False, True):
+                params = {"method": "metricloss", "mining": mining, "n": n, "d": args.dim, "normalize": False,
+                          "outlier": outlier}
+                res[outlier] = measure(CASE, params, warmup_params=dict(params, n=64), repeats=args.repeats,
+                                       warmup=args.warmup, mem_limit_gb=args.mem_limit_gb)
+                print(json.dumps(res[outlier]), file=sys.stderr, flush=True)
+            both = "median_s" in res[False] and "median_s" in res[True]
+            ratio = f"{res[True]['median_s'] / res[False]['median_s']:.2f}×" if both else "–"
+            print(f"| {mining} | {n} | {args.dim} | {fmt(res[False], 'median_s', '.3f')} | "
+                  f"{fmt(res[True], 'median_s', '.3f')} | {ratio} |", flush=True)
+            rows += [dict(v, mining=mining, N=n, D=args.dim, outlier=k) for k, v in res.items()]
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ def _check_triplet_inputs(where: str, embeddings, labels, ref_embeddings, ref_la
     return has_ref
 
 
+def _refuse_tracing(where: str) -> None:
+    """Mining is data-dependent (which rows are selected, how many chunks): a trace would freeze one batch's
+    choices and give wrong values on the next, so tracing raises instead."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(f"{where}: torch.jit.trace is not supported (mining depends on the data, and a trace "
+                           f"would replay one batch's selections); use eager mode or torch.compile")
+
+
 def _own_rows(where: str, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor],
               ref_labels: Optional[torch.Tensor], ref_self_index: object,
               has_ref: bool) -> Tuple[bool, Optional[torch.Tensor]]:
@@ -116,6 +124,7 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
         the anchor has no positive / no negative. Ties resolve to the first index. No gradient.
     """
     where = "mine_batch_hard"
+    _refuse_tracing(where)
     has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
                                     chunk_bytes)
     self_ref, self_index = _own_rows(where, embeddings, labels, ref_embeddings, ref_labels, ref_self_index, has_ref)
@@ -139,7 +148,9 @@ _TRIPLET_DOC = """
         margin: float >= 0 for the hinge [m + d_ap − d_an]_+, or ``"soft"`` for softplus(d_ap − d_an).
         mining: ``"batch_hard"`` (hardest positive and negative per anchor), ``"batch_all"`` (every valid
             (a, p, n)) or ``"semi_hard"`` (per (a, p): the nearest negative farther than p, else the
-            farthest negative; TF-Addons semantics).
+            farthest negative; TF-Addons semantics; "farther" is beyond a relative tie band
+            :func:`metricloss.ops.mining.tie_rtol`, and tied nearest negatives go to the first index, so
+            exact ties are decided alike on every backend and chunk size).
         distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"`` (1 − cos).
         normalize: L2-normalise embeddings first (default True, as FaceNet and PML).{reduction}
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (dense; small inputs only).
@@ -162,6 +173,7 @@ _REDUCTION_DOC = """
 def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance, normalize,
              reduction: Optional[str], backend, chunk_bytes, ref_self_index):
     """Validate and run a triplet loss; ``reduction=None`` returns its :class:`LossTerms`."""
+    _refuse_tracing(where)
     has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
                                     chunk_bytes)
     margin = C.check_margin(margin, "margin", where)

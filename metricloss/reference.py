@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .ops.mining import tie_bound, tie_rtol  # semantics shared (the tie band), no computation
 from .ops.reduction import LossTerms  # the container only: no computation is shared with metricloss.ops
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_terms", "triplet_loss_loop", "warp_loss",
@@ -158,9 +159,14 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
         cube = torch.where(valid, cube, torch.zeros_like(cube))
         return _terms(cube.sum((1, 2)), cube, valid)
     if mining == "semi_hard":
-        farther = neg[:, None, :] & (d[:, None, :] > d[:, :, None])    # [a, p, n]
-        nearest_farther = torch.where(farther, d[:, None, :], torch.full_like(farther, float("inf"), dtype=d.dtype))
-        nearest_farther = nearest_farther.min(2).values
+        # "farther" is beyond the tie band of the positive; among the nearest farther ones (within the
+        # band of the nearest) the first index
+        rtol = tie_rtol(x.shape[1], x.dtype)
+        farther = neg[:, None, :] & (d[:, None, :] > tie_bound(d, rtol, distance)[:, :, None])    # [a, p, n]
+        cand = torch.where(farther, d[:, None, :], torch.full_like(farther, float("inf"), dtype=d.dtype))
+        nearest = cand.min(2, keepdim=True).values
+        first = (cand <= tie_bound(nearest, rtol, distance)).to(torch.uint8).argmax(2)           # [a, p]
+        nearest_farther = d.gather(1, first)
         farthest = d.masked_fill(~neg, float("-inf")).max(1, keepdim=True).values
         d_an = torch.where(farther.any(2), nearest_farther, farthest.expand_as(nearest_farther))
         valid = pos & has_neg

@@ -32,6 +32,8 @@ __all__ = [
     "batch_hard_indices_triton",
     "kernel_dtype",
     "semi_hard_negative_idx",
+    "tie_bound",
+    "tie_rtol",
     "use_sorted_semi_hard",
 ]
 
@@ -42,13 +44,41 @@ DEFAULT_CHUNK_BYTES = 64 << 20  # 64 MiB of per-chunk temporaries (docs/design.m
 _SEMI_HARD_SORT_MIN_POSITIVES = 40
 
 
+# Distances within this many Gram error bounds of each other are a tie (see tie_rtol).
+_TIE_SAFETY = 2.0
+
+
+def tie_rtol(dim: int, dtype: torch.dtype) -> float:
+    """Relative tolerance under which two distances count as tied in semi-hard's "farther than the positive".
+
+    The chunked path reads distances from Gram blocks: after refinement of small entries (d² below
+    ``REFINE_RATIO`` of the norms) their relative error is at most about 2·(D + 2)·eps / REFINE_RATIO. Two
+    distances closer than twice that are treated as equal by every backend (the dense reference too), so
+    an exact tie (integer-valued or quantised embeddings, symmetric points) is decided the same way
+    whatever the chunk size or the backend's rounding. fp64, D = 128: 7e-12; fp32, D = 128: 4e-3.
+    """
+    from .distance import REFINE_RATIO
+
+    return _TIE_SAFETY * 2.0 * (dim + 2) * torch.finfo(dtype).eps / REFINE_RATIO
+
+
+def tie_bound(d: torch.Tensor, rtol: float, distance: str) -> torch.Tensor:
+    """The largest distance still tied with ``d``: ``d·(1 + rtol)``, plus ``rtol`` for cosine, whose error
+    is absolute (1 − â·b̂ cancels for near-parallel rows; its scale is 1 whatever ``d``)."""
+    return d * (1.0 + rtol) + rtol if distance == "cosine" else d * (1.0 + rtol)
+
+
 def default_chunk_bytes() -> int:
     """The per-chunk memory budget: ``METRICLOSS_CHUNK_BYTES`` if set, else 64 MiB."""
     env = os.environ.get("METRICLOSS_CHUNK_BYTES", "").strip()
     if env:
-        value = int(env)
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
         if value < 1:
-            raise ValueError(f"METRICLOSS_CHUNK_BYTES must be a positive int, got {env!r}")
+            raise ValueError(f"the environment variable METRICLOSS_CHUNK_BYTES must be a positive number of bytes "
+                             f"written as an integer (e.g. 67108864 for 64 MiB), got {env!r}")
         return value
     return DEFAULT_CHUNK_BYTES
 
@@ -122,7 +152,7 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
     width = max(index.max_count - (1 if self_ref else 0), 0)
     elem = a.element_size()
     rows = rows_per_chunk(m, elem + elem // 8 + 1, chunk_bytes, bytes_per_row=width * (16 + elem))
-    gram = GramFactors(a, r, distance)
+    gram = GramFactors(a, r, distance, canonical=True)  # duplicate rows tie exactly: first index wins
     pos_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     neg_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     block = torch.empty((min(rows, n), m), dtype=a.dtype, device=a.device)  # reused by every chunk
@@ -147,11 +177,14 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
 
 def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor,
                            in_class: torch.Tensor, self_cols: Optional[torch.Tensor],
-                           scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           scratch: Optional[torch.Tensor] = None, rtol: float = 0.0,
+                           distance: str = "euclidean") -> torch.Tensor:
     """TF-Addons semi-hard negatives for one anchor chunk.
 
-    For each (anchor i, positive slot k) the negative is argmin{d_in : d_in > d_ap[i, k]}; where no
-    negative is farther than the positive, the farthest negative (largest d_in). Ties: first index.
+    For each (anchor i, positive slot k) the negative is the nearest one *farther* than the positive,
+    d_in > :func:`tie_bound` (d_ap[i, k]); where none is, the farthest negative (largest d_in). Ties (values
+    within the tie bound of the nearest, see :func:`tie_rtol`) go to the first index; the sorted path
+    (many positives) takes the smallest value among them instead.
 
     Args:
         dist: (c, M) distances of the chunk's anchors to all references. **Overwritten**: on return the
@@ -159,6 +192,7 @@ def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torc
         d_ap: (c, W) anchor-positive distances of the member table.
         members, in_class: (c, W) the positive table; self_cols as in :func:`mask_own_class_`.
         scratch: an optional (c, M) buffer like ``dist`` for the per-slot candidates.
+        rtol: the tie tolerance; distance: the distance kind (cosine ties have an absolute floor).
 
     Returns:
         (c, W) int64 reference indices. Entries for padding slots or anchors without negatives are
@@ -173,20 +207,24 @@ def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torc
     mask_own_class_(neg, members, in_class, self_cols, float("inf"))
     if width == 0:
         return torch.empty((c, 0), dtype=torch.int64, device=dist.device)
+    bound = tie_bound(d_ap, rtol, distance)  # "farther" means beyond the tie band of the positive
     if use_sorted_semi_hard(width):
-        # 3a. many positives: sort each row once, binary-search every positive's distance
+        # 3a. many positives: sort each row once, binary-search every positive's bound
         sorted_neg, order = torch.sort(neg, dim=1, stable=True)
-        q = torch.searchsorted(sorted_neg, d_ap.contiguous(), right=True)
+        q = torch.searchsorted(sorted_neg, bound.contiguous(), right=True)
         qc = q.clamp(max=m - 1)
         found = (q < m) & (sorted_neg.gather(1, qc) < float("inf"))
         return torch.where(found, order.gather(1, qc), far_idx.unsqueeze(1))
-    # 3b. few positives (P×K batches): one masked argmin pass per positive slot
+    # 3b. few positives (P×K batches): one masked argmin pass per positive slot, then the first index
+    #     within the tie band of the nearest
     out = torch.empty((c, width), dtype=torch.int64, device=dist.device)
     cand = torch.empty_like(neg) if scratch is None else scratch
     inf = torch.full((), float("inf"), dtype=neg.dtype, device=neg.device)
     for k in range(width):
-        torch.where(neg > d_ap[:, k:k + 1], neg, inf, out=cand)
+        torch.where(neg > bound[:, k:k + 1], neg, inf, out=cand)
         val, idx = row_argmin(cand)
+        if rtol > 0:
+            idx = torch.le(cand, tie_bound(val, rtol, distance).unsqueeze(1)).view(torch.uint8).argmax(1)
         out[:, k] = torch.where(val < float("inf"), idx, far_idx)
     return out
 

@@ -88,13 +88,58 @@ def test_matches_reference_fp64(mining, distance, case):
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
-@given(case=triplet_cases(cross_class_duplicates=False))
+@given(case=triplet_cases())
 def test_semi_hard_matches_reference_fp64(distance, case):
     # Semi-hard is discontinuous where a negative ties a positive (d_an = d_ap exactly, e.g. the same
-    # vector in two classes); both sides decide such ties on their own rounding, so duplicates stay
-    # within a class here. Everything else is as in test_matches_reference_fp64.
+    # vector in two classes); both sides decide such ties with the same tie band (ops.mining.tie_rtol),
+    # so cross-class duplicates are included. Everything else is as in test_matches_reference_fp64.
     x, y, ref, kwargs = case
     assert_loss_and_grads_match(x, y, ref, dict(kwargs, mining="semi_hard", distance=distance))
+
+
+@st.composite
+def tie_heavy_cases(draw):
+    """Integer-valued embeddings (exact distance ties, as quantised embeddings give), duplicated rows,
+    optionally an integer-valued reference set sharing rows with the batch."""
+    n = draw(st.integers(2, 16))
+    d = draw(st.integers(1, 4))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randint(-2, 3, (n, d), generator=g).double()
+    y = label_pattern(draw(st.sampled_from(["random", "pk2", "pk3"])), n, g, num_classes=draw(st.integers(2, 4)))
+    if draw(st.booleans()):
+        x = duplicate_rows(x, g, count=3)
+    ref = (None, None)
+    if draw(st.booleans()):
+        r = torch.randint(-2, 3, (draw(st.integers(1, 6)), d), generator=g).double()
+        r[0] = x[0]
+        ref = (r, torch.randint(0, 4, (r.shape[0],), generator=g))
+    # margin 0.2137: no rational distance difference of these points equals it (no hinge on its kink);
+    # margin 1.0: kinks happen (values only)
+    kwargs = dict(margin=draw(st.sampled_from([0.2137, 1.0, "soft"])), reduction=draw(st.sampled_from(REDUCTIONS)),
+                  normalize=draw(st.booleans()), chunk_bytes=draw(st.sampled_from([None, 64, 2000])))
+    return x, y, ref, kwargs
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", MININGS)
+@given(case=tie_heavy_cases())
+def test_tie_heavy_inputs_match_reference(mining, distance, case):
+    # Exact ties everywhere: every chunk size and the reference must make the same choices (same loss);
+    # batch-all selects nothing, so its gradients are compared too.
+    x, y, ref, kwargs = case
+    kwargs = dict(kwargs, mining=mining, distance=distance)
+    args = (x, y) + ((ref[0], ref[1]) if ref[0] is not None else ())
+    want = reference.triplet_loss(*args, **{k: v for k, v in kwargs.items() if k != "chunk_bytes"})
+    torch.testing.assert_close(MF.triplet_loss(*args, **kwargs), want, rtol=1e-9, atol=1e-9)
+    for chunk_bytes in (1, 1 << 30):
+        torch.testing.assert_close(MF.triplet_loss(*args, **dict(kwargs, chunk_bytes=chunk_bytes)), want,
+                                   rtol=1e-9, atol=1e-9)
+    # Gradients: batch-all only; not with margin 1 (a hinge can sit on its kink), nor with a zero row
+    # normalised (F.normalize's gradient there is 1/eps: rounding residue of exact cancellations explodes)
+    rows = torch.cat([x] + ([ref[0]] if ref[0] is not None else []))
+    zero_row = bool((rows == 0).all(1).any()) and (kwargs["normalize"] or distance == "cosine")
+    if mining == "batch_all" and kwargs["margin"] != 1.0 and not zero_row:
+        assert_loss_and_grads_match(x, y, ref, kwargs)
 
 
 @pytest.mark.parametrize("mining", ["batch_all", "semi_hard"])
