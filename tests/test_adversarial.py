@@ -40,28 +40,13 @@ def _fits(values: torch.Tensor, dtype: torch.dtype) -> bool:
     return values.numel() == 0 or (int(values.min()) >= info.min and int(values.max()) <= info.max)
 
 
-SEMI_HARD_TIES = ("issue 12 item 8: semi-hard at exact distance ties (integer or duplicated rows) picks another "
-                  "negative than the reference; e.g. test_known_semi_hard_tie")
-WARP_STRIDED = ("ops/warp.py _exact_chunk: z.view(-1) on a block of non-contiguous scores raises RuntimeError "
-                "('view size is not compatible'); e.g. test_known_warp_exact_noncontiguous")
-LABEL_WRAP = ("ops/labels.py ClassIndex.anchor_classes casts anchor labels to the reference labels' dtype "
-              "(labels.to(sorted_labels.dtype)): a value that does not fit wraps and matches another class; "
-              "e.g. test_known_mixed_label_dtypes_wrap")
-
 MEAN_NONZERO_KINK = ("issue 12 item 10: with reduction='mean_nonzero', a hinge term that is exactly 0 in exact "
                      "arithmetic (m + d_ap - d_an = 0 at integer rows) is counted as nonzero or not by rounding, so "
                      "the loss depends on chunk_bytes; e.g. test_known_mean_nonzero_count_depends_on_chunks")
-NONCONTIGUOUS_LABELS_WARN = ("ops/labels.py ClassIndex.anchor_classes passes non-contiguous labels to "
-                             "torch.searchsorted, which warns (UserWarning 'input value tensor is non-contiguous'); "
-                             "e.g. test_known_noncontiguous_labels_warn")
 
 # (predicate on a failing trial's description and exception, reason): failures already reported (to be fixed in
 # files other helpers own); each has a minimal reproducer below
 KNOWN: List = [
-    (lambda d, e: d.get("mining") == "semi_hard" and d.get("kind") in ("ints", "dups"), SEMI_HARD_TIES),
-    (lambda d, e: d.get("mode") == "exact" and "strided" in d.get("scores", "")
-     and "view size is not compatible" in str(e), WARP_STRIDED),
-    (lambda d, e: d.get("labels_fit_ref_dtype") is False, LABEL_WRAP),
     (lambda d, e: d.get("reduction") == "mean_nonzero" and d.get("kind") in ("ints", "dups"), MEAN_NONZERO_KINK),
 ]
 
@@ -609,10 +594,9 @@ def test_nonfinite_inputs_give_nan_not_a_crash():
 
 
 # ----------------------------------------------------------------------------------------------------
-# minimal reproducers of the known failures (xfail(strict=False): they pass once fixed)
+# minimal reproducers of the sweep's findings: regression tests once fixed, xfail(strict=False) while known
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=SEMI_HARD_TIES)
 def test_known_semi_hard_tie():
     x = torch.tensor([[-2.0, 2.0, -1.0], [1.0, 2.0, -1.0], [2.0, -1.0, 0.0], [-1.0, 1.0, -1.0], [-2.0, 1.0, -2.0],
                       [0.0, 0.0, 1.0], [-2.0, 0.0, 1.0], [-2.0, 1.0, 2.0]], dtype=torch.float64)
@@ -622,14 +606,12 @@ def test_known_semi_hard_tie():
     close(got, want, 1e-9, 1e-12, "semi-hard at ties")
 
 
-@pytest.mark.xfail(strict=False, reason=WARP_STRIDED)
 def test_known_warp_exact_noncontiguous():
     scores = torch.randn(4, 3, dtype=torch.float64).T.contiguous().T  # same values, column-major
     labels = torch.tensor([0, 1, 2, 0])
     close(MF.warp_loss(scores, labels, mode="exact"), reference.warp_loss(scores, labels), 1e-9, 1e-12, "warp")
 
 
-@pytest.mark.xfail(strict=False, reason=LABEL_WRAP)
 @pytest.mark.parametrize("op", ["mine_batch_hard", "triplet_loss", "retrieval_metrics"])
 def test_known_mixed_label_dtypes_wrap(op):
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -645,8 +627,9 @@ def test_known_mixed_label_dtypes_wrap(op):
               reference.triplet_loss(x, labels, r, ref_labels), 1e-9, 1e-12, "triplet")
     else:
         got = ml.metrics.retrieval_metrics(x.float(), labels, (1,), gallery=r.float(), gallery_labels=ref_labels)
-        assert math.isnan(got["R@1"]) or got["R@1"] == 1.0 / 2  # only anchors 2, 3 have a relevant item
-        assert got["mAP"] == dense_retrieval_metrics(x, labels, r, ref_labels, False, (1,), "cosine")["mAP"]
+        want = dense_retrieval_metrics(x, labels, r, ref_labels, False, (1,), "cosine")  # anchors 0, 1 are lone
+        for name in ("R@1", "mAP", "MAP@R", "R-precision"):
+            assert math.isclose(got[name], want[name], rel_tol=1e-6, abs_tol=1e-9), (name, got, want)
 
 
 @pytest.mark.xfail(strict=False, reason=MEAN_NONZERO_KINK)
@@ -659,7 +642,6 @@ def test_known_mean_nonzero_count_depends_on_chunks():
           1e-9, 1e-12, "mean_nonzero")
 
 
-@pytest.mark.xfail(strict=False, reason=NONCONTIGUOUS_LABELS_WARN)
 def test_known_noncontiguous_labels_warn():
     # torch warns once per process: a fresh interpreter, with warnings as errors
     import subprocess

@@ -20,13 +20,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.gpu_check import make_sync_counter, sync_workloads  # noqa: E402
 
-# Losses that still synchronise once per chunk on this branch (fixes are under way on other branches).
-PER_CHUNK_SYNC = {
-    "triplet batch_all": "per-chunk host sync in ops/distance.py refine_small_entries (bool of mask.any()), "
-                         "being removed",
-    "triplet semi_hard": "per-chunk host sync in ops/distance.py refine_small_entries (bool of mask.any()), "
-                         "being removed",
-}
+# Losses allowed to synchronise once per chunk: none (a name here becomes a strict xfail).
+PER_CHUNK_SYNC: dict = {}
 
 WORKLOADS = dict(sync_workloads("cpu", tiny=True))
 

@@ -106,7 +106,7 @@ class ClassIndex:
         """
         common = torch.promote_types(labels.dtype, self.sorted_labels.dtype)
         sorted_labels = self.sorted_labels_as(common)
-        lab = labels.to(common)
+        lab = labels.to(common).contiguous()  # searchsorted copies (and warns about) strided values
         start = torch.searchsorted(sorted_labels, lab, right=False)
         count = torch.searchsorted(sorted_labels, lab, right=True) - start
         if self_ref:
