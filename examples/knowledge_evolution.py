@@ -11,7 +11,7 @@ next generation starts. A control run trains the same network for the same total
 without re-initialisation (``--no-baseline`` skips it).
 
 Usage:
-    python examples/knowledge_evolution.py                       # 4 generations x 2 epochs, ~3 min
+    python examples/knowledge_evolution.py                       # 4 generations x 2 epochs, ~1.5 min on one core
     python examples/knowledge_evolution.py --generations 6 --epochs 3 --split-rate 0.5
     python examples/knowledge_evolution.py --dataset digits --generations 3 --epochs 2
 Outputs: a markdown table on stdout and in ``<out>/knowledge_evolution.md`` and ``.json``.
