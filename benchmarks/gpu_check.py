@@ -555,7 +555,9 @@ def case_block_triplets(run: Run) -> None:
                                                   chunk_bytes=chunk)
                             if dense_ok:
                                 def ref(*t, _mining=mining, _distance=distance):
-                                    return ml.reference.triplet_loss(*t, margin=0.2, mining=_mining, distance=_distance)
+                                    # semi-hard's tie band is the one of the device's fp32 computation
+                                    return ml.reference.triplet_loss(*t, margin=0.2, mining=_mining, distance=_distance,
+                                                                     tie_dtype=torch.float32)
                             else:
                                 ref = ml.TripletLoss(margin=0.2, mining=mining, distance=distance, backend="torch")
                             tol = SEMI_HARD_TOL if mining == "semi_hard" else LOSS_TOL[dtype_name]
@@ -692,6 +694,63 @@ def case_cosine(run: Run) -> None:
                                                                                                      class_chunk=_cc),
                                    ref, [x, labels, w], dtype_name, LOSS_TOL[dtype_name], cache=cache,
                                    key=("dgcrl", dtype_name))
+
+
+def case_toolbox(run: Run) -> None:
+    """SVMaxRegularizer (Gram and SVD routes), TwoHeadLoss with EmbeddingHead, CrossBatchMemory and PKSampler
+    batches, vs fp64 CPU computations of the same definitions."""
+    import torch
+    import torch.nn.functional as F
+
+    import metricloss as ml
+
+    shapes = [(24, 8)] if run.dry else ([(4096, 512)] if run.quick else [(4096, 512), (512, 4096), (333, 3)])
+    for si, (b, d) in enumerate(shapes):
+        g = gen(7000 + si)
+        x = torch.randn(b, d, generator=g)
+        labels = make_labels(b, "pk", g)
+        n_cls = int(labels.max()) + 1
+        logits = torch.randn(b, n_cls, generator=g)
+        for dtype_name in DTYPE_NAMES:
+            run.tick()
+            params = dict(B=b, D=d, dtype=dtype_name)
+            with run.subcase(params):
+                for method in ("gram", "svd"):
+                    # s_mu from the definition: the mean singular value of the normalised rows (fp64 SVD)
+                    compare_losses(run, f"SVMaxRegularizer ({method})", dict(params, method=method),
+                                   lambda xx, _m=method: ml.SVMaxRegularizer(weight=0.5, method=_m)(xx),
+                                   lambda xx: -0.5 * torch.linalg.svdvals(F.normalize(xx, dim=1)).mean(),
+                                   [x], dtype_name, LOSS_TOL[dtype_name])
+                compare_losses(run, "TwoHeadLoss (semi-hard)", params,
+                               lambda lg, xx, ll: ml.TwoHeadLoss()(lg, xx, ll),
+                               lambda lg, xx, ll: F.cross_entropy(lg, ll) + ml.reference.triplet_loss(
+                                   xx, ll, margin=0.2, mining="semi_hard", distance="squared_euclidean",
+                                   tie_dtype=torch.float32)
+                               if b <= 1024 else F.cross_entropy(lg, ll) + ml.functional.triplet_loss(
+                                   xx, ll, margin=0.2, mining="semi_hard", distance="squared_euclidean"),
+                               [logits, x, labels], dtype_name, LOSS_TOL[dtype_name])
+                head = ml.EmbeddingHead(d, 16)
+                out = head.to(run.device, to_dtype(dtype_name))(x.to(run.device, to_dtype(dtype_name)))
+                run.check("EmbeddingHead unit rows", params, float((out.float().norm(dim=1) - 1).abs().max()),
+                          max(ROUNDING_TOL[dtype_name], 1e-6))
+        # CrossBatchMemory: two batches into a memory of 2b; the second call equals the loss against the
+        # memory with the batch's own slots excluded by index (fp32 only: the memory keeps fp32 rows)
+        params = dict(B=b, D=d, dtype="fp32", memory=2 * b)
+        with run.subcase(params):
+            mem = ml.CrossBatchMemory(ml.TripletLoss(mining="batch_all"), d, 2 * b).to(run.device)
+            first = torch.randn(b, d, generator=g)
+            mem(first.to(run.device), labels.to(run.device))
+            got = mem(x.to(run.device), labels.to(run.device))
+            bank = torch.cat([first, x]).double()
+            bank_labels = torch.cat([labels, labels])
+            want = ml.functional.triplet_loss(x.double(), labels, bank, bank_labels, mining="batch_all",
+                                              ref_self_index=torch.arange(b, 2 * b))
+            run.check("CrossBatchMemory loss", params, rel_err(got, want), LOSS_TOL["fp32"])
+            sampler = ml.PKSampler(labels, p=max(1, min(4, n_cls)), k=4, seed=0, num_replicas=1, rank=0)
+            seen = torch.zeros(b, dtype=torch.bool)
+            for idx in sampler:
+                seen[torch.as_tensor(idx)] = True
+            run.check("PKSampler covers every sample", params, int((~seen).sum()), 0)
 
 
 def case_metrics(run: Run) -> None:
@@ -1068,6 +1127,7 @@ CASES: List[Tuple[str, Callable[[Run], None], Dict[str, float]]] = [
     ("centroid", case_centroid, {"quick": 8, "full": 30}),
     ("cosine family", case_cosine, {"quick": 5, "full": 20}),
     ("retrieval metrics", case_metrics, {"quick": 5, "full": 20}),
+    ("toolbox and wrappers", case_toolbox, {"quick": 6, "full": 20}),
     ("speed: batch-hard", case_speed_batch_hard, {"quick": 22, "full": 90}),
     ("speed: other losses", case_speed_others, {"quick": 8, "full": 30}),
     ("host syncs", case_syncs, {"quick": 6, "full": 10}),
@@ -1076,7 +1136,8 @@ CASES: List[Tuple[str, Callable[[Run], None], Dict[str, float]]] = [
 # Every public name the check covers (the test asserts the report names each).
 PUBLIC_COVERED = ("TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss",
                   "mine_batch_hard", "WARPLoss", "CentroidTripletLoss", "NormSoftmaxLoss",
-                  "CentralizedRankingLoss", "CosineClassifier", "NormalizeScale", "retrieval_metrics")
+                  "CentralizedRankingLoss", "CosineClassifier", "NormalizeScale", "retrieval_metrics",
+                  "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory", "PKSampler")
 
 
 def environment(run: Run) -> Dict[str, Any]:

@@ -130,8 +130,13 @@ def _reduce_terms(terms: LossTerms, reduction: str) -> torch.Tensor:
 def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                        ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
                        distance: str = "euclidean", normalize: bool = True,
-                       ref_self_index: Optional[torch.Tensor] = None) -> LossTerms:
+                       ref_self_index: Optional[torch.Tensor] = None,
+                       tie_dtype: Optional[torch.dtype] = None) -> LossTerms:
     """Dense :class:`~metricloss.ops.reduction.LossTerms` of :func:`triplet_loss` (per-anchor sums and counts).
+
+    ``tie_dtype``: the dtype whose tie band (:func:`metricloss.ops.mining.tie_rtol`) decides semi-hard's
+    "farther than the positive"; default the computation's own dtype. ``torch.float32`` reproduces, in fp64,
+    the choices the chunked path makes on fp16/bf16/fp32 inputs (which it computes in fp32).
 
     * batch_hard: one term h(max_p d_ap − min_n d_an) per anchor with a positive and a negative.
     * batch_all: one term h(d_ap − d_an) per valid (a, p, n), from an (N, M, M) cube.
@@ -161,7 +166,7 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
     if mining == "semi_hard":
         # "farther" is beyond the tie band of the positive; among the nearest farther ones (within the
         # band of the nearest) the first index
-        rtol = tie_rtol(x.shape[1], x.dtype)
+        rtol = tie_rtol(x.shape[1], x.dtype if tie_dtype is None else tie_dtype)
         farther = neg[:, None, :] & (d[:, None, :] > tie_bound(d, rtol, distance)[:, :, None])    # [a, p, n]
         cand = torch.where(farther, d[:, None, :], torch.full_like(farther, float("inf"), dtype=d.dtype))
         nearest = cand.min(2, keepdim=True).values
@@ -178,12 +183,12 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
 def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                  ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
                  distance: str = "euclidean", normalize: bool = True, reduction: str = "mean",
-                 ref_self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 ref_self_index: Optional[torch.Tensor] = None, tie_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Dense triplet loss with the semantics of :func:`metricloss.functional.triplet_loss`
-    (:func:`triplet_loss_terms`, reduced). ``"none"`` returns per-anchor sums."""
+    (:func:`triplet_loss_terms`, reduced). ``"none"`` returns per-anchor sums; ``tie_dtype`` as there."""
     return _reduce_terms(triplet_loss_terms(embeddings, labels, ref_embeddings, ref_labels, margin=margin, mining=mining,
                                             distance=distance, normalize=normalize,
-                                            ref_self_index=ref_self_index), reduction)
+                                            ref_self_index=ref_self_index, tie_dtype=tie_dtype), reduction)
 
 
 def triplet_loss_loop(embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin = 0.2,
