@@ -14,10 +14,16 @@ Each configuration runs in its own subprocess (:mod:`benchmarks.harness`): peak 
 peak RSS above the RSS after inputs are built and torch is warm. A PML configuration that cannot fit in
 ``--mem-limit-gb`` reports "out of memory" instead of swapping the machine.
 
+The outlier case (``--outlier``): metricloss alone with ``normalize=False``, the same inputs once as
+drawn and once with a single row scaled by 1000, timed in the same run; the table gives both steps and
+their ratio (one bad sample must not make the step much slower: small-entry refinement judges every
+entry by its own two norms).
+
 Usage:
     python benchmarks/memory_triplet.py                  # full grid, markdown table on stdout
     python benchmarks/memory_triplet.py --sizes 4096     # one size
     python benchmarks/memory_triplet.py --json-out results.json
+    python benchmarks/memory_triplet.py --outlier --sizes 4096 --dim 128 --minings batch_all semi_hard
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def make_inputs(n: int, d: int = D, seed: int = 0):
     return emb, labels[torch.randperm(n, generator=g)]
 
 
-def build_loss(method: str, mining: str):
+def build_loss(method: str, mining: str, normalize: bool = True):
     """A callable (embeddings, labels) -> loss for one configuration.
 
     ``method``: ``"metricloss"`` (chunked torch backend), ``"dense"``
@@ -72,7 +78,8 @@ def build_loss(method: str, mining: str):
     if method == "metricloss":
         import metricloss as ml
 
-        return ml.TripletLoss(margin=MARGIN, mining=mining, reduction="mean_nonzero", backend="torch")
+        return ml.TripletLoss(margin=MARGIN, mining=mining, reduction="mean_nonzero", backend="torch",
+                              normalize=normalize)
     if method == "dense":
         from metricloss import reference
 
@@ -105,10 +112,18 @@ def dense_gib(mining: str, n: int, d: int = D) -> float:
     return 4 * (4 * n * n * d + cubes * n**3) / 2**30
 
 
-def case(method: str, mining: str, n: int):
-    """Harness case: one forward+backward (the matmul floor: one forward)."""
-    emb0, labels = make_inputs(n)
-    fn = build_loss(method, mining)
+OUTLIER_SCALE = 1000.0
+
+
+def case(method: str, mining: str, n: int, d: int = D, normalize: bool = True, outlier: bool = False):
+    """Harness case: one forward+backward (the matmul floor: one forward).
+
+    ``outlier``: row 0 of the embeddings scaled by :data:`OUTLIER_SCALE` (meaningful with
+    ``normalize=False``)."""
+    emb0, labels = make_inputs(n, d)
+    if outlier:
+        emb0[0] *= OUTLIER_SCALE
+    fn = build_loss(method, mining, normalize)
 
     def step():
         emb = emb0.clone().requires_grad_(method != "matmul")
@@ -131,7 +146,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--outlier", action="store_true",
+                    help="metricloss only, normalize=False: normal inputs vs one row scaled by 1000")
+    ap.add_argument("--dim", type=int, default=D, help="embedding dimension of the --outlier case")
     args = ap.parse_args()
+    if args.outlier:
+        outlier_table(args)
+        return
 
     results = {}
     for n in args.sizes:
@@ -168,6 +189,30 @@ def main() -> None:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump([dict(v, method=k[0], mining=k[1], N=k[2]) for k, v in results.items()], f, indent=1)
+
+
+def outlier_table(args) -> None:
+    """The --outlier comparison: same sizes, same run, normal and outlier steps side by side."""
+    rows = []
+    print("| loss | N | D | normal step (s) | one row ×1000 (s) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for mining in args.minings:
+            res = {}
+            for outlier in (False, True):
+                params = {"method": "metricloss", "mining": mining, "n": n, "d": args.dim, "normalize": False,
+                          "outlier": outlier}
+                res[outlier] = measure(CASE, params, warmup_params=dict(params, n=64), repeats=args.repeats,
+                                       warmup=args.warmup, mem_limit_gb=args.mem_limit_gb)
+                print(json.dumps(res[outlier]), file=sys.stderr, flush=True)
+            both = "median_s" in res[False] and "median_s" in res[True]
+            ratio = f"{res[True]['median_s'] / res[False]['median_s']:.2f}×" if both else "–"
+            print(f"| {mining} | {n} | {args.dim} | {fmt(res[False], 'median_s', '.3f')} | "
+                  f"{fmt(res[True], 'median_s', '.3f')} | {ratio} |", flush=True)
+            rows += [dict(v, mining=mining, N=n, D=args.dim, outlier=k) for k, v in res.items()]
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

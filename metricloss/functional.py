@@ -20,10 +20,10 @@ from .ops import centroid as _centroid
 from .ops import distance as _distance
 from .ops import mining as _mining
 from .ops import warp as _warp
-from .ops.reduction import REDUCTIONS, mask_nonfinite
-from .ops.triplet import MININGS, triplet_backends, triplet_loss_op
+from .ops.reduction import REDUCTIONS, LossTerms, mask_nonfinite
+from .ops.triplet import MININGS, triplet_backends, triplet_loss_op, triplet_loss_terms_op
 
-__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "warp_loss", "normalize_scale",
+__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_terms", "LossTerms", "warp_loss", "normalize_scale",
            "cosine_logits", "norm_softmax_loss", "centralized_ranking_loss", "centroid_triplet_loss"]
 
 Margin = Union[float, str]
@@ -66,56 +66,159 @@ def _check_triplet_inputs(where: str, embeddings, labels, ref_embeddings, ref_la
     return has_ref
 
 
+def _refuse_tracing(where: str) -> None:
+    """Mining is data-dependent (which rows are selected, how many chunks): a trace would freeze one batch's
+    choices and give wrong values on the next, so tracing raises instead."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(f"{where}: torch.jit.trace is not supported (mining depends on the data, and a trace "
+                           f"would replay one batch's selections); use eager mode or torch.compile")
+
+
+def _own_rows(where: str, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor],
+              ref_labels: Optional[torch.Tensor], ref_self_index: object,
+              has_ref: bool) -> Tuple[bool, Optional[torch.Tensor]]:
+    """Which reference row is each anchor itself: ``(self_ref, self_index)``.
+
+    * no reference set: the batch is its own reference, anchor i is row i (``self_ref``);
+    * ``ref_self_index`` given: validated, (N,) int64 with -1 where an anchor has no own row;
+    * ``ref_embeddings is embeddings`` (the same object) without ``ref_self_index``: row i is anchor i,
+      as without a reference set (the plain self-referenced path when ``ref_labels is labels`` too);
+    * otherwise no anchor has an own row.
+    """
+    if not has_ref:
+        if ref_self_index is not None:
+            raise ValueError(f"{where}: `ref_self_index` was given without `ref_embeddings` and `ref_labels`")
+        return True, None
+    if ref_self_index is not None:
+        return False, C.check_self_index(ref_self_index, embeddings.shape[0], ref_embeddings.shape[0],
+                                         "ref_self_index", where, device=embeddings.device)
+    if ref_embeddings is embeddings:
+        if ref_labels is labels:
+            return True, None
+        return False, torch.arange(embeddings.shape[0], device=embeddings.device)
+    return False, None
+
+
 def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                     ref_labels: Optional[torch.Tensor] = None, distance: str = "euclidean", backend: str = "auto",
-                    chunk_bytes: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    chunk_bytes: Optional[int] = None,
+                    ref_self_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hardest positive and hardest negative of every anchor, without an N×M tensor.
 
     Args:
         embeddings: (N, D) anchors, any float dtype (mined in fp32 at least). Not normalised here
             (``"cosine"`` is scale-free); normalise first if your loss does.
-        labels: (N,) integer labels.
+        labels: (N,) integer labels (any integer dtype; compared with ``ref_labels`` in their common dtype).
         ref_embeddings, ref_labels: optional reference set (M, D), (M,). Without it the anchors are mined
-            against each other and an anchor is never its own positive (excluded by index).
+            against each other and an anchor is never its own positive (excluded by index). A reference
+            set of another float dtype is promoted with the anchors to their common dtype.
         distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (docs/design.md §4).
         chunk_bytes: memory budget of one anchor chunk's temporaries (default 64 MiB).
+        ref_self_index: optional (N,) integer tensor: entry i is the reference row that *is* anchor i
+            (never its positive, never its negative; excluded by index), or -1 where it has none. Default:
+            ``arange(N)`` when ``ref_embeddings is embeddings``, else no own rows.
 
     Returns:
         ``(pos_idx, neg_idx)``: int64 (N,) indices into the reference set (the batch by default), -1 where
         the anchor has no positive / no negative. Ties resolve to the first index. No gradient.
     """
     where = "mine_batch_hard"
-    _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend, chunk_bytes)
+    _refuse_tracing(where)
+    has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
+                                    chunk_bytes)
+    self_ref, self_index = _own_rows(where, embeddings, labels, ref_embeddings, ref_labels, ref_self_index, has_ref)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        if self_ref:
+            return _mining.mine_batch_hard(embeddings, labels, distance=distance, backend=backend,
+                                           chunk_bytes=chunk_bytes)
         return _mining.mine_batch_hard(embeddings, labels, ref_embeddings, ref_labels, distance=distance,
-                                       backend=backend, chunk_bytes=chunk_bytes)
+                                       backend=backend, chunk_bytes=chunk_bytes, ref_self_index=self_index)
 
 
-def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
-                 ref_labels: Optional[torch.Tensor] = None, *, margin: Margin = 0.2, mining: str = "batch_hard",
-                 distance: str = "euclidean", normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto", chunk_bytes: Optional[int] = None) -> torch.Tensor:
-    """Triplet loss with on-the-fly mining, exact and O(chunk·M) in memory.
-
+_TRIPLET_DOC = """
     Args:
         embeddings: (N, D) anchors, any float dtype; the loss is computed in fp32 (fp64 for fp64).
-        labels: (N,) integer class labels.
+        labels: (N,) integer class labels (any integer dtype; compared with ``ref_labels`` in their common
+            dtype, never by a narrowing cast).
         ref_embeddings, ref_labels: optional (M, D), (M,) reference set the anchors are mined against
             (cross-batch memory, other ranks). Without it, the batch is its own reference set and an anchor
-            is never its own positive. Gradients flow to both.
+            is never its own positive. Gradients flow to both. A reference set of another float dtype is
+            promoted with the anchors to their common accumulation dtype (fp32 with fp64: fp64).
         margin: float >= 0 for the hinge [m + d_ap − d_an]_+, or ``"soft"`` for softplus(d_ap − d_an).
         mining: ``"batch_hard"`` (hardest positive and negative per anchor), ``"batch_all"`` (every valid
             (a, p, n)) or ``"semi_hard"`` (per (a, p): the nearest negative farther than p, else the
             farthest negative; TF-Addons semantics).
         distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"`` (1 − cos).
-        normalize: L2-normalise embeddings first (default True, as FaceNet and PML).
-        reduction: ``"mean"`` over valid terms (anchors for batch-hard, (a, p, n) triplets for batch-all,
-            (a, p) pairs for semi-hard), ``"mean_nonzero"`` over terms > 0, ``"sum"``, or ``"none"``
-            (per-anchor sum of its terms, (N,); zero for anchors without a positive or a negative).
+        normalize: L2-normalise embeddings first (default True, as FaceNet and PML).{reduction}
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (dense; small inputs only).
         chunk_bytes: memory budget of one anchor chunk's temporaries (default 64 MiB).
+        ref_self_index: optional (N,) integer tensor: entry i is the reference row that *is* anchor i, or -1
+            where anchor i has no row there (a memory bank that already holds the current batch, a gathered
+            global batch). That row is never a positive nor a negative of anchor i: it is excluded by index,
+            never by value. Default: ``arange(N)`` when ``ref_embeddings is embeddings`` (the same object),
+            so ``f(x, y, x, y)`` equals ``f(x, y)``; otherwise no anchor has an own row. (PML drops the
+            diagonal when ``ref_labels is labels``; here the test is on the embeddings, pass
+            ``ref_self_index`` to say it explicitly.)
+"""
 
+_REDUCTION_DOC = """
+        reduction: ``"mean"`` over valid terms (anchors for batch-hard, (a, p, n) triplets for batch-all,
+            (a, p) pairs for semi-hard), ``"mean_nonzero"`` over terms > 0, ``"sum"``, or ``"none"``
+            (per-anchor sum of its terms, (N,); zero for anchors without a positive or a negative)."""
+
+
+def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance, normalize,
+             reduction: Optional[str], backend, chunk_bytes, ref_self_index):
+    """Validate and run a triplet loss; ``reduction=None`` returns its :class:`LossTerms`."""
+    _refuse_tracing(where)
+    has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
+                                    chunk_bytes)
+    margin = C.check_margin(margin, "margin", where)
+    C.check_option(mining, "mining", MININGS, where)
+    if reduction is not None:
+        C.check_option(reduction, "reduction", REDUCTIONS, where)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{where}: `normalize` must be a bool, got {type(normalize).__name__}")
+    self_ref, self_index = _own_rows(where, embeddings, labels, ref_embeddings, ref_labels, ref_self_index, has_ref)
+    resolved = resolve_backend(backend, embeddings.device, where, implemented=triplet_backends(mining))
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        if resolved == "reference":
+            from . import reference
+
+            args = (embeddings, labels) if self_ref else (embeddings, labels, ref_embeddings, ref_labels)
+            kwargs = dict(margin=margin, mining=mining, distance=distance, normalize=normalize,
+                          ref_self_index=self_index)
+            out = reference.triplet_loss_terms(*args, **kwargs) if reduction is None else \
+                reference.triplet_loss(*args, reduction=reduction, **kwargs)
+        else:
+            a = _distance.prepare_embeddings(embeddings, distance, normalize)
+            if self_ref or ref_embeddings is embeddings:
+                r = a
+            else:
+                a, r = _distance.promote_pair(a, _distance.prepare_embeddings(ref_embeddings, distance, normalize))
+            args = (a, labels, r, labels if self_ref else ref_labels, self_ref, margin, mining, distance)
+            kwargs = dict(backend=resolved, mining_dtype=_mining.kernel_dtype(embeddings.dtype),
+                          self_index=self_index)
+            out = triplet_loss_terms_op(*args, chunk_bytes, **kwargs) if reduction is None else \
+                triplet_loss_op(*args, reduction, chunk_bytes, **kwargs)
+        guards = (embeddings, ref_embeddings) if has_ref else (embeddings,)
+        if reduction is None:
+            return LossTerms(mask_nonfinite(out.per_anchor, *guards), out.num_terms, out.num_nonzero)
+        return mask_nonfinite(out, *guards)
+
+
+def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
+                 ref_labels: Optional[torch.Tensor] = None, *, margin: Margin = 0.2, mining: str = "batch_hard",
+                 distance: str = "euclidean", normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", chunk_bytes: Optional[int] = None,
+                 ref_self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _triplet("triplet_loss", embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance,
+                    normalize, reduction, backend, chunk_bytes, ref_self_index)
+
+
+triplet_loss.__doc__ = """Triplet loss with on-the-fly mining, exact and O(chunk·M) in memory.
+""" + _TRIPLET_DOC.format(reduction=_REDUCTION_DOC) + """
     Returns:
         A scalar loss (or (N,) for ``"none"``) in fp32/fp64. With no valid term it is 0 and still
         connected to the graph (zero gradients). NaN or Inf anywhere in the inputs gives a NaN loss.
@@ -125,30 +228,30 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
     semi-hard use Gram-expansion blocks whose cancellation-prone small entries are recomputed from the
     differences (:data:`metricloss.ops.distance.REFINE_RATIO`).
     """
-    where = "triplet_loss"
-    has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
-                                    chunk_bytes)
-    margin = C.check_margin(margin, "margin", where)
-    C.check_option(mining, "mining", MININGS, where)
-    C.check_option(reduction, "reduction", REDUCTIONS, where)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"{where}: `normalize` must be a bool, got {type(normalize).__name__}")
-    resolved = resolve_backend(backend, embeddings.device, where, implemented=triplet_backends(mining))
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        if resolved == "reference":
-            from . import reference
 
-            loss = reference.triplet_loss(embeddings, labels, ref_embeddings, ref_labels, margin=margin,
-                                          mining=mining, distance=distance, normalize=normalize,
-                                          reduction=reduction)
-        else:
-            a = _distance.prepare_embeddings(embeddings, distance, normalize)
-            r = _distance.prepare_embeddings(ref_embeddings, distance, normalize) if has_ref else a
-            loss = triplet_loss_op(a, labels, r, ref_labels if has_ref else labels, not has_ref, margin, mining,
-                                   distance, reduction, chunk_bytes, backend=resolved,
-                                   mining_dtype=_mining.kernel_dtype(embeddings.dtype))
-        guards = (embeddings, ref_embeddings) if has_ref else (embeddings,)
-        return mask_nonfinite(loss, *guards)
+
+def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
+                       ref_labels: Optional[torch.Tensor] = None, *, margin: Margin = 0.2,
+                       mining: str = "batch_hard", distance: str = "euclidean", normalize: bool = True,
+                       backend: str = "auto", chunk_bytes: Optional[int] = None,
+                       ref_self_index: Optional[torch.Tensor] = None) -> LossTerms:
+    return _triplet("triplet_loss_terms", embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance,
+                    normalize, None, backend, chunk_bytes, ref_self_index)
+
+
+triplet_loss_terms.__doc__ = """The unreduced pieces of :func:`triplet_loss`, for callers that reduce them
+    themselves (across ranks, over accumulated steps).
+""" + _TRIPLET_DOC.format(reduction="") + """
+    Returns:
+        :class:`~metricloss.ops.reduction.LossTerms` ``(per_anchor (N,), num_terms (), num_nonzero ())``:
+        ``per_anchor`` is ``triplet_loss(..., reduction="none")`` (differentiable w.r.t. the anchors and the
+        reference set), ``num_terms`` the count ``"mean"`` divides by, ``num_nonzero`` the count
+        ``"mean_nonzero"`` divides by (int64). ``terms.reduce(r)`` equals ``triplet_loss(..., reduction=r)``;
+        summing the pieces over ranks first gives the loss of the union. For batch-all and semi-hard the
+        gradient is prepared in the forward pass and only rescaled by backward when the upstream gradient
+        is the same for every anchor (as after dividing the sum by any count; one device read checks it),
+        otherwise recomputed.
+    """
 
 
 # ----------------------------------------------------------------------------------------------------

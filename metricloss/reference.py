@@ -18,7 +18,9 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_loop", "warp_loss",
+from .ops.reduction import LossTerms  # the container only: no computation is shared with metricloss.ops
+
+__all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_terms", "triplet_loss_loop", "warp_loss",
            "warp_loss_loop", "normalize_scale", "cosine_logits", "norm_softmax_loss", "gram_schmidt_loop",
            "centralized_ranking_loss", "centroid_triplet_loss"]
 
@@ -41,34 +43,59 @@ def _dist(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
     return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
+def _prepare_pair(x: torch.Tensor, y: Optional[torch.Tensor], distance: str,
+                  normalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both sides prepared, in their common dtype (fp32 with fp64: fp64); ``y`` None means ``x``."""
+    xp = _prepare(x, distance, normalize)
+    if y is None or y is x:
+        return xp, xp
+    yp = _prepare(y, distance, normalize)
+    common = torch.promote_types(xp.dtype, yp.dtype)
+    return xp.to(common), yp.to(common)
+
+
 def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, distance: str = "euclidean",
                       normalize: bool = False) -> torch.Tensor:
     """(N, M) distances: ``euclidean`` ‖x−y‖, ``squared_euclidean`` ‖x−y‖², ``cosine`` 1 − x̂·ŷ."""
-    xp = _prepare(x, distance, normalize)
-    yp = xp if y is None else _prepare(y, distance, normalize)
-    return _dist(xp, yp, distance)
+    return _dist(*_prepare_pair(x, y, distance, normalize), distance)
 
 
-def _masks(labels: torch.Tensor, ref_labels: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense positive and negative masks; self is excluded by index when there is no reference set."""
+def _self_mask(n: int, m: int, embeddings: torch.Tensor, ref_embeddings: Optional[torch.Tensor],
+               ref_self_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """(N, M) bool: True at (i, own row of anchor i). The own rows are the diagonal without a reference set
+    or when ``ref_embeddings is embeddings`` (unless ``ref_self_index`` says otherwise), else
+    ``ref_self_index`` (-1: none)."""
+    own = torch.zeros((n, m), dtype=torch.bool, device=embeddings.device)
+    if ref_self_index is None:
+        if ref_embeddings is None or ref_embeddings is embeddings:
+            own.fill_diagonal_(True)
+        return own
+    rows = torch.arange(n, device=embeddings.device)
+    has = ref_self_index >= 0
+    own[rows[has], ref_self_index[has].long()] = True
+    return own
+
+
+def _masks(labels: torch.Tensor, ref_labels: Optional[torch.Tensor],
+           own: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense positive and negative masks; an anchor's own row (``own``) is neither, by index."""
     lr = labels if ref_labels is None else ref_labels
-    same = labels[:, None] == lr[None, :]
-    pos = same.clone()
-    if ref_labels is None:
-        pos.fill_diagonal_(False)
-    return pos, ~same
+    same = labels[:, None] == lr[None, :]  # compares in the promoted dtype: no narrowing cast
+    return same & ~own, ~same & ~own
 
 
 def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
-                    ref_labels: Optional[torch.Tensor] = None,
-                    distance: str = "euclidean") -> Tuple[torch.Tensor, torch.Tensor]:
+                    ref_labels: Optional[torch.Tensor] = None, distance: str = "euclidean",
+                    ref_self_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hardest positive (max distance) and hardest negative (min distance) per anchor, densely.
 
     Returns int64 (N,) indices, -1 where the anchor has no positive / no negative; first index on ties.
+    ``ref_self_index`` as in :func:`metricloss.functional.mine_batch_hard`.
     """
     with torch.no_grad():
         d = pairwise_distance(embeddings, ref_embeddings, distance)
-        pos, neg = _masks(labels, ref_labels)
+        pos, neg = _masks(labels, ref_labels, _self_mask(d.shape[0], d.shape[1], embeddings, ref_embeddings,
+                                                         ref_self_index))
         pidx = d.masked_fill(~pos, float("-inf")).max(1).indices
         nidx = d.masked_fill(~neg, float("inf")).min(1).indices
         return torch.where(pos.any(1), pidx, -1), torch.where(neg.any(1), nidx, -1)
@@ -78,45 +105,58 @@ def _h(z: torch.Tensor, margin: Margin) -> torch.Tensor:
     return F.softplus(z) if margin == "soft" else F.relu(margin + z)
 
 
+def _terms(per_anchor: torch.Tensor, terms: torch.Tensor, valid: torch.Tensor) -> LossTerms:
+    """``terms``: the loss terms (any shape, 0 where not ``valid``), ``valid``: which of them exist."""
+    return LossTerms(per_anchor, valid.sum(), (valid & (terms > 0)).sum())
+
+
 def _reduce(per_anchor: torch.Tensor, terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     """``terms``: the loss terms (any shape), ``valid``: which of them exist."""
     terms = torch.where(valid, terms, torch.zeros_like(terms))
+    return _reduce_terms(_terms(per_anchor, terms, valid), reduction)
+
+
+def _reduce_terms(terms: LossTerms, reduction: str) -> torch.Tensor:
     if reduction == "none":
-        return per_anchor
+        return terms.per_anchor
+    total = terms.per_anchor.sum()
     if reduction == "sum":
-        return terms.sum()
-    count = valid.sum() if reduction == "mean" else (valid & (terms > 0)).sum()
-    return terms.sum() / max(int(count), 1)
+        return total
+    count = terms.num_terms if reduction == "mean" else terms.num_nonzero
+    return total / max(int(count), 1)
 
 
-def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
-                 ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
-                 distance: str = "euclidean", normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
-    """Dense triplet loss with the semantics of :func:`metricloss.functional.triplet_loss`.
+def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
+                       ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
+                       distance: str = "euclidean", normalize: bool = True,
+                       ref_self_index: Optional[torch.Tensor] = None) -> LossTerms:
+    """Dense :class:`~metricloss.ops.reduction.LossTerms` of :func:`triplet_loss` (per-anchor sums and counts).
 
     * batch_hard: one term h(max_p d_ap − min_n d_an) per anchor with a positive and a negative.
     * batch_all: one term h(d_ap − d_an) per valid (a, p, n), from an (N, M, M) cube.
     * semi_hard: one term per (a, p) for anchors with a negative: n* = argmin{d_an : d_an > d_ap}, or the
       farthest negative when none is farther than p (TF-Addons).
 
-    h(z) = [m + z]_+, or softplus(z) for ``margin="soft"``. ``"none"`` returns per-anchor sums.
+    h(z) = [m + z]_+, or softplus(z) for ``margin="soft"``. An anchor's own row (the diagonal without a
+    reference set or when ``ref_embeddings is embeddings``; else ``ref_self_index``, -1 for none) is
+    neither a positive nor a negative.
     """
-    x = _prepare(embeddings, distance, normalize)
-    y = x if ref_embeddings is None else _prepare(ref_embeddings, distance, normalize)
+    x, y = _prepare_pair(embeddings, ref_embeddings, distance, normalize)
     d = _dist(x, y, distance)
-    pos, neg = _masks(labels, ref_labels)
+    pos, neg = _masks(labels, ref_labels, _self_mask(d.shape[0], d.shape[1], embeddings, ref_embeddings,
+                                                     ref_self_index))
     has_neg = neg.any(1, keepdim=True)
     if mining == "batch_hard":
         d_ap = d.masked_fill(~pos, float("-inf")).max(1).values
         d_an = d.masked_fill(~neg, float("inf")).min(1).values
         valid = pos.any(1) & neg.any(1)
         terms = torch.where(valid, _h(d_ap - d_an, margin), torch.zeros_like(d_ap))
-        return _reduce(terms, terms, valid, reduction)
+        return _terms(terms, terms, valid)
     if mining == "batch_all":
         cube = _h(d[:, :, None] - d[:, None, :], margin)             # [a, p, n]
         valid = pos[:, :, None] & neg[:, None, :]
         cube = torch.where(valid, cube, torch.zeros_like(cube))
-        return _reduce(cube.sum((1, 2)), cube, valid, reduction)
+        return _terms(cube.sum((1, 2)), cube, valid)
     if mining == "semi_hard":
         farther = neg[:, None, :] & (d[:, None, :] > d[:, :, None])    # [a, p, n]
         nearest_farther = torch.where(farther, d[:, None, :], torch.full_like(farther, float("inf"), dtype=d.dtype))
@@ -125,8 +165,19 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
         d_an = torch.where(farther.any(2), nearest_farther, farthest.expand_as(nearest_farther))
         valid = pos & has_neg
         terms = torch.where(valid, _h(d - d_an, margin), torch.zeros_like(d))
-        return _reduce(terms.sum(1), terms, valid, reduction)
+        return _terms(terms.sum(1), terms, valid)
     raise ValueError(f"unknown mining {mining!r}")
+
+
+def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
+                 ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
+                 distance: str = "euclidean", normalize: bool = True, reduction: str = "mean",
+                 ref_self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense triplet loss with the semantics of :func:`metricloss.functional.triplet_loss`
+    (:func:`triplet_loss_terms`, reduced). ``"none"`` returns per-anchor sums."""
+    return _reduce_terms(triplet_loss_terms(embeddings, labels, ref_embeddings, ref_labels, margin=margin, mining=mining,
+                                            distance=distance, normalize=normalize,
+                                            ref_self_index=ref_self_index), reduction)
 
 
 def triplet_loss_loop(embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin = 0.2,

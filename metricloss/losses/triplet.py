@@ -9,9 +9,9 @@ from torch import nn
 
 from .. import _checks as C
 from .._backend import BACKENDS
-from ..functional import triplet_loss
+from ..functional import triplet_loss, triplet_loss_terms
 from ..ops.distance import DISTANCES
-from ..ops.reduction import REDUCTIONS
+from ..ops.reduction import REDUCTIONS, LossTerms
 from ..ops.triplet import MININGS
 
 __all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss"]
@@ -35,6 +35,7 @@ class TripletLoss(nn.Module):
     Shapes:
         - embeddings: (N, D) float (fp16/bf16/fp32/fp64); labels: (N,) int.
         - ref_embeddings: (M, D), ref_labels: (M,), optional: mine the anchors against this set instead.
+        - ref_self_index: (N,) int, optional: the reference row that is anchor i (-1: none).
         - output: () or (N,) for ``reduction="none"``, fp32 (fp64 for fp64 input).
 
     Example::
@@ -60,7 +61,8 @@ class TripletLoss(nn.Module):
         self.chunk_bytes = C.check_chunk_bytes(chunk_bytes, where)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
-                ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                ref_labels: Optional[torch.Tensor] = None,
+                ref_self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The triplet loss of a batch, mined on the fly with this module's settings.
 
         Args:
@@ -70,6 +72,9 @@ class TripletLoss(nn.Module):
                 memory, other ranks), same D; given together with ``ref_labels``. Without it the batch
                 is its own reference set and an anchor is never its own positive. Gradients flow to it.
             ref_labels: optional (M,) integer labels of ``ref_embeddings``.
+            ref_self_index: optional (N,) integer tensor, the reference row that *is* anchor i (-1: none),
+                excluded from anchor i's positives and negatives by index. Default: ``arange(N)`` when
+                ``ref_embeddings is embeddings``, else none.
 
         Returns:
             A 0-dim loss, or (N,) per-anchor sums for ``reduction="none"`` (0 for anchors without a
@@ -81,7 +86,21 @@ class TripletLoss(nn.Module):
         """
         return triplet_loss(embeddings, labels, ref_embeddings, ref_labels, margin=self.margin, mining=self.mining,
                             distance=self.distance, normalize=self.normalize, reduction=self.reduction,
-                            backend=self.backend, chunk_bytes=self.chunk_bytes)
+                            backend=self.backend, chunk_bytes=self.chunk_bytes, ref_self_index=ref_self_index)
+
+    def loss_terms(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
+                   ref_labels: Optional[torch.Tensor] = None,
+                   ref_self_index: Optional[torch.Tensor] = None) -> LossTerms:
+        """The unreduced pieces of :meth:`forward` (this module's ``reduction`` is not applied).
+
+        Same arguments as :meth:`forward`. Returns :class:`~metricloss.ops.reduction.LossTerms`
+        ``(per_anchor (N,), num_terms (), num_nonzero ())``; ``terms.reduce(self.reduction)`` equals
+        :meth:`forward`. For wrappers that reduce across ranks or steps: sum ``per_anchor.sum()`` and the
+        counts over them, then divide.
+        """
+        return triplet_loss_terms(embeddings, labels, ref_embeddings, ref_labels, margin=self.margin,
+                                  mining=self.mining, distance=self.distance, normalize=self.normalize,
+                                  backend=self.backend, chunk_bytes=self.chunk_bytes, ref_self_index=ref_self_index)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin!r}, mining={self.mining!r}, distance={self.distance!r}, "

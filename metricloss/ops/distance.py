@@ -14,8 +14,9 @@ Two ways to compute them, used for different jobs:
 
 * **Gram blocks** (:class:`GramFactors`): a row chunk of anchors against all references with one GEMM,
   ``‖a‖² + ‖r‖² − 2·a·rᵀ`` clamped at 0. This is what mining orders by. Its cancellation error grows as
-  the distance shrinks relative to the norms, so :meth:`GramFactors.distance_block` can *refine*:
-  entries below ``REFINE_RATIO`` of the squared norms are recomputed exactly from ``a − r``.
+  the distance shrinks relative to the norms, so blocks can be *refined*: entries below ``REFINE_RATIO``
+  of their own two squared norms are recomputed exactly from ``a − r``. Duplicate reference rows read
+  the same column, so ties between them are exact.
 * **Paired distances** (:func:`paired_distance`): rows ``a[i]`` vs ``b[i]`` from the difference, exact,
   differentiable, O(n·D). Every selected pair whose distance enters a loss goes through here.
 
@@ -26,7 +27,7 @@ autograd graph of size N×M.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,12 @@ __all__ = [
     "REFINE_RATIO",
     "accumulation_dtype",
     "prepare_embeddings",
+    "promote_pair",
     "squared_norms",
     "safe_sqrt",
     "paired_distance",
     "paired_distance_grad",
+    "canonical_columns",
     "GramFactors",
     "refine_small_entries",
     "scale_distance_weights_",
@@ -75,6 +78,14 @@ def prepare_embeddings(x: torch.Tensor, distance: str, normalize: bool) -> torch
     if normalize or distance == "cosine":
         x = F.normalize(x, p=2.0, dim=1)
     return x
+
+
+def promote_pair(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` in their common accumulation dtype (fp32 with fp64 gives fp64 for both), so that
+    anchors and a reference set of different float dtypes meet in one GEMM. Differentiable; a tensor
+    already in that dtype is returned as is (identity, so ``b is a`` survives)."""
+    common = torch.promote_types(accumulation_dtype(a.dtype), accumulation_dtype(b.dtype))
+    return a.to(common), b.to(common)
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +137,32 @@ def paired_distance_grad(a: torch.Tensor, b: torch.Tensor, distance: str) -> Tup
     return unit, -unit
 
 
+def canonical_columns(r: torch.Tensor) -> Optional[torch.Tensor]:
+    """(M,) int64: for each row of ``r`` the first row identical to it, or None when all rows differ.
+
+    A GEMM may round the same dot product differently in different output columns (blocking, edge
+    tiles), so exact duplicate reference rows could get different Gram values and a tie between them
+    would go to whichever copy rounded lower. Reading each column from its first copy makes duplicates
+    bitwise equal, so ties among them go to the first index, as with exactly computed distances.
+    One sort of the rows (``torch.unique``) and one device read per call.
+    """
+    m = r.shape[0]
+    if m < 2:
+        return None
+    _, inverse = torch.unique(r, dim=0, return_inverse=True)
+    first = torch.full((m,), m, dtype=torch.int64, device=r.device)
+    first.scatter_reduce_(0, inverse, torch.arange(m, device=r.device), reduce="amin")
+    canon = first[inverse]
+    if not bool((canon != torch.arange(m, device=r.device)).any()):
+        return None
+    return canon
+
+
+Rows = Union[slice, torch.Tensor]
+
+
 class GramFactors:
-    """GEMM operands whose product is the distance block: ``A[s:e] @ R.T`` = d² (Euclidean kinds) or
+    """GEMM operands whose product is the distance block: ``A[rows] @ R.T`` = d² (Euclidean kinds) or
     1 − a·r (cosine), with no broadcast bias and no extra pass.
 
     * Euclidean kinds: A = [a, ‖a‖², 1], R = [−2r, 1, ‖r‖²], so A·Rᵀ = ‖a‖² + ‖r‖² − 2a·r.
@@ -135,14 +170,21 @@ class GramFactors:
 
     Folding the norms into the operands replaces ``addmm(‖r‖², a, rᵀ)``, whose broadcast bias costs a
     full extra copy of the (c, M) block before the GEMM (measured: 40% on top of the GEMM at D=128).
-    Built once per call, O((N + M)·D).
+    Built once per call, O((N + M)·D) plus one sort of the reference rows (:func:`canonical_columns`).
+
+    An entry is *small* (cancellation-prone, recomputed exactly by a refinement) when
+    d²_ij < REFINE_RATIO·(‖a_i‖² + ‖r_j‖²), each entry judged by its own two norms (cosine:
+    1 − a·r < REFINE_RATIO): one large row (an outlier) then flags only its own near-coincident entries,
+    not every entry of every row. ``a_slack`` (N,) and ``r_slack`` (M,) are the two halves of that bound.
 
     Args:
         a: (N, D) prepared anchors; r: (M, D) prepared references (may be ``a``).
         distance: one of :data:`DISTANCES`.
+        canonical: read duplicate reference rows from their first copy (:func:`canonical_columns`), so
+            that selections tie exactly between them. Miners ask for it; default False.
     """
 
-    def __init__(self, a: torch.Tensor, r: torch.Tensor, distance: str):
+    def __init__(self, a: torch.Tensor, r: torch.Tensor, distance: str, canonical: bool = False):
         self.a, self.r, self.distance = a, r, distance
         self.self_ref = r is a  # anchor i is reference i: its diagonal is 0 by definition
         self.a_sq = squared_norms(a)
@@ -152,63 +194,96 @@ class GramFactors:
         if distance == "cosine":
             self.A = torch.cat([a, ones_a], dim=1)
             self.R = torch.cat([-r, ones_r], dim=1)
+            self.a_slack = torch.full_like(self.a_sq, REFINE_RATIO)
+            self.r_slack = torch.zeros_like(self.r_sq)
         else:
             self.A = torch.cat([a, self.a_sq.unsqueeze(1), ones_a], dim=1)
             self.R = torch.cat([-2.0 * r, ones_r, self.r_sq.unsqueeze(1)], dim=1)
-        # refinement threshold per anchor row: REFINE_RATIO of the squared norms involved
-        if distance == "cosine":
-            self.refine_thresh = torch.full_like(self.a_sq, REFINE_RATIO)
-        else:
-            self.refine_thresh = REFINE_RATIO * (self.a_sq + (self.r_sq.max() if r.shape[0] else 0.0))
+            self.a_slack = REFINE_RATIO * self.a_sq
+            self.r_slack = REFINE_RATIO * self.r_sq
+        # the older per-row bound REFINE_RATIO·(‖a_i‖² + max_j ‖r_j‖²), kept for callers that refine by row
+        self.refine_thresh = self.a_slack + (self.r_slack.max() if r.shape[0] else 0.0)
+        self.canon = canonical_columns(r.detach()) if canonical else None
 
     def raw_block(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(e − s, M) unclamped d² (or cosine d) of anchors s:e: orders each row like the distance.
+        """(e − s, M) unclamped d² (or cosine d) of anchors s:e (see :meth:`raw_rows`)."""
+        return self.raw_rows(slice(s, e), out=out)
 
-        ``out``: an (e − s, M) buffer to write into (chunk loops reuse one, avoiding a fresh allocation and
+    def raw_rows(self, rows: Rows, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(c, M) unclamped d² (or cosine d) of anchors ``rows`` (a slice or an index tensor): orders each
+        row like the distance; duplicate reference rows get bitwise equal columns.
+
+        ``out``: a (c, M) buffer to write into (chunk loops reuse one, avoiding a fresh allocation and
         its page faults per chunk).
         """
-        return torch.mm(self.A[s:e], self.R.T, out=out)
+        if self.canon is None:
+            return torch.mm(self.A[rows], self.R.T, out=out)
+        block = torch.mm(self.A[rows], self.R.T)
+        return torch.index_select(block, 1, self.canon, out=out) if out is not None else block[:, self.canon]
+
+    def squared_block(self, rows: Rows, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(c, M) d² (cosine: d) clamped at 0, unrefined, in place on ``out``; the anchors' own cells are
+        +inf when the reference set is the batch (kept out of the small-entry search). No gradient.
+        Finish with :meth:`finish` after any refinement."""
+        u = self.raw_rows(rows, out=out).clamp_min_(0)
+        if self.self_ref:
+            own = _row_indices(rows, u.device)
+            u[torch.arange(u.shape[0], device=u.device), own] = float("inf")
+        return u
+
+    def finish(self, u: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """The distances from a :meth:`squared_block`: own cells back to exactly 0, √ for ``euclidean``."""
+        if self.self_ref:
+            own = _row_indices(rows, u.device)
+            u[torch.arange(u.shape[0], device=u.device), own] = 0.0
+        return u.sqrt_() if self.distance == "euclidean" else u
+
+    def refine(self, u: torch.Tensor, rows: Rows, track: bool = False) -> torch.Tensor:
+        """Recompute the small entries of a (c, M) block of squared distances exactly (one device read)."""
+        return refine_small_entries(u, self.a[rows], self.r, self.a_slack[rows], self.distance, track,
+                                    r_slack=self.r_slack)
 
     def distance_block(self, s: int, e: int, refine: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(e − s, M) distances of anchors s:e to all references, clamped at 0, optionally refined.
 
-        ``refine`` recomputes exactly (from ``a − r``) the entries small enough for cancellation to matter
-        (see :data:`REFINE_RATIO`): one read-only pass, plus an O(k·D) gather for the k small entries.
+        ``refine`` recomputes exactly (from ``a − r``) the small entries (see the class notes): one mask
+        pass, one ``nonzero`` (a device read), and an O(k·D) gather for the k small entries.
         In place on its own buffer when no gradient is recorded; otherwise an ordinary differentiable
         expression (used by :func:`pairwise_distance`).
         """
         track = torch.is_grad_enabled() and (self.a.requires_grad or self.r.requires_grad)
-        u = self.raw_block(s, e, out=None if track else out)
-        u = u.clamp_min(0) if track else u.clamp_min_(0)
+        if not track:
+            u = self.squared_block(slice(s, e), out=out)
+            if refine:
+                u = self.refine(u, slice(s, e))
+            return self.finish(u, slice(s, e))
+        u = self.raw_rows(slice(s, e)).clamp_min(0)
         diag = None
         if self.self_ref:
             # Self-distances are exactly 0 by definition, and are kept out of the refinement search (every
             # row would otherwise have a "small" entry). Set by index, never decided by value.
             rows = torch.arange(e - s, device=u.device)
             diag = (rows, rows + s)
-            u = u.index_put(diag, torch.full_like(rows, float("inf"), dtype=u.dtype)) if track else \
-                u.index_put_(diag, torch.tensor(float("inf"), dtype=u.dtype, device=u.device))
+            u = u.index_put(diag, torch.full_like(rows, float("inf"), dtype=u.dtype))
         if refine:
-            u = refine_small_entries(u, self.a[s:e], self.r, self.refine_thresh[s:e], self.distance, track)
+            u = self.refine(u, slice(s, e), track=True)
         if diag is not None:
-            u = u.index_put(diag, torch.zeros_like(diag[0], dtype=u.dtype)) if track else \
-                u.index_put_(diag, torch.tensor(0.0, dtype=u.dtype, device=u.device))
-        if self.distance == "euclidean":
-            return safe_sqrt(u) if track else u.sqrt_()
-        return u
+            u = u.index_put(diag, torch.zeros_like(diag[0], dtype=u.dtype))
+        return safe_sqrt(u) if self.distance == "euclidean" else u
+
+
+def _row_indices(rows: Rows, device: torch.device) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows
 
 
 def refine_small_entries(u: torch.Tensor, a: torch.Tensor, r: torch.Tensor, thresh: torch.Tensor,
-                          distance: str, track: bool) -> torch.Tensor:
-    """Overwrite entries ``u[i, j] < thresh[i]`` with the exact squared distance (or exact cosine)."""
-    # A read-only amin pass finds the rows with small entries; usually few or none, so the bool mask
-    # and nonzero run on those rows only.
-    row_has_small = u.amin(1) < thresh if u.shape[1] else torch.zeros_like(thresh, dtype=torch.bool)
-    if not bool(row_has_small.any()):
-        return u
-    sel = row_has_small.nonzero().squeeze(1)
-    sub_rows, cols = (u[sel] < thresh[sel].unsqueeze(1)).nonzero(as_tuple=True)
-    rows = sel[sub_rows]
+                         distance: str, track: bool, r_slack: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Overwrite the entries ``u[i, j] < thresh[i] (+ r_slack[j])`` with the exact squared distance (or exact
+    cosine distance), computed from the rows' difference. One ``nonzero`` (a device read)."""
+    bound = thresh.unsqueeze(1) if r_slack is None else thresh.unsqueeze(1) + r_slack.unsqueeze(0)
+    rows, cols = (u < bound).nonzero(as_tuple=True)
     exact_kind = "cosine" if distance == "cosine" else "squared_euclidean"
     if track:
         u = u.clone()
@@ -234,7 +309,7 @@ def scale_distance_weights_(weight: torch.Tensor, dist: torch.Tensor, distance: 
 
 
 def gram_backward(w: torch.Tensor, a: torch.Tensor, r: torch.Tensor, distance: str, grad_r: torch.Tensor,
-                  grad_r_colsum: torch.Tensor) -> torch.Tensor:
+                  grad_r_colsum: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient of Σ_ij W_ij · d(a_i, r_j) for one anchor chunk, by GEMMs (no N×M graph).
 
     With ∂d/∂a = (a − r)/d (Euclidean), 2(a − r) (squared) or −r (cosine on unit vectors) and W̃ from
@@ -249,12 +324,14 @@ def gram_backward(w: torch.Tensor, a: torch.Tensor, r: torch.Tensor, distance: s
     Args:
         w: (c, M) scaled weights W̃; a: (c, D) anchors; r: (M, D) references.
         grad_r: (M, D) accumulator; grad_r_colsum: (M,) accumulator.
+        row_mask: optional (c,) 0/1 weights of the rows' contributions to ``grad_r`` (rows that will be
+            recomputed contribute 0), applied on O(c·D) and one GEMV, never on the (c, M) block.
     """
     grad_a = torch.mm(w, r).neg_()
-    grad_r.addmm_(w.T, a, alpha=-1.0)
+    grad_r.addmm_(w.T, a if row_mask is None else a * row_mask.unsqueeze(1), alpha=-1.0)
     if distance != "cosine":
         grad_a.addcmul_(w.sum(1, keepdim=True), a)
-        grad_r_colsum.add_(w.sum(0))
+        grad_r_colsum.add_(w.sum(0) if row_mask is None else torch.mv(w.T, row_mask))
     return grad_a
 
 
@@ -263,8 +340,10 @@ def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, distanc
     """Dense (N, M) distance matrix, differentiable. For small inputs: it materialises N×M.
 
     Uses the Gram expansion with exact refinement of small entries (:class:`GramFactors`); the diagonal
-    of ``pairwise_distance(x)`` is exactly 0 with gradient 0. Computed in the accumulation dtype.
+    of ``pairwise_distance(x)`` is exactly 0 with gradient 0. Computed in the accumulation dtype, the
+    common one of ``x`` and ``y`` when they differ (fp32 with fp64: fp64).
     """
     xp = prepare_embeddings(x, distance, normalize)
     yp = xp if y is None else prepare_embeddings(y, distance, normalize)
+    xp, yp = promote_pair(xp, yp)
     return GramFactors(xp, yp, distance).distance_block(0, xp.shape[0], refine=True)

@@ -13,7 +13,7 @@ classes the member table is wider but still bounded by the chunk budget.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -25,10 +25,12 @@ class AnchorClasses:
 
     Attributes:
         start: position in the sorted reference order where the anchor's class run begins.
-        count: number of references carrying the anchor's label (self included when self-referenced).
-        num_pos: number of positives (``count`` minus self when the reference is the batch).
-        num_neg: number of negatives (``M − count``).
-        self_pos: position of the anchor itself in the sorted order, or None without self-reference.
+        count: number of references carrying the anchor's label (the anchor's own row included).
+        num_pos: number of positives (``count`` minus the anchor's own row when it is among them).
+        num_neg: number of negatives (``M − count``, minus the anchor's own row when its label differs).
+        self_pos: position of the anchor's own row in the sorted order when that row carries the anchor's
+            label; ``M`` (past every position) where it has none or it lies outside the class; None when
+            no anchor has an own row.
     """
 
     __slots__ = ("start", "count", "num_pos", "num_neg", "self_pos")
@@ -50,6 +52,10 @@ class AnchorClasses:
 class ClassIndex:
     """Reference labels (M,) sorted once; answers per-anchor class questions in O(n log M).
 
+    Anchor labels of another integer dtype are compared in the promoted dtype of the two
+    (``torch.promote_types``: wide enough for both, never a narrowing cast), as ``==`` between the two
+    tensors would: label 256 never matches a uint8 0, 2**32 + 7 never matches an int32 7.
+
     Args:
         ref_labels: (M,) integer tensor.
     """
@@ -59,6 +65,13 @@ class ClassIndex:
         self.sorted_labels, self.order = torch.sort(ref_labels, stable=True)
         self._inverse: Optional[torch.Tensor] = None
         self._max_count: Optional[int] = None
+        self._sorted_as: Dict[torch.dtype, torch.Tensor] = {self.sorted_labels.dtype: self.sorted_labels}
+
+    def sorted_labels_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The sorted reference labels in ``dtype`` (a widening of theirs: order and values unchanged)."""
+        if dtype not in self._sorted_as:
+            self._sorted_as[dtype] = self.sorted_labels.to(dtype)
+        return self._sorted_as[dtype]
 
     @property
     def inverse(self) -> torch.Tensor:
@@ -80,14 +93,32 @@ class ClassIndex:
                 self._max_count = int(counts.max())
         return self._max_count
 
-    def anchor_classes(self, labels: torch.Tensor, self_ref: bool) -> AnchorClasses:
-        """Class facts for anchors with ``labels`` (n,). With ``self_ref`` anchor i is reference i."""
-        lab = labels.to(self.sorted_labels.dtype)
-        start = torch.searchsorted(self.sorted_labels, lab, right=False)
-        count = torch.searchsorted(self.sorted_labels, lab, right=True) - start
-        num_pos = count - 1 if self_ref else count
-        num_neg = self.num_refs - count
-        self_pos = self.inverse if self_ref else None
+    def anchor_classes(self, labels: torch.Tensor, self_ref: bool = False,
+                       self_index: Optional[torch.Tensor] = None) -> AnchorClasses:
+        """Class facts for anchors with ``labels`` (n,).
+
+        Args:
+            labels: (n,) integer labels, any integer dtype (compared in the common dtype).
+            self_ref: anchor i is reference i (the reference set is the batch, same labels).
+            self_index: (n,) int64, the reference row that *is* anchor i, or -1 where it has none
+                (ignored with ``self_ref``). That row is neither a positive nor a negative of anchor i,
+                whatever its label: it is excluded by index.
+        """
+        common = torch.promote_types(labels.dtype, self.sorted_labels.dtype)
+        sorted_labels = self.sorted_labels_as(common)
+        lab = labels.to(common)
+        start = torch.searchsorted(sorted_labels, lab, right=False)
+        count = torch.searchsorted(sorted_labels, lab, right=True) - start
+        if self_ref:
+            return AnchorClasses(start, count, count - 1, self.num_refs - count, self.inverse)
+        if self_index is None:
+            return AnchorClasses(start, count, count, self.num_refs - count, None)
+        has_self = self_index >= 0
+        own_pos = self.inverse[self_index.clamp_min(0)]
+        own_in_class = has_self & (sorted_labels[own_pos] == lab)
+        num_pos = count - own_in_class.to(count.dtype)
+        num_neg = self.num_refs - count - (has_self & ~own_in_class).to(count.dtype)
+        self_pos = torch.where(own_in_class, own_pos, self.num_refs)
         return AnchorClasses(start, count, num_pos, num_neg, self_pos)
 
     def positive_table(self, cls: AnchorClasses, width: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._backend import resolve_backend
-from .distance import GramFactors, prepare_embeddings
+from .._backend import _warn_once, resolve_backend
+from .distance import GramFactors, prepare_embeddings, promote_pair
 from .labels import AnchorClasses, ClassIndex
 from .reduction import row_argmax, row_argmin
 
@@ -46,9 +46,13 @@ def default_chunk_bytes() -> int:
     """The per-chunk memory budget: ``METRICLOSS_CHUNK_BYTES`` if set, else 64 MiB."""
     env = os.environ.get("METRICLOSS_CHUNK_BYTES", "").strip()
     if env:
-        value = int(env)
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
         if value < 1:
-            raise ValueError(f"METRICLOSS_CHUNK_BYTES must be a positive int, got {env!r}")
+            raise ValueError(f"the environment variable METRICLOSS_CHUNK_BYTES must be a positive number of bytes "
+                             f"written as an integer (e.g. 67108864 for 64 MiB), got {env!r}")
         return value
     return DEFAULT_CHUNK_BYTES
 
@@ -74,7 +78,8 @@ def mask_own_class_(block: torch.Tensor, members: torch.Tensor, in_class: torch.
 
     Args:
         block: (c, M) values; members/in_class: (c, W) positive table (self excluded);
-        self_cols: (c,) the anchors' own columns when the reference set is the batch, else None.
+        self_cols: (c,) int64, each anchor's own column (its row in the reference set), -1 where it has
+            none; None when no anchor has one.
         value: ``+inf`` (hide from a min) or ``-inf`` (hide from a max).
 
     Padding entries of the table point at arbitrary columns, so the write is an ``amax``/``amin``
@@ -86,18 +91,32 @@ def mask_own_class_(block: torch.Tensor, members: torch.Tensor, in_class: torch.
         src.masked_fill_(in_class, value)
         block.scatter_reduce_(1, members, src, reduce="amax" if value > 0 else "amin")
     if self_cols is not None:
-        block[torch.arange(block.shape[0], device=block.device), self_cols] = value
+        # -1 (no own row) writes the cell's own value back: one O(c) gather, no host branch
+        rows = torch.arange(block.shape[0], device=block.device)
+        cols = self_cols.clamp_min(0)
+        block[rows, cols] = torch.where(self_cols >= 0, torch.full_like(block[rows, cols], value), block[rows, cols])
     return block
 
 
+def own_columns(s: int, e: int, self_ref: bool, self_index: Optional[torch.Tensor],
+                device: torch.device) -> Optional[torch.Tensor]:
+    """Anchors s:e's own reference columns: ``s:e`` when the reference is the batch, else the slice of
+    ``self_index`` (-1 where none), else None."""
+    if self_ref:
+        return torch.arange(s, e, device=device)
+    return None if self_index is None else self_index[s:e]
+
+
 def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls: AnchorClasses,
-                       self_ref: bool, distance: str, chunk_bytes: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                       self_ref: bool, distance: str, chunk_bytes: Optional[int],
+                       self_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hardest positive and hardest negative per anchor, chunked torch (the engine behind
     :func:`mine_batch_hard`).
 
     Args:
         a: (N, D) prepared anchors; r: (M, D) prepared references (``a`` itself when ``self_ref``).
         index, cls: the reference class index and the anchors' class facts.
+        self_index: (N,) int64 own reference row per anchor (-1: none), when not ``self_ref``.
 
     Returns:
         ``(pos_idx, neg_idx)``: int64 (N,), -1 where the anchor has no positive / no negative. Ties go to
@@ -107,7 +126,7 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
     width = max(index.max_count - (1 if self_ref else 0), 0)
     elem = a.element_size()
     rows = rows_per_chunk(m, elem + elem // 8 + 1, chunk_bytes, bytes_per_row=width * (16 + elem))
-    gram = GramFactors(a, r, distance)
+    gram = GramFactors(a, r, distance, canonical=True)  # duplicate rows tie exactly: first index wins
     pos_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     neg_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     block = torch.empty((min(rows, n), m), dtype=a.dtype, device=a.device)  # reused by every chunk
@@ -124,8 +143,7 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
             pos = members.gather(1, slot).squeeze(1)
             pos_idx[s:e] = torch.where(c.num_pos > 0, pos, -1)
         # 3. hardest negative: hide the own class (K-wide scatter), then one fast row argmin
-        self_cols = torch.arange(s, e, device=a.device) if self_ref else None
-        mask_own_class_(key, members, in_class, self_cols, float("inf"))
+        mask_own_class_(key, members, in_class, own_columns(s, e, self_ref, self_index, a.device), float("inf"))
         _, neg = row_argmin(key)
         neg_idx[s:e] = torch.where(c.num_neg > 0, neg, -1)
     return pos_idx, neg_idx
@@ -179,11 +197,15 @@ def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torc
 
 def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                     ref_labels: Optional[torch.Tensor] = None, distance: str = "euclidean", backend: str = "auto",
-                    chunk_bytes: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    chunk_bytes: Optional[int] = None,
+                    ref_self_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Op-level batch-hard miner on validated inputs: backend dispatch, no gradient.
 
     See :func:`metricloss.functional.mine_batch_hard` for the public, validated entry point. Embeddings
     are used as given (normalise them first if the loss does); cosine normalises internally.
+    ``ref_self_index``: validated (N,) int64 own reference row per anchor (-1: none), or None. The Triton
+    kernel excludes self only for the plain batch (no reference set): with ``ref_self_index`` the torch
+    engine mines (with a one-time warning when ``backend="triton"`` was asked for).
     """
     self_ref = ref_embeddings is None
     resolved = resolve_backend(backend, embeddings.device, "mine_batch_hard", implemented=MINING_BACKENDS)
@@ -191,16 +213,29 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
         if resolved == "reference":
             from .. import reference
 
-            return reference.mine_batch_hard(embeddings, labels, ref_embeddings, ref_labels, distance=distance)
+            return reference.mine_batch_hard(embeddings, labels, ref_embeddings, ref_labels, distance=distance,
+                                             ref_self_index=ref_self_index)
         a = prepare_embeddings(embeddings.detach(), distance, normalize=False)
         r = a if self_ref else prepare_embeddings(ref_embeddings.detach(), distance, normalize=False)
+        a, r = promote_pair(a, r)
         lr = labels if self_ref else ref_labels
+        resolved = triton_or_torch_for_self_index(resolved, ref_self_index, backend, "mine_batch_hard")
         if resolved == "triton":
             dtype = kernel_dtype(embeddings.dtype)
             return batch_hard_indices_triton(a.to(dtype), labels, r.to(dtype), lr, self_ref, distance)
         index = ClassIndex(lr)
-        cls = index.anchor_classes(labels, self_ref)
-        return batch_hard_indices(a, r, index, cls, self_ref, distance, chunk_bytes)
+        cls = index.anchor_classes(labels, self_ref, ref_self_index)
+        return batch_hard_indices(a, r, index, cls, self_ref, distance, chunk_bytes, ref_self_index)
+
+
+def triton_or_torch_for_self_index(resolved: str, self_index: Optional[torch.Tensor], requested: str, op: str) -> str:
+    """The Triton mining kernel excludes self only by ``row == column`` (the batch as its own reference):
+    with an explicit own-row index the torch engine mines; an explicit ``backend="triton"`` warns once."""
+    if resolved != "triton" or self_index is None:
+        return resolved
+    if requested == "triton":
+        _warn_once(op, requested, "the Triton mining kernel does not take ref_self_index")
+    return "torch"
 
 
 MINING_BACKENDS = ("torch", "triton", "reference")

@@ -13,15 +13,39 @@ result as ``torch.min(dim=1)`` (first index on ties, NaN wins and propagates), a
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 
-__all__ = ["REDUCTIONS", "reduce_loss", "mask_nonfinite", "row_argmin", "row_argmax"]
+__all__ = ["REDUCTIONS", "LossTerms", "reduce_loss", "mask_nonfinite", "row_argmin", "row_argmax"]
 
 REDUCTIONS = ("mean", "mean_nonzero", "sum", "none")
 
 _GROUP = 64
+
+
+class LossTerms(NamedTuple):
+    """The unreduced pieces of a loss, so that a caller can reduce them itself (e.g. across ranks).
+
+    Attributes:
+        per_anchor: (N,) float, the sum of each anchor's loss terms (0 for an anchor without a valid
+            term); differentiable with respect to the anchors and the reference set.
+        num_terms: () int64, the number of valid terms over the batch (what ``"mean"`` divides by).
+        num_nonzero: () int64, the number of valid terms that are > 0 (what ``"mean_nonzero"`` divides by).
+
+    ``per_anchor.sum() / num_terms`` is the ``"mean"`` loss and ``per_anchor.sum() / num_nonzero`` the
+    ``"mean_nonzero"`` one (each denominator clamped at 1); :meth:`reduce` does exactly that. Summing
+    ``per_anchor`` and both counts over several batches (ranks) before dividing gives the loss of their
+    union.
+    """
+
+    per_anchor: torch.Tensor
+    num_terms: torch.Tensor
+    num_nonzero: torch.Tensor
+
+    def reduce(self, reduction: str = "mean") -> torch.Tensor:
+        """:func:`reduce_loss` of these pieces."""
+        return reduce_loss(self.per_anchor, self.num_terms, self.num_nonzero, reduction)
 
 
 def reduce_loss(per_anchor: torch.Tensor, num_terms: torch.Tensor, num_nonzero: torch.Tensor,

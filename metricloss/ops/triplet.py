@@ -32,13 +32,14 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .distance import GramFactors, gram_backward, paired_distance, paired_distance_grad, scale_distance_weights_
+from .distance import (GramFactors, Rows, gram_backward, paired_distance, paired_distance_grad,
+                       scale_distance_weights_)
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
-                     semi_hard_negative_idx)
-from .reduction import reduce_loss
+                     semi_hard_negative_idx, triton_or_torch_for_self_index)
+from .reduction import LossTerms
 
-__all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "use_sorted_batch_all"]
+__all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
 
 MININGS = ("batch_hard", "batch_all", "semi_hard")
 
@@ -64,24 +65,25 @@ def _hinge(z: torch.Tensor, margin: Margin) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
-                      self_ref: bool, margin: Margin, distance: str, chunk_bytes: Optional[int], backend: str,
-                      mining_dtype: torch.dtype):
+                      self_ref: bool, self_index: Optional[torch.Tensor], margin: Margin, distance: str,
+                      chunk_bytes: Optional[int], backend: str, mining_dtype: torch.dtype) -> LossTerms:
     with torch.no_grad():
+        backend = triton_or_torch_for_self_index(backend, self_index, backend, "triplet_loss")
         if backend == "triton":
             pos_idx, neg_idx = batch_hard_indices_triton(a.detach().to(mining_dtype), labels,
                                                          r.detach().to(mining_dtype), ref_labels, self_ref, distance)
         else:
             index = ClassIndex(ref_labels)
-            cls = index.anchor_classes(labels, self_ref)
+            cls = index.anchor_classes(labels, self_ref, self_index)
             pos_idx, neg_idx = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance,
-                                                  chunk_bytes)
+                                                  chunk_bytes, self_index)
     valid = (pos_idx >= 0) & (neg_idx >= 0)
     # Invalid anchors gather row 0 (any in-range row): their term is computed, then masked by `where`,
     # which also zeroes its gradient.
     d_ap = paired_distance(a, r[pos_idx.clamp_min(0)], distance)
     d_an = paired_distance(a, r[neg_idx.clamp_min(0)], distance)
     terms = torch.where(valid, _hinge(d_ap - d_an, margin), torch.zeros_like(d_ap))
-    return terms, valid.sum(), (terms > 0).sum()
+    return LossTerms(terms, valid.sum(), (terms > 0).sum())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
 def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
                      valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Margin, distance: str,
                      want_weights: bool, a_c: torch.Tensor, r: torch.Tensor, scratch: "_Scratch"):
-    """Batch-all on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), DenseChunkGrad or None)."""
+    """Batch-all on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero counts (c,), DenseChunkGrad or None)."""
     c = dist.shape[0]
     width = members.shape[1]
     # The block becomes the negatives' distances: own class (and self) +inf, so it contributes 0 below.
@@ -115,13 +117,13 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
         hist.scatter_add_(1, q, torch.ones_like(neg))
         pos_weight.scatter_(1, order, hist.cumsum(1)[:, :width])
         pos_weight = torch.where(valid, pos_weight, torch.zeros_like(pos_weight))
-        nonzero = pos_weight.sum().to(torch.int64)
+        nonzero = pos_weight.sum(1).to(torch.int64)
         if want_weights:
             neg_weight = above.neg_()
     else:
         # One pass per positive slot over the chunk's negatives, float-only (no bool temporaries).
         sums = torch.zeros(c, dtype=dist.dtype, device=dist.device)
-        nonzero = torch.zeros((), dtype=torch.int64, device=dist.device)
+        nonzero = torch.zeros(c, dtype=torch.int64, device=dist.device)
         neg_weight = scratch.get("weight", c).zero_() if want_weights else None
         term = scratch.get("term", c)
         for k in range(width):
@@ -131,7 +133,7 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
                 slope = torch.sigmoid(term) if want_weights else None
                 soft = F.softplus(term)
                 sums += soft.sum(1)
-                nonzero += torch.count_nonzero(soft)
+                nonzero += torch.count_nonzero(soft, dim=1)
                 if want_weights:
                     pos_weight[:, k] = slope.sum(1)
                     neg_weight.sub_(slope)
@@ -141,10 +143,10 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
                 if want_weights:
                     slope = term.sign_()                           # 1 where the hinge is active
                     pos_weight[:, k] = slope.sum(1)
-                    nonzero += pos_weight[:, k].sum().to(torch.int64)
+                    nonzero += pos_weight[:, k].to(torch.int64)
                     neg_weight.sub_(slope)
                 else:
-                    nonzero += torch.count_nonzero(term)
+                    nonzero += torch.count_nonzero(term, dim=1)
     if not want_weights:
         return sums, nonzero, None
     # W̃: the negatives scaled by their own distances (own-class cells are 0/inf = 0), the positives'
@@ -158,7 +160,7 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
 def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
                      valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Margin, distance: str,
                      want_weights: bool, a_c: torch.Tensor, r: torch.Tensor, scratch: "_Scratch"):
-    """Semi-hard on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero (), PairChunkGrad or None).
+    """Semi-hard on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero counts (c,), PairChunkGrad or None).
 
     The block only selects: the loss recomputes d(a, p) and d(a, n*) exactly from the selected rows
     (O(c·W·D)), and so does the gradient.
@@ -169,7 +171,7 @@ def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
     d_an = paired_distance(a3, r[neg_idx], distance)
     z = d_ap - d_an
     terms = torch.where(valid, _hinge(z, margin), torch.zeros_like(z))
-    sums, nonzero = terms.sum(1), torch.count_nonzero(terms)
+    sums, nonzero = terms.sum(1), torch.count_nonzero(terms, dim=1)
     if not want_weights:
         return sums, nonzero, None
     slope = torch.sigmoid(z) if margin == "soft" else (z + margin > 0).to(dist.dtype)
@@ -184,9 +186,11 @@ class DenseChunkGrad:
         self.w = w
 
     def apply(self, a_c: torch.Tensor, r: torch.Tensor, distance: str, grad_r: torch.Tensor, colsum: torch.Tensor,
-              row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+              row_scale: Optional[torch.Tensor] = None, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns the chunk's anchor gradient (c, D); accumulates into ``grad_r``/``colsum``. ``row_scale``
+        (c,) weighs rows (upstream gradients); ``row_mask`` (c,) 0/1 drops rows from the accumulation."""
         w = self.w if row_scale is None else self.w.mul_(row_scale.unsqueeze(1))
-        return gram_backward(w, a_c, r, distance, grad_r, colsum)
+        return gram_backward(w, a_c, r, distance, grad_r, colsum, row_mask=row_mask)
 
 
 class PairChunkGrad:
@@ -199,8 +203,11 @@ class PairChunkGrad:
         self.ref_idx, self.weight = ref_idx, weight
 
     def apply(self, a_c: torch.Tensor, r: torch.Tensor, distance: str, grad_r: torch.Tensor, colsum: torch.Tensor,
-              row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+              row_scale: Optional[torch.Tensor] = None, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As :meth:`DenseChunkGrad.apply`."""
         weight = self.weight if row_scale is None else self.weight * row_scale.unsqueeze(1)
+        if row_mask is not None:
+            weight = weight * row_mask.unsqueeze(1)
         d_a, d_r = paired_distance_grad(a_c.unsqueeze(1), r[self.ref_idx], distance)
         grad_r.index_add_(0, self.ref_idx.flatten(), (weight.unsqueeze(2) * d_r).flatten(0, 1))
         return (weight.unsqueeze(2) * d_a).sum(1)
@@ -225,94 +232,188 @@ class _BlockTripletPlan:
     """What every chunk of a batch-all / semi-hard call shares (built once per call)."""
 
     def __init__(self, a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
-                 self_ref: bool, mining: str, margin: Margin, distance: str, chunk_bytes: Optional[int]):
+                 self_ref: bool, self_index: Optional[torch.Tensor], mining: str, margin: Margin, distance: str,
+                 chunk_bytes: Optional[int]):
         self.self_ref, self.mining, self.margin, self.distance = self_ref, mining, margin, distance
+        self.self_index = None if self_ref else self_index
         self.index = ClassIndex(ref_labels)
-        self.cls = self.index.anchor_classes(labels, self_ref)
+        self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
         self.width = max(self.index.max_count - (1 if self_ref else 0), 0)
-        self.gram = GramFactors(a, r, distance)
+        self.gram = GramFactors(a, r, distance, canonical=True)
         m, elem = r.shape[0], a.element_size()
-        # dist, neg, the weight block and one temporary per element, plus bool/int scratch
-        per_ref = 4 * elem + 2 + (16 if (mining == "batch_all" and use_sorted_batch_all(self.width)) else 0)
+        # dist, slack, neg, the weight block and one temporary per element, plus bool/int scratch
+        per_ref = 5 * elem + 2 + (16 if (mining == "batch_all" and use_sorted_batch_all(self.width)) else 0)
         per_ref += 16 if (mining == "semi_hard" and self.width > 0) else 0
         per_row = self.width * (24 + 2 * elem)
-        if mining == "semi_hard":  # gathered positive and negative rows, their differences and gradients
-            per_row += 8 * self.width * a.shape[1] * elem
+        # the member table's rows and their differences (exact positive distances); semi-hard also gathers
+        # the negative rows and the gradients
+        per_row += (8 if mining == "semi_hard" else 2) * self.width * a.shape[1] * elem
         self.rows = rows_per_chunk(m, per_ref, chunk_bytes, bytes_per_row=per_row)
         # number of valid terms: triplets (batch-all) or (anchor, positive) pairs (semi-hard)
         valid_pos = self.cls.num_pos * (self.cls.num_neg > 0)
         self.num_terms = (valid_pos * self.cls.num_neg).sum() if mining == "batch_all" else valid_pos.sum()
         self.scratch = _Scratch(min(self.rows, a.shape[0]), m, a.dtype, a.device)
 
-    def chunk(self, a: torch.Tensor, r: torch.Tensor, s: int, e: int, want_weights: bool):
-        """Loss sums (c,), nonzero count () and the chunk's gradient (a ``*ChunkGrad``, or None), anchors s:e."""
-        cls = self.cls[s:e]
-        dist = self.gram.distance_block(s, e, refine=True, out=self.scratch.get("dist", e - s))
+    def own_cols(self, rows: Rows) -> Optional[torch.Tensor]:
+        """The anchors' own reference columns (-1: none), or None when no anchor has one."""
+        if self.self_ref:
+            return torch.arange(rows.start, rows.stop, device=self.gram.a.device) if isinstance(rows, slice) else rows
+        return None if self.self_index is None else self.self_index[rows]
+
+    def chunk(self, a: torch.Tensor, r: torch.Tensor, rows: Rows, want_weights: bool, exact: bool):
+        """One chunk of anchors ``rows`` (a slice, or an index tensor for the redo pass).
+
+        Returns (sums (c,), nonzero counts (c,), the chunk's gradient (a ``*ChunkGrad``, or None), redo):
+        ``redo`` (c,) bool marks anchors with a small (cancellation-prone) *negative* entry; their
+        results are only right after :meth:`chunk` with ``exact=True`` (the block refined exactly, which
+        reads the device once). Without ``exact`` nothing here reads the device: small *positive*
+        entries are exact anyway (the K-wide member table is recomputed from the rows).
+        """
+        cls = self.cls[rows]
+        c = cls.start.shape[0]
+        gram = self.gram
+        u = gram.squared_block(rows, out=self.scratch.get("dist", c))
         members, in_class = self.index.positive_table(cls, self.width)
-        valid = in_class & (cls.num_neg > 0).unsqueeze(1)
+        self_cols = self.own_cols(rows)
+        if exact:
+            u = gram.refine(u, rows)
+            redo = None
+        else:
+            slack = torch.sub(u, gram.r_slack, out=self.scratch.get("slack", c))
+            mask_own_class_(slack, members, in_class, self_cols, float("inf"))
+            redo = (slack.amin(1) < gram.a_slack[rows]) if u.shape[1] else torch.zeros(c, dtype=torch.bool,
+                                                                                        device=u.device)
+            small_ap = u.gather(1, members) < gram.a_slack[rows].unsqueeze(1) + gram.r_slack[members]
+        dist = gram.finish(u, rows)
         d_ap = dist.gather(1, members)
-        self_cols = torch.arange(s, e, device=a.device) if self.self_ref else None
+        a_c = a[rows]
+        if not exact and self.width > 0:
+            d_ap = torch.where(small_ap, paired_distance(a_c.unsqueeze(1), r[members], self.distance), d_ap)
+        valid = in_class & (cls.num_neg > 0).unsqueeze(1)
         block = _batch_all_block if self.mining == "batch_all" else _semi_hard_block
-        return block(dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance, want_weights,
-                     a[s:e], r, self.scratch)
+        sums, nonzero, grad = block(dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance,
+                                    want_weights, a_c, r, self.scratch)
+        return sums, nonzero, grad, redo
+
+
+def _run_chunks(plan: _BlockTripletPlan, a: torch.Tensor, r: torch.Tensor, want_grad: bool,
+                row_scale: Optional[torch.Tensor] = None):
+    """Walk the anchor chunks: per-anchor sums (N,), the nonzero count () and, with ``want_grad``, the
+    gradients of Σ_i row_scale_i · sums_i (``row_scale`` None: all ones) w.r.t. ``a`` and ``r``.
+
+    Host reads: none inside the chunk loop. Anchors with a small negative entry are marked by the loop
+    (their gradient contributions masked out) and redone after it, with exact refinement: one device
+    read for the whole call (``nonzero`` of the marks), plus one per redo chunk when there are any.
+    """
+    n = a.shape[0]
+    sums = torch.empty(n, dtype=a.dtype, device=a.device)
+    nonzero = torch.zeros(n, dtype=torch.int64, device=a.device)
+    redo = torch.zeros(n, dtype=torch.bool, device=a.device)
+    grad_a = grad_r = colsum = None
+    if want_grad:
+        grad_a = torch.empty_like(a)
+        grad_r = torch.zeros_like(r)
+        colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
+    for s in range(0, n, plan.rows):
+        e = min(s + plan.rows, n)
+        chunk_sums, chunk_nonzero, chunk_grad, chunk_redo = plan.chunk(a, r, slice(s, e), want_grad, exact=False)
+        sums[s:e] = chunk_sums
+        nonzero[s:e] = chunk_nonzero
+        redo[s:e] = chunk_redo
+        if want_grad:
+            grad_a[s:e] = chunk_grad.apply(a[s:e], r, plan.distance, grad_r, colsum,
+                                           row_scale=None if row_scale is None else row_scale[s:e],
+                                           row_mask=(~chunk_redo).to(a.dtype))
+    redo_rows = redo.nonzero().squeeze(1)  # the one device read of the call
+    for t in range(0, redo_rows.numel(), plan.rows):
+        rows = redo_rows[t:t + plan.rows]
+        chunk_sums, chunk_nonzero, chunk_grad, _ = plan.chunk(a, r, rows, want_grad, exact=True)
+        sums[rows] = chunk_sums
+        nonzero[rows] = chunk_nonzero
+        if want_grad:
+            grad_a[rows] = chunk_grad.apply(a[rows], r, plan.distance, grad_r, colsum,
+                                            row_scale=None if row_scale is None else row_scale[rows])
+    if want_grad:
+        grad_r.addcmul_(colsum.unsqueeze(1), r)
+    return sums, nonzero.sum(), grad_a, grad_r
+
+
+# How BlockTripletLoss gets its gradient (a static option of each call):
+#  * "uniform": computed in the forward pass (the loss is terminal, so this saves a second distance
+#    pass); backward rescales it. Only for an upstream gradient that is the same for every anchor, which
+#    the scalar reductions guarantee (the sum's gradient is 1 or 1/count for every anchor).
+#  * "check": computed in the forward pass too, and backward checks (one device read) that the upstream
+#    gradient is uniform; if not, it recomputes. For loss terms handed to a caller (cross-rank reductions
+#    divide by a global count: uniform).
+#  * "recompute": backward recomputes the chunks with each anchor's row scaled by its upstream gradient
+#    (reduction="none").
+GRAD_MODES = ("uniform", "check", "recompute")
+
+_DOUBLE_BACKWARD_MESSAGE = (b"metricloss: the batch-all / semi-hard triplet loss is not twice differentiable "
+                            b"(its backward is a closed-form chunked gradient); use mining='batch_hard' or "
+                            b"backend='reference' for second derivatives")
+
+
+def _refuse_double_backward(grads: Tuple[torch.Tensor, ...], inputs: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+    """Outputs of a backward run with ``create_graph=True``: the same values, but differentiating them
+    again raises a clear error instead of silently treating this gradient as a constant."""
+    if not torch.is_grad_enabled():
+        return grads
+    # An exact zero that depends on the Function's inputs (the sum of an empty slice) puts the error on
+    # every path from these gradients back to the inputs: a second derivative must pass it.
+    link = sum(t[:0].sum() for t in inputs if t.requires_grad)
+    return torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE, len(grads))(*[g + link for g in grads])
 
 
 class BlockTripletLoss(torch.autograd.Function):
     """Batch-all / semi-hard triplet loss over anchor chunks, O(chunk·M) memory, GEMM gradients.
 
     Inputs: prepared anchors ``a`` (N, D) and references ``r`` (M, D) (the same tensor when the reference
-    set is the batch), labels, and the static options. Output: the reduced loss (``()``), or per-anchor
-    sums (``(N,)``) for ``reduction="none"``. Not twice differentiable.
+    set is the batch), labels, the own-row index (or None), and the static options. Outputs:
+    ``(per_anchor (N,), num_terms (), num_nonzero (), grad_a, grad_r)``; the last two are internal (the
+    precomputed unit gradients of the "uniform"/"check" modes, empty otherwise) and not differentiable.
+
+    Written in the ``setup_context`` form, so ``torch.func`` transforms apply. Not twice differentiable:
+    a second derivative through it raises an error. Nothing but saved tensors outlives the forward pass
+    (the plan and its scratch buffers are rebuilt if backward needs them), and autograd frees those after
+    backward.
     """
 
     @staticmethod
-    def forward(ctx, a, r, labels, ref_labels, self_ref, mining, margin, distance, reduction, chunk_bytes,
-                want_grad):
-        plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, mining, margin, distance, chunk_bytes)
-        n = a.shape[0]
-        grad_now = want_grad and reduction != "none"
-        sums = torch.empty(n, dtype=a.dtype, device=a.device)
-        nonzero = torch.zeros((), dtype=torch.int64, device=a.device)
-        if grad_now:
-            grad_a = torch.empty_like(a)
-            grad_r = torch.zeros_like(r)
-            colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
-        for s in range(0, n, plan.rows):
-            e = min(s + plan.rows, n)
-            chunk_sums, chunk_nonzero, chunk_grad = plan.chunk(a, r, s, e, grad_now)
-            sums[s:e] = chunk_sums
-            nonzero += chunk_nonzero
-            if grad_now:
-                grad_a[s:e] = chunk_grad.apply(a[s:e], r, distance, grad_r, colsum)
-        loss = reduce_loss(sums, plan.num_terms, nonzero, reduction)
-        ctx.plan = plan
-        if grad_now:
-            grad_r.addcmul_(colsum.unsqueeze(1), r)
-            scale = loss.new_ones(()) if reduction == "sum" else (
-                1.0 / (plan.num_terms if reduction == "mean" else nonzero).clamp_min(1).to(a.dtype))
-            ctx.save_for_backward(grad_a * scale, grad_r * scale)
-        else:
-            ctx.save_for_backward(a, r)
-        ctx.grad_now = grad_now
-        return loss
+    def forward(a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode):
+        plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, self_index, mining, margin, distance,
+                                 chunk_bytes)
+        precompute = grad_mode != "recompute"
+        sums, nonzero, grad_a, grad_r = _run_chunks(plan, a, r, precompute)
+        if not precompute:
+            grad_a, grad_r = a.new_empty(0), r.new_empty(0)
+        return sums, plan.num_terms, nonzero, grad_a, grad_r
 
     @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.grad_now:
-            grad_a, grad_r = ctx.saved_tensors
-            return (grad_a * grad_out, grad_r * grad_out) + (None,) * 9
-        # reduction="none": the upstream gradient weighs each anchor's row of W differently
-        a, r = ctx.saved_tensors
-        plan = ctx.plan
-        grad_a = torch.empty_like(a)
-        grad_r = torch.zeros_like(r)
-        colsum = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
-        for s in range(0, a.shape[0], plan.rows):
-            e = min(s + plan.rows, a.shape[0])
-            _, _, chunk_grad = plan.chunk(a, r, s, e, True)
-            grad_a[s:e] = chunk_grad.apply(a[s:e], r, plan.distance, grad_r, colsum, row_scale=grad_out[s:e])
-        grad_r.addcmul_(colsum.unsqueeze(1), r)
-        return (grad_a, grad_r) + (None,) * 9
+    def setup_context(ctx, inputs, output):
+        a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode = inputs
+        _, num_terms, nonzero, grad_a, grad_r = output
+        ctx.mark_non_differentiable(num_terms, nonzero, grad_a, grad_r)
+        ctx.grad_mode = grad_mode
+        ctx.options = (self_ref, mining, margin, distance, chunk_bytes)
+        ctx.save_for_backward(grad_a, grad_r, a, r, labels, ref_labels, self_index)
+
+    @staticmethod
+    def backward(ctx, grad_sums, *unused):
+        grad_a, grad_r, a, r, labels, ref_labels, self_index = ctx.saved_tensors
+        if grad_sums is None:
+            return (None,) * 11
+        if ctx.grad_mode == "uniform" or (ctx.grad_mode == "check" and bool((grad_sums == grad_sums[0]).all())):
+            g = grad_sums[0]
+            grads = _refuse_double_backward((grad_a * g, grad_r * g), (a, r))
+        else:
+            self_ref, mining, margin, distance, chunk_bytes = ctx.options
+            with torch.no_grad():
+                plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, self_index, mining, margin, distance,
+                                         chunk_bytes)
+                _, _, grad_a, grad_r = _run_chunks(plan, a, r, True, row_scale=grad_sums)
+            grads = _refuse_double_backward((grad_a, grad_r), (a, r))
+        return grads + (None,) * 9
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,25 +425,46 @@ def triplet_backends(mining: str) -> Tuple[str, ...]:
     return ("torch", "triton", "reference") if mining == "batch_hard" else ("torch", "reference")
 
 
-def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
-                    self_ref: bool, margin: Margin, mining: str, distance: str, reduction: str,
-                    chunk_bytes: Optional[int], backend: str = "torch",
-                    mining_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Triplet loss on prepared inputs (accumulation dtype, normalised if asked).
+def triplet_loss_terms_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
+                          self_ref: bool, margin: Margin, mining: str, distance: str, chunk_bytes: Optional[int],
+                          backend: str = "torch", mining_dtype: torch.dtype = torch.float32,
+                          self_index: Optional[torch.Tensor] = None, grad_mode: str = "check") -> LossTerms:
+    """Unreduced triplet loss on prepared inputs (accumulation dtype, normalised if asked).
 
     Args:
         a: (N, D) anchors; r: (M, D) references, ``a`` itself when ``self_ref``.
         labels: (N,) ints; ref_labels: (M,) ints (``labels`` when ``self_ref``).
+        self_ref: the reference set is the batch (reference i is anchor i, same labels).
+        self_index: otherwise, an optional (N,) int64 own reference row per anchor (-1: none), excluded
+            from the anchor's positives and negatives by index.
         backend: ``"torch"`` or ``"triton"`` (batch-hard mining only; the loss itself is torch).
         mining_dtype: the dtype the Triton kernel mines in (see :func:`~metricloss.ops.mining.kernel_dtype`).
+        grad_mode: how batch-all / semi-hard get their gradient, one of :data:`GRAD_MODES`.
+
+    Returns:
+        :class:`~metricloss.ops.reduction.LossTerms`.
+    """
+    if mining == "batch_hard":
+        return _batch_hard_terms(a, labels, r, ref_labels, self_ref, self_index, margin, distance, chunk_bytes,
+                                 backend, mining_dtype)
+    if not (torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)):
+        grad_mode = "recompute"  # no backward will run: skip the gradient pass
+    sums, num_terms, nonzero, _, _ = BlockTripletLoss.apply(a, r, labels, ref_labels, self_index, self_ref, mining,
+                                                            margin, distance, chunk_bytes, grad_mode)
+    return LossTerms(sums, num_terms, nonzero)
+
+
+def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
+                    self_ref: bool, margin: Margin, mining: str, distance: str, reduction: str,
+                    chunk_bytes: Optional[int], backend: str = "torch",
+                    mining_dtype: torch.dtype = torch.float32,
+                    self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triplet loss on prepared inputs: :func:`triplet_loss_terms_op` reduced with ``reduction``.
 
     Returns:
         The reduced loss, or per-anchor sums for ``reduction="none"``.
     """
-    if mining == "batch_hard":
-        terms, num_terms, nonzero = _batch_hard_terms(a, labels, r, ref_labels, self_ref, margin, distance,
-                                                      chunk_bytes, backend, mining_dtype)
-        return reduce_loss(terms, num_terms, nonzero, reduction)
-    want_grad = torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)
-    return BlockTripletLoss.apply(a, r, labels, ref_labels, self_ref, mining, margin, distance, reduction,
-                                  chunk_bytes, want_grad)
+    terms = triplet_loss_terms_op(a, labels, r, ref_labels, self_ref, margin, mining, distance, chunk_bytes,
+                                  backend, mining_dtype, self_index,
+                                  grad_mode="recompute" if reduction == "none" else "uniform")
+    return terms.reduce(reduction)
