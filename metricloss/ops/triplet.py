@@ -37,6 +37,7 @@ from .distance import (GramFactors, Rows, gram_backward, paired_distance, paired
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx, triton_or_torch_for_self_index)
+from .native import batch_all_epilogue as native_batch_all_epilogue
 from .reduction import LossTerms
 
 __all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
@@ -96,6 +97,12 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
     """Batch-all on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero counts (c,), DenseChunkGrad or None)."""
     c = dist.shape[0]
     width = members.shape[1]
+    # CPU: the whole epilogue in one C++ pass per row (None: the native path does not serve this block)
+    native = native_batch_all_epilogue(dist, d_ap, members, in_class, valid, self_cols, margin, distance,
+                                       use_sorted_batch_all(width), want_weights)
+    if native is not None:
+        sums, nonzero, w = native
+        return sums, nonzero, (DenseChunkGrad(w) if want_weights else None)
     # The block becomes the negatives' distances: own class (and self) +inf, so it contributes 0 below.
     neg = mask_own_class_(dist, members, in_class, self_cols, float("inf"))
     ninf = torch.full_like(d_ap, float("-inf"))
