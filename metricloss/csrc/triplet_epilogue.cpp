@@ -1,4 +1,4 @@
-// Fused batch-all epilogue for the CPU path of metricloss (metricloss/ops/native.py builds and loads it).
+// Fused batch-all epilogue and semi-hard selection for the CPU path of metricloss (metricloss/ops/native.py builds and loads it).
 //
 // One pass per anchor row over its (M,) distance row while the row is in cache: the own class and the
 // anchor's own column are hidden (as +inf), every negative is compared with the anchor's positive
@@ -187,12 +187,79 @@ std::tuple<at::Tensor, at::Tensor> batch_all_epilogue(at::Tensor dist, const at:
   return {sums, nonzero};
 }
 
+// Semi-hard selection (metricloss/ops/mining.py::semi_hard_negative_idx, few-positives branch): per
+// (anchor, positive slot) the first j with the smallest d_j > d_ap among the negatives, else the first
+// farthest negative. One pass per row; the own class and own column are hidden (+inf, as the torch path
+// leaves them).
+template <typename T>
+void semi_hard_rows(T* dist, const T* d_ap, const int64_t* members, const bool* in_class, const int64_t* self_cols,
+                    int64_t c, int64_t m, int64_t width, int64_t* out) {
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> best(width);
+    std::vector<int64_t> best_idx(width);
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = dist + i * m;
+      const T* ap = d_ap + i * width;
+      const int64_t* mem = members + i * width;
+      const bool* inc = in_class + i * width;
+      for (int64_t k = 0; k < width; ++k)
+        if (inc[k]) row[mem[k]] = inf;
+      if (self_cols != nullptr && self_cols[i] >= 0) row[self_cols[i]] = inf;
+      std::fill(best.begin(), best.end(), inf);
+      std::fill(best_idx.begin(), best_idx.end(), int64_t(-1));
+      T far = -inf;
+      int64_t far_idx = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        const T d = row[j];
+        if (d == inf) continue;  // hidden (own class / own column)
+        if (d > far) { far = d; far_idx = j; }
+        for (int64_t k = 0; k < width; ++k) {
+          if (d > ap[k] && d < best[k]) { best[k] = d; best_idx[k] = j; }
+        }
+      }
+      int64_t* o = out + i * width;
+      for (int64_t k = 0; k < width; ++k) o[k] = best_idx[k] >= 0 ? best_idx[k] : far_idx;
+    }
+  });
+}
+
+at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& d_ap, const at::Tensor& members,
+                            const at::Tensor& in_class, const c10::optional<at::Tensor>& self_cols) {
+  TORCH_CHECK(dist.device().is_cpu() && dist.dim() == 2 && dist.is_contiguous(),
+              "semi_hard_select: dist must be a contiguous 2-D CPU tensor");
+  const int64_t c = dist.size(0), m = dist.size(1), width = members.size(1);
+  TORCH_CHECK(d_ap.is_contiguous() && d_ap.scalar_type() == dist.scalar_type() && d_ap.size(0) == c &&
+                  d_ap.size(1) == width,
+              "semi_hard_select: d_ap must be contiguous (c, W) of dist's dtype");
+  TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
+                  in_class.is_contiguous() && in_class.scalar_type() == at::kBool,
+              "semi_hard_select: members (c, W) int64 and in_class bool, contiguous");
+  const int64_t* self_ptr = nullptr;
+  if (self_cols.has_value()) {
+    TORCH_CHECK(self_cols->is_contiguous() && self_cols->scalar_type() == at::kLong && self_cols->numel() == c,
+                "semi_hard_select: self_cols must be contiguous (c,) int64");
+    self_ptr = self_cols->data_ptr<int64_t>();
+  }
+  auto out = at::empty({c, width}, members.options());
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_select", [&] {
+    semi_hard_rows<scalar_t>(dist.data_ptr<scalar_t>(), d_ap.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
+                             in_class.data_ptr<bool>(), self_ptr, c, m, width, out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(metricloss_native, m) {
   m.def("batch_all_epilogue(Tensor(a!) dist, Tensor d_ap, Tensor members, Tensor in_class, Tensor valid, "
         "Tensor? self_cols, float margin, bool soft, int distance, bool sorted, bool want_weights) "
         "-> (Tensor, Tensor)");
+  m.def("semi_hard_select(Tensor(a!) dist, Tensor d_ap, Tensor members, Tensor in_class, Tensor? self_cols) "
+        "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(metricloss_native, CPU, m) { m.impl("batch_all_epilogue", &batch_all_epilogue); }
+TORCH_LIBRARY_IMPL(metricloss_native, CPU, m) {
+  m.impl("batch_all_epilogue", &batch_all_epilogue);
+  m.impl("semi_hard_select", &semi_hard_select);
+}

@@ -13,7 +13,8 @@ sources and the torch version, so later processes only load it). Nothing is comp
 * ``0``: always the torch path (no build is attempted);
 * ``1``: always native on CPU; a failed build raises ``RuntimeError`` naming the cause.
 
-What runs natively: the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`),
+What runs natively: the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`) and
+the semi-hard negative selection for anchors with few positives (:func:`semi_hard_negatives`), on
 float32 and float64 CPU blocks. Everything else, and every other device or dtype, stays on torch.
 """
 
@@ -27,7 +28,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["ENV_VAR", "NativeBuildError", "batch_all_epilogue", "native_enabled", "native_library"]
+__all__ = ["ENV_VAR", "NativeBuildError", "batch_all_epilogue", "native_enabled", "native_library",
+           "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
 _SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "triplet_epilogue.cpp",)
@@ -133,3 +135,25 @@ def batch_all_epilogue(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Te
         None if self_cols is None else self_cols.to(torch.int64).contiguous(), 0.0 if soft else float(margin),
         soft, _DISTANCE_KINDS[distance], bool(sorted_thresholds), bool(want_weights))
     return sums, nonzero, (block if want_weights else None)
+
+
+def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
+                        self_cols: Optional[torch.Tensor], sorted_selection: bool) -> Optional[torch.Tensor]:
+    """Semi-hard negatives of one anchor chunk in one native pass per row, or None (use the torch path).
+
+    The same selection as :func:`~metricloss.ops.mining.semi_hard_negative_idx` (argmin{d_an : d_an >
+    d_ap} per positive slot, else the farthest negative; ties: first index), arguments as there.
+    ``sorted_selection``: the torch path's many-positives heuristic
+    (:func:`~metricloss.ops.mining.use_sorted_semi_hard`) holds; the native pass costs O(M·W) per row, so
+    those chunks stay on the torch sort.
+
+    Returns:
+        (c, W) int64 reference indices (padding slots: arbitrary in-range indices), ``dist`` overwritten
+        with the negatives' distances (own class +inf), or None.
+    """
+    if sorted_selection or dist.shape[1] == 0 or not native_enabled(dist):
+        return None
+    block = dist if dist.is_contiguous() else dist.contiguous()
+    return torch.ops.metricloss_native.semi_hard_select(
+        block, d_ap.to(block.dtype).contiguous(), members.contiguous(), in_class.contiguous(),
+        None if self_cols is None else self_cols.to(torch.int64).contiguous())

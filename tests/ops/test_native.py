@@ -1,5 +1,5 @@
-"""The native (C++) batch-all epilogue: same losses, counts and gradients as the torch path; the build
-fallback (a failed build warns once and runs torch) and the METRICLOSS_NATIVE switch."""
+"""The native (C++) batch-all epilogue and semi-hard selection: same losses, counts and gradients as the
+torch path; the build fallback (a failed build warns once and runs torch) and the METRICLOSS_NATIVE switch."""
 
 import os
 import shutil
@@ -16,6 +16,7 @@ from metricloss.ops import triplet as triplet_ops
 
 from ..helpers import duplicate_rows, label_pattern
 
+MININGS = ["batch_all", "semi_hard"]
 DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
 REDUCTIONS = ["mean", "mean_nonzero", "sum", "none"]
 # "pk16"/"big" give anchors more positives than the sorted-threshold heuristic's bound (both formulas run)
@@ -59,39 +60,40 @@ def fresh_state(monkeypatch):
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Counts the chunks the native epilogue served."""
+    """Records, per chunk, whether the native batch-all epilogue / semi-hard selection served it."""
     calls = []
-    real = triplet_ops.native_batch_all_epilogue
+    for name in ("native_batch_all_epilogue", "native_semi_hard_negatives"):
+        real = getattr(triplet_ops, name)
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
+        def spy(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            calls.append(out is not None)
+            return out
 
-    monkeypatch.setattr(triplet_ops, "native_batch_all_epilogue", spy)
+        monkeypatch.setattr(triplet_ops, name, spy)
     return calls
 
 
-def _run(monkeypatch, setting, x, y, ref, kwargs, upstream):
+def _run(monkeypatch, setting, mining, x, y, ref, kwargs, upstream):
     monkeypatch.setenv(native.ENV_VAR, setting)
     inputs = [x.detach().clone().requires_grad_()] + ([ref[0].detach().clone().requires_grad_()]
                                                        if ref[0] is not None else [])
     args = (inputs[0], y) + ((inputs[1], ref[1]) if len(inputs) == 2 else ())
     terms_kwargs = {k: v for k, v in kwargs.items() if k != "reduction"}
-    terms = MF.triplet_loss_terms(*args, mining="batch_all", **terms_kwargs)
-    loss = MF.triplet_loss(*args, mining="batch_all", **kwargs)
+    terms = MF.triplet_loss_terms(*args, mining=mining, **terms_kwargs)
+    loss = MF.triplet_loss(*args, mining=mining, **kwargs)
     w = upstream if kwargs["reduction"] == "none" else 1.0
     grads = torch.autograd.grad((loss * w).sum(), inputs, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
     return loss.detach(), terms.num_terms, terms.num_nonzero, terms.per_anchor.detach(), grads
 
 
-def assert_native_matches_torch(monkeypatch, x, y, ref, kwargs):
+def assert_native_matches_torch(monkeypatch, mining, x, y, ref, kwargs):
     """Losses, term counts, per-anchor sums and gradients: native (METRICLOSS_NATIVE=1) vs torch (=0).
     Counts are equal exactly; values up to summation order (fp64: 1e-12 relative; fp32: 1e-5)."""
     upstream = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=x.dtype)
-    want = _run(monkeypatch, "0", x, y, ref, kwargs, upstream)
-    got = _run(monkeypatch, "1", x, y, ref, kwargs, upstream)
+    want = _run(monkeypatch, "0", mining, x, y, ref, kwargs, upstream)
+    got = _run(monkeypatch, "1", mining, x, y, ref, kwargs, upstream)
     tol = dict(rtol=1e-12, atol=1e-12) if x.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
@@ -119,34 +121,38 @@ def native_cases(draw, dtype=torch.float64):
     return x, y, ref, kwargs
 
 
+@pytest.mark.parametrize("mining", MININGS)
 @given(case=native_cases())
-def test_native_matches_torch_fp64(built, case):
+def test_native_matches_torch_fp64(built, mining, case):
     with pytest.MonkeyPatch.context() as mp:  # a fresh environment per example
-        assert_native_matches_torch(mp, *case)
+        assert_native_matches_torch(mp, mining, *case)
 
 
+@pytest.mark.parametrize("mining", MININGS)
 @given(case=native_cases(dtype=torch.float32))
-def test_native_matches_torch_fp32(built, case):
+def test_native_matches_torch_fp32(built, mining, case):
     with pytest.MonkeyPatch.context() as mp:  # a fresh environment per example
-        assert_native_matches_torch(mp, *case)
+        assert_native_matches_torch(mp, mining, *case)
 
 
-@pytest.mark.parametrize("pattern", ["pk3", "pk16"])
+@pytest.mark.parametrize("mining,pattern,served", [("batch_all", "pk3", True), ("batch_all", "pk16", True),
+                                                    ("semi_hard", "pk3", True), ("semi_hard", "pk48", False)])
 @pytest.mark.parametrize("margin", [0.2, "soft"])
-def test_native_serves_every_chunk_by_default(built, monkeypatch, native_calls, pattern, margin):
-    """Unset switch, CPU float: the native epilogue runs (every chunk), with the same result as torch."""
+def test_native_serves_every_chunk_by_default(built, monkeypatch, native_calls, mining, pattern, served, margin):
+    """Unset switch, CPU float: the native path runs for every chunk (semi-hard with many positives keeps
+    the torch sort), with the same result as torch."""
     monkeypatch.delenv(native.ENV_VAR, raising=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 8, generator=g, dtype=torch.float64)
     y = label_pattern(pattern, 96, g)
-    MF.triplet_loss(x.requires_grad_(), y, mining="batch_all", margin=margin, chunk_bytes=20_000).backward()
-    assert len(native_calls) > 1 and all(native_calls)
-    assert_native_matches_torch(monkeypatch, x, y, (None, None),
+    MF.triplet_loss(x.requires_grad_(), y, mining=mining, margin=margin, chunk_bytes=20_000).backward()
+    assert len(native_calls) > 1 and all(c == served for c in native_calls)
+    assert_native_matches_torch(monkeypatch, mining, x, y, (None, None),
                                 dict(margin=margin, reduction="mean", chunk_bytes=20_000))
 
 
-def test_native_skips_other_dtypes(built, monkeypatch, native_calls):
-    """bfloat16 inputs accumulate in fp32 (served natively); a float16 block itself is never native."""
+def test_native_skips_other_dtypes(built, monkeypatch):
+    """Only float32/float64 blocks are native (half inputs accumulate in fp32 before they get here)."""
     monkeypatch.setenv(native.ENV_VAR, "1")
     assert not native.native_enabled(torch.zeros(2, 2, dtype=torch.float16))
     assert native.native_enabled(torch.zeros(2, 2, dtype=torch.float32))
@@ -162,7 +168,8 @@ def test_switch_zero_forces_torch_and_never_builds(monkeypatch, fresh_state, nat
     y = torch.arange(20) % 4
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        MF.triplet_loss(x, y, mining="batch_all").backward()
+        for mining in MININGS:
+            MF.triplet_loss(x, y, mining=mining).backward()
     assert native_calls and not any(native_calls)
     assert not fresh_state["loaded"] and fresh_state["error"] is None
 
