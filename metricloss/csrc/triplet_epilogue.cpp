@@ -249,12 +249,88 @@ at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& d_ap, const at::T
   return out;
 }
 
+// The block preparation of a chunk (metricloss/ops/distance.py::GramFactors.squared_block, the
+// cancellation test of metricloss/ops/triplet.py::_BlockTripletPlan.chunk and GramFactors.finish) in one
+// pass per row: clamp at 0; redo_i = min over the row's negatives (own class and own column hidden) of
+// u_ij - r_slack_j < a_slack_i; then the own column (own_start >= 0: column own_start + i) to 0 and the
+// square root for the Euclidean distance.
+template <typename T>
+void prepare_rows(T* u, const T* a_slack, const T* r_slack, const int64_t* members, const bool* in_class,
+                  const int64_t* self_cols, int64_t own_start, int64_t c, int64_t m, int64_t width, bool take_sqrt,
+                  bool* redo) {
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> hidden_col;
+    std::vector<T> hidden_val;
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = u + i * m;
+      const int64_t* mem = members + i * width;
+      const bool* inc = in_class + i * width;
+      hidden_col.clear();
+      hidden_val.clear();
+      auto hide = [&](int64_t j) {
+        if (row[j] == inf) return;  // already hidden (a duplicate entry): keep the saved value
+        hidden_col.push_back(j);
+        hidden_val.push_back(row[j]);
+        row[j] = inf;
+      };
+      for (int64_t k = 0; k < width; ++k)
+        if (inc[k]) hide(mem[k]);
+      if (self_cols != nullptr && self_cols[i] >= 0) hide(self_cols[i]);
+      T lowest = inf;
+      for (int64_t j = 0; j < m; ++j) {
+        T v = row[j];
+        v = v < T(0) ? T(0) : v;
+        const T slack = v - r_slack[j];
+        lowest = slack < lowest ? slack : lowest;
+        row[j] = take_sqrt ? std::sqrt(v) : v;
+      }
+      redo[i] = lowest < a_slack[i];
+      for (size_t h = 0; h < hidden_col.size(); ++h) {
+        const T v = hidden_val[h] < T(0) ? T(0) : hidden_val[h];
+        row[hidden_col[h]] = take_sqrt ? std::sqrt(v) : v;
+      }
+      if (own_start >= 0) row[own_start + i] = T(0);
+    }
+  });
+}
+
+at::Tensor prepare_block(at::Tensor u, const at::Tensor& a_slack, const at::Tensor& r_slack,
+                         const at::Tensor& members, const at::Tensor& in_class,
+                         const c10::optional<at::Tensor>& self_cols, int64_t own_start, bool take_sqrt) {
+  TORCH_CHECK(u.device().is_cpu() && u.dim() == 2 && u.is_contiguous(),
+              "prepare_block: u must be a contiguous 2-D CPU tensor");
+  const int64_t c = u.size(0), m = u.size(1), width = members.size(1);
+  TORCH_CHECK(a_slack.is_contiguous() && a_slack.numel() == c && a_slack.scalar_type() == u.scalar_type() &&
+                  r_slack.is_contiguous() && r_slack.numel() == m && r_slack.scalar_type() == u.scalar_type(),
+              "prepare_block: a_slack (c,) and r_slack (M,) contiguous, of u's dtype");
+  TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
+                  in_class.is_contiguous() && in_class.scalar_type() == at::kBool,
+              "prepare_block: members (c, W) int64 and in_class bool, contiguous");
+  TORCH_CHECK(own_start < 0 || own_start + c <= m, "prepare_block: own columns out of range");
+  const int64_t* self_ptr = nullptr;
+  if (self_cols.has_value()) {
+    TORCH_CHECK(self_cols->is_contiguous() && self_cols->scalar_type() == at::kLong && self_cols->numel() == c,
+                "prepare_block: self_cols must be contiguous (c,) int64");
+    self_ptr = self_cols->data_ptr<int64_t>();
+  }
+  auto redo = at::empty({c}, u.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "prepare_block", [&] {
+    prepare_rows<scalar_t>(u.data_ptr<scalar_t>(), a_slack.data_ptr<scalar_t>(), r_slack.data_ptr<scalar_t>(),
+                           members.data_ptr<int64_t>(), in_class.data_ptr<bool>(), self_ptr, own_start, c, m, width,
+                           take_sqrt, redo.data_ptr<bool>());
+  });
+  return redo;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(metricloss_native, m) {
   m.def("batch_all_epilogue(Tensor(a!) dist, Tensor d_ap, Tensor members, Tensor in_class, Tensor valid, "
         "Tensor? self_cols, float margin, bool soft, int distance, bool sorted, bool want_weights) "
         "-> (Tensor, Tensor)");
+  m.def("prepare_block(Tensor(a!) u, Tensor a_slack, Tensor r_slack, Tensor members, Tensor in_class, "
+        "Tensor? self_cols, int own_start, bool take_sqrt) -> Tensor");
   m.def("semi_hard_select(Tensor(a!) dist, Tensor d_ap, Tensor members, Tensor in_class, Tensor? self_cols) "
         "-> Tensor");
 }
@@ -262,4 +338,5 @@ TORCH_LIBRARY(metricloss_native, m) {
 TORCH_LIBRARY_IMPL(metricloss_native, CPU, m) {
   m.impl("batch_all_epilogue", &batch_all_epilogue);
   m.impl("semi_hard_select", &semi_hard_select);
+  m.impl("prepare_block", &prepare_block);
 }

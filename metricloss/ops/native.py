@@ -13,7 +13,7 @@ sources and the torch version, so later processes only load it). Nothing is comp
 * ``0``: always the torch path (no build is attempted);
 * ``1``: always native on CPU; a failed build raises ``RuntimeError`` naming the cause.
 
-What runs natively: the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`) and
+What runs natively: the preparation of each chunk's distance block (:func:`prepare_block`), the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`) and
 the semi-hard negative selection for anchors with few positives (:func:`semi_hard_negatives`), on
 float32 and float64 CPU blocks. Everything else, and every other device or dtype, stays on torch.
 """
@@ -29,7 +29,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 __all__ = ["ENV_VAR", "NativeBuildError", "batch_all_epilogue", "native_enabled", "native_library",
-           "semi_hard_negatives"]
+           "prepare_block", "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
 _SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "triplet_epilogue.cpp",)
@@ -157,3 +157,33 @@ def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.T
     return torch.ops.metricloss_native.semi_hard_select(
         block, d_ap.to(block.dtype).contiguous(), members.contiguous(), in_class.contiguous(),
         None if self_cols is None else self_cols.to(torch.int64).contiguous())
+
+
+def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor, members: torch.Tensor,
+                  in_class: torch.Tensor, self_cols: Optional[torch.Tensor], own_start: Optional[int],
+                  distance: str) -> Optional[torch.Tensor]:
+    """A chunk's raw Gram block made into distances, with its cancellation test, in one native pass per
+    row, or None (use the torch path).
+
+    The same as :meth:`~metricloss.ops.distance.GramFactors.squared_block`, the ``redo`` test of
+    :meth:`~metricloss.ops.triplet._BlockTripletPlan.chunk` and
+    :meth:`~metricloss.ops.distance.GramFactors.finish`: u clamped at 0; redo_i = min over the anchor's
+    negatives of u_ij − r_slack_j < a_slack_i; the own column to 0; √ for ``euclidean``.
+
+    Args:
+        u: (c, M) raw d² (cosine: 1 − a·r) of the chunk, overwritten with the distances.
+        a_slack: (c,), r_slack: (M,) the two halves of the small-entry bound.
+        members, in_class, self_cols: the positive table and the own columns (as in
+            :func:`~metricloss.ops.mining.mask_own_class_`).
+        own_start: the reference set is the batch and the chunk starts at anchor ``own_start`` (own
+            column of row i: ``own_start + i``), else None.
+
+    Returns:
+        redo (c,) bool, or None.
+    """
+    if not native_enabled(u) or not u.is_contiguous():
+        return None
+    return torch.ops.metricloss_native.prepare_block(
+        u, a_slack.to(u.dtype).contiguous(), r_slack.to(u.dtype).contiguous(), members.contiguous(),
+        in_class.contiguous(), None if self_cols is None else self_cols.to(torch.int64).contiguous(),
+        -1 if own_start is None else int(own_start), distance == "euclidean")

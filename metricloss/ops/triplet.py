@@ -38,6 +38,8 @@ from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
+from .native import native_enabled
+from .native import prepare_block as native_prepare_block
 from .native import semi_hard_negatives as native_semi_hard_negatives
 from .reduction import LossTerms
 
@@ -284,9 +286,15 @@ class _BlockTripletPlan:
         cls = self.cls[rows]
         c = cls.start.shape[0]
         gram = self.gram
-        u = gram.squared_block(rows, out=self.scratch.get("dist", c))
         members, in_class = self.index.positive_table(cls, self.width)
         self_cols = self.own_cols(rows)
+        if not exact and isinstance(rows, slice):
+            prepared = self._native_prepare(rows, c, members, in_class, self_cols)
+            if prepared is not None:
+                dist, redo, small_ap = prepared
+                return self._finish_chunk(a, r, rows, cls, dist, redo, small_ap, members, in_class, self_cols,
+                                          want_weights, exact)
+        u = gram.squared_block(rows, out=self.scratch.get("dist", c))
         if exact:
             u = gram.refine(u, rows)
             redo = None
@@ -297,6 +305,31 @@ class _BlockTripletPlan:
                                                                                         device=u.device)
             small_ap = u.gather(1, members) < gram.a_slack[rows].unsqueeze(1) + gram.r_slack[members]
         dist = gram.finish(u, rows)
+        return self._finish_chunk(a, r, rows, cls, dist, redo, None if exact else small_ap, members, in_class,
+                                  self_cols, want_weights, exact)
+
+    def _native_prepare(self, rows: slice, c: int, members: torch.Tensor, in_class: torch.Tensor,
+                        self_cols: Optional[torch.Tensor]):
+        """CPU: the block as distances plus its ``redo`` and ``small_ap`` tests in one C++ pass per row
+        (:func:`~metricloss.ops.native.prepare_block`); None where the native path does not serve it."""
+        gram = self.gram
+        if not native_enabled(gram.A):
+            return None
+        u = gram.raw_rows(rows, out=self.scratch.get("dist", c))
+        # the positives' cancellation test reads the clamped d² (own cells +inf), before the block is finished
+        u_ap = u.gather(1, members).clamp_min_(0)
+        if gram.self_ref:
+            own = torch.arange(rows.start, rows.stop, device=u.device).unsqueeze(1)
+            u_ap = u_ap.masked_fill_(members == own, float("inf"))
+        a_slack = gram.a_slack[rows]
+        redo = native_prepare_block(u, a_slack, gram.r_slack, members, in_class, self_cols,
+                                    rows.start if gram.self_ref else None, self.distance)
+        if redo is None:
+            return None
+        return u, redo, u_ap < a_slack.unsqueeze(1) + gram.r_slack[members]
+
+    def _finish_chunk(self, a, r, rows, cls, dist, redo, small_ap, members, in_class, self_cols, want_weights,
+                      exact):
         d_ap = dist.gather(1, members)
         a_c = a[rows]
         if not exact and self.width > 0:

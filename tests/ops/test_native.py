@@ -239,3 +239,30 @@ def test_sources_ship_inside_the_package():
     """The wheel carries the sources (pyproject package-data); the build reads them from the package."""
     assert all(p.is_file() and p.parent.name == "csrc" and p.parent.parent.name == "metricloss"
                for p in native._SOURCES)
+
+
+@pytest.mark.parametrize("mining", MININGS)
+@pytest.mark.parametrize("self_ref", [True, False])
+def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self_ref):
+    """The block preparation (clamp, cancellation test, √) is native for every first-pass chunk; a near
+    duplicate across classes makes a redo anchor, whose exact pass stays on torch; same results."""
+    served = []
+    real = triplet_ops.native_prepare_block
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(triplet_ops, "native_prepare_block", spy)
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = label_pattern("pk3", 60, g)
+    j = int((y != y[0]).nonzero()[0])
+    x[j] = x[0] + 1e-9  # a cancellation-prone negative entry
+    ref = (None, None) if self_ref else (x[:40].clone(), y[:40].clone())
+    MF.triplet_loss(x.clone().requires_grad_(), y, *ref, mining=mining, chunk_bytes=10_000).backward()
+    assert len(served) > 1 and all(served)
+    assert_native_matches_torch(monkeypatch, mining, x, y, ref, dict(margin=0.2, reduction="none",
+                                                                     chunk_bytes=10_000))
