@@ -23,6 +23,10 @@ hinge sums, k_p and c_n: O(N·M·K). With large classes the thresholds are sorte
 negative is placed among them with ``searchsorted``; counts and prefix sums of the sorted thresholds
 give c_n, Σ_{t_p > d_an} t_p and, by a cumulative histogram, every k_p: O(N·M·log K). Both are exact.
 The soft margin (softplus) has no such decomposition and always takes the per-slot pass.
+
+On CPU (float32/float64) the block preparation, the batch-all epilogue and the semi-hard selection run
+in C++ (:mod:`metricloss.ops.native`, built on first use) when it builds; the torch code here is the
+fallback (``METRICLOSS_NATIVE=0``) and the reference the native path is tested against.
 """
 
 from __future__ import annotations
