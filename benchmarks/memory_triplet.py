@@ -8,7 +8,9 @@ w.r.t. the embeddings:
   ``TripletMarginLoss(margin=0.2)`` + ``BatchHardMiner()`` (the same loss; see tests/losses);
 * batch-all: ``metricloss.BatchAllTripletLoss(margin=0.2, reduction="mean_nonzero")`` vs PML
   ``TripletMarginLoss(margin=0.2)`` without a miner (all triplets; the same loss);
-* the floor: one bare ``x @ x.T`` (N×N×D matmul, no grad) at the same size.
+* the floor: one bare ``x @ x.T`` (N×N×D matmul, no grad) at the same size;
+* metricloss twice: as installed (the native CPU epilogue of batch-all when it builds) and with
+  ``METRICLOSS_NATIVE=0`` (the torch path), in the "torch path" column.
 
 Each configuration runs in its own subprocess (:mod:`benchmarks.harness`): peak extra memory is the
 peak RSS above the RSS after inputs are built and torch is warm. A PML configuration that cannot fit in
@@ -23,6 +25,7 @@ Usage:
     python benchmarks/memory_triplet.py                  # full grid, markdown table on stdout
     python benchmarks/memory_triplet.py --sizes 4096     # one size
     python benchmarks/memory_triplet.py --json-out results.json
+    python benchmarks/memory_triplet.py --methods metricloss metricloss-torch   # no PML runs
     python benchmarks/memory_triplet.py --outlier --sizes 4096 --dim 128 --minings batch_all semi_hard
     python benchmarks/memory_triplet.py --retention --sizes 4096   # RSS growth when loss tensors are kept
 
@@ -125,6 +128,8 @@ def case(method: str, mining: str, n: int, d: int = D, normalize: bool = True, o
 
     ``outlier``: row 0 of the embeddings scaled by :data:`OUTLIER_SCALE` (meaningful with
     ``normalize=False``)."""
+    if method == "metricloss-torch":  # the torch path, native kernels off (read at every call)
+        os.environ["METRICLOSS_NATIVE"], method = "0", "metricloss"
     emb0, labels = make_inputs(n, d)
     if outlier:
         emb0[0] *= OUTLIER_SCALE
@@ -151,6 +156,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--methods", nargs="+", default=["metricloss", "metricloss-torch", "pml"],
+                    choices=["metricloss", "metricloss-torch", "pml"], help="what to time besides the matmul floor")
     ap.add_argument("--outlier", action="store_true",
                     help="metricloss only, normalize=False: normal inputs vs one row scaled by 1000")
     ap.add_argument("--dim", type=int, default=D, help="embedding dimension of the --outlier case")
@@ -165,7 +172,7 @@ def main() -> None:
 
     results = {}
     for n in args.sizes:
-        for mining, method in [("-", "matmul")] + [(m, meth) for m in args.minings for meth in ("metricloss", "pml")]:
+        for mining, method in [("-", "matmul")] + [(m, meth) for m in args.minings for meth in args.methods]:
             # PML's all-triplets path at N=16384 holds ~800M int64 triplets (>19 GB): one run only
             reps, warm = (1, 0) if (method == "pml" and n > 4096) else (args.repeats, args.warmup)
             res = measure(CASE, {"method": method, "mining": mining, "n": n},
@@ -179,22 +186,26 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
           f"2 threads, fp32, D={D}, {SAMPLES_PER_CLASS} samples per class\n")
     print("| loss | N | metricloss time (s) | PML time (s) | speed-up | metricloss peak extra (MiB) "
-          "| PML peak extra (MiB) | memory ratio | metricloss / matmul time |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| PML peak extra (MiB) | memory ratio | metricloss / matmul time | torch path time (s) "
+          "| torch path peak extra (MiB) | torch path / matmul time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         floor = results[("matmul", "-", n)]
         for mining in args.minings:
-            ours, theirs = results[("metricloss", mining, n)], results[("pml", mining, n)]
+            none = {"error": "not run"}
+            ours, theirs = results.get(("metricloss", mining, n), none), results.get(("pml", mining, n), none)
+            torch_path = results.get(("metricloss-torch", mining, n), none)
             both_t = "median_s" in ours and "median_s" in theirs
             both_m = "peak_extra_mib" in ours and "peak_extra_mib" in theirs
             speed = f"{theirs['median_s'] / ours['median_s']:.1f}×" if both_t else "–"
             mem = f"{theirs['peak_extra_mib'] / max(ours['peak_extra_mib'], 1):.1f}×" if both_m else "–"
-            ratio = f"{ours['median_s'] / floor['median_s']:.2f}" if "median_s" in ours and "median_s" in floor \
-                else "–"
+            ratio, torch_ratio = (f"{r['median_s'] / floor['median_s']:.2f}" if "median_s" in r and "median_s" in floor
+                                  else "–" for r in (ours, torch_path))
             print(f"| {mining} | {n} | {fmt(ours, 'median_s', '.3f')} | {fmt(theirs, 'median_s', '.3f')} | {speed} | "
-                  f"{fmt(ours, 'peak_extra_mib', '.0f')} | {fmt(theirs, 'peak_extra_mib', '.0f')} | {mem} | {ratio} |")
+                  f"{fmt(ours, 'peak_extra_mib', '.0f')} | {fmt(theirs, 'peak_extra_mib', '.0f')} | {mem} | {ratio} | "
+                  f"{fmt(torch_path, 'median_s', '.3f')} | {fmt(torch_path, 'peak_extra_mib', '.0f')} | {torch_ratio} |")
         print(f"| matmul floor (x @ x.T) | {n} | {fmt(floor, 'median_s', '.3f')} | | | "
-              f"{fmt(floor, 'peak_extra_mib', '.0f')} | | | 1.00 |")
+              f"{fmt(floor, 'peak_extra_mib', '.0f')} | | | 1.00 | | | |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump([dict(v, method=k[0], mining=k[1], N=k[2]) for k, v in results.items()], f, indent=1)

@@ -23,6 +23,10 @@ hinge sums, k_p and c_n: O(N·M·K). With large classes the thresholds are sorte
 negative is placed among them with ``searchsorted``; counts and prefix sums of the sorted thresholds
 give c_n, Σ_{t_p > d_an} t_p and, by a cumulative histogram, every k_p: O(N·M·log K). Both are exact.
 The soft margin (softplus) has no such decomposition and always takes the per-slot pass.
+
+On CPU (float32/float64) the block preparation, the batch-all epilogue and the semi-hard selection run
+in C++ (:mod:`metricloss.ops.native`, built on first use) when it builds; the torch code here is the
+fallback (``METRICLOSS_NATIVE=0``) and the reference the native path is tested against.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from .distance import (GramFactors, Rows, gram_backward, paired_distance, paired
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index)
+from .native import batch_all_epilogue as native_batch_all_epilogue
+from .native import native_enabled
+from .native import prepare_block as native_prepare_block
 from .reduction import LossTerms
 
 __all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
@@ -96,6 +103,12 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
     """Batch-all on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero counts (c,), DenseChunkGrad or None)."""
     c = dist.shape[0]
     width = members.shape[1]
+    # CPU: the whole epilogue in one C++ pass per row (None: the native path does not serve this block)
+    native = native_batch_all_epilogue(dist, d_ap, members, in_class, valid, self_cols, margin, distance,
+                                       use_sorted_batch_all(width), want_weights)
+    if native is not None:
+        sums, nonzero, w = native
+        return sums, nonzero, (DenseChunkGrad(w) if want_weights else None)
     # The block becomes the negatives' distances: own class (and self) +inf, so it contributes 0 below.
     neg = mask_own_class_(dist, members, in_class, self_cols, float("inf"))
     ninf = torch.full_like(d_ap, float("-inf"))
@@ -273,9 +286,15 @@ class _BlockTripletPlan:
         cls = self.cls[rows]
         c = cls.start.shape[0]
         gram = self.gram
-        u = gram.squared_block(rows, out=self.scratch.get("dist", c))
         members, in_class = self.index.positive_table(cls, self.width)
         self_cols = self.own_cols(rows)
+        if not exact and isinstance(rows, slice):
+            prepared = self._native_prepare(rows, c, members, in_class, self_cols)
+            if prepared is not None:
+                dist, redo, small_ap = prepared
+                return self._finish_chunk(a, r, rows, cls, dist, redo, small_ap, members, in_class, self_cols,
+                                          want_weights, exact)
+        u = gram.squared_block(rows, out=self.scratch.get("dist", c))
         if exact:
             u = gram.refine(u, rows)
             redo = None
@@ -286,6 +305,31 @@ class _BlockTripletPlan:
                                                                                         device=u.device)
             small_ap = u.gather(1, members) < gram.a_slack[rows].unsqueeze(1) + gram.r_slack[members]
         dist = gram.finish(u, rows)
+        return self._finish_chunk(a, r, rows, cls, dist, redo, None if exact else small_ap, members, in_class,
+                                  self_cols, want_weights, exact)
+
+    def _native_prepare(self, rows: slice, c: int, members: torch.Tensor, in_class: torch.Tensor,
+                        self_cols: Optional[torch.Tensor]):
+        """CPU: the block as distances plus its ``redo`` and ``small_ap`` tests in one C++ pass per row
+        (:func:`~metricloss.ops.native.prepare_block`); None where the native path does not serve it."""
+        gram = self.gram
+        if not native_enabled(gram.A):
+            return None
+        u = gram.raw_rows(rows, out=self.scratch.get("dist", c))
+        # the positives' cancellation test reads the clamped d² (own cells +inf), before the block is finished
+        u_ap = u.gather(1, members).clamp_min_(0)
+        if gram.self_ref:
+            own = torch.arange(rows.start, rows.stop, device=u.device).unsqueeze(1)
+            u_ap = u_ap.masked_fill_(members == own, float("inf"))
+        a_slack = gram.a_slack[rows]
+        redo = native_prepare_block(u, a_slack, gram.r_slack, members, in_class, self_cols,
+                                    rows.start if gram.self_ref else None, self.distance)
+        if redo is None:
+            return None
+        return u, redo, u_ap < a_slack.unsqueeze(1) + gram.r_slack[members]
+
+    def _finish_chunk(self, a, r, rows, cls, dist, redo, small_ap, members, in_class, self_cols, want_weights,
+                      exact):
         d_ap = dist.gather(1, members)
         a_c = a[rows]
         if not exact and self.width > 0:

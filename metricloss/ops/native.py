@@ -1,0 +1,189 @@
+"""The native (C++/OpenMP) CPU epilogues, built on first use; the torch path is the fallback and reference.
+
+The sources ship inside the package (``metricloss/csrc/``) and are compiled the first time a CPU loss
+needs them with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja`` are needed; the
+build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, keyed by the
+sources and the torch version, so later processes only load it). Nothing is compiled at install time:
+``pip install`` needs neither a compiler nor torch in the build environment.
+
+``METRICLOSS_NATIVE`` (read at every call):
+
+* unset: on for CPU tensors when the extension builds; if it cannot (no compiler, no ninja, a compile
+  error), one ``UserWarning`` names the cause and the torch path runs from then on;
+* ``0``: always the torch path (no build is attempted);
+* ``1``: always native on CPU; a failed build raises ``RuntimeError`` naming the cause.
+
+What runs natively: the preparation of each chunk's distance block (:func:`prepare_block`), the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`) and
+the semi-hard negative selection for anchors with few positives (:func:`semi_hard_negatives`), on
+float32 and float64 CPU blocks. Everything else, and every other device or dtype, stays on torch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+__all__ = ["ENV_VAR", "NativeBuildError", "batch_all_epilogue", "native_enabled", "native_library",
+           "prepare_block", "semi_hard_negatives"]
+
+ENV_VAR = "METRICLOSS_NATIVE"
+_SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "triplet_epilogue.cpp",)
+_DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+_lock = threading.Lock()
+_state = {"loaded": False, "error": None, "warned": False}
+
+
+class NativeBuildError(RuntimeError):
+    """The native extension could not be built or loaded (the message names the cause)."""
+
+
+def _extension_name() -> str:
+    # one build per torch version: an extension built against another torch's headers must not be loaded
+    tag = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
+    return f"metricloss_native_{tag}"
+
+
+def _build() -> None:
+    """Compile (or load the cached build of) the extension; registers ``torch.ops.metricloss_native``."""
+    from torch.utils import cpp_extension
+
+    missing = [str(p) for p in _SOURCES if not p.is_file()]
+    if missing:
+        raise NativeBuildError(f"the native sources are missing: {', '.join(missing)}")
+    if not cpp_extension.is_ninja_available():
+        raise NativeBuildError("ninja is not installed (pip install ninja)")
+    try:
+        cpp_extension.load(name=_extension_name(), sources=[str(p) for p in _SOURCES],
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except Exception as exc:  # compiler missing, compile or link error, unloadable library
+        text = str(exc).strip().splitlines()
+        raise NativeBuildError(f"building the native extension failed: {type(exc).__name__}: "
+                               f"{text[-1] if text else ''}".rstrip(": ")) from exc
+
+
+def native_library() -> bool:
+    """Build/load the extension once per process; True when it is loaded.
+
+    Raises:
+        NativeBuildError: when ``METRICLOSS_NATIVE=1`` and the build failed.
+    Otherwise a failed build warns once (naming the cause) and returns False from then on.
+    """
+    forced = os.environ.get(ENV_VAR, "") == "1"
+    with _lock:
+        if not _state["loaded"] and _state["error"] is None:
+            try:
+                _build()
+                _state["loaded"] = True
+            except NativeBuildError as exc:
+                _state["error"] = str(exc)
+        if _state["loaded"]:
+            return True
+        if forced:
+            raise NativeBuildError(f"{ENV_VAR}=1 but {_state['error']}")
+        if not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn(f"metricloss: the native CPU kernels are not available ({_state['error']}); "
+                          f"using the torch path (set {ENV_VAR}=0 to silence this)", UserWarning, stacklevel=3)
+        return False
+
+
+def native_enabled(t: torch.Tensor) -> bool:
+    """Whether the native path serves a block like ``t``: float32/float64 on CPU, ``METRICLOSS_NATIVE``
+    not ``0``, and the extension built (built here on first use)."""
+    setting = os.environ.get(ENV_VAR, "")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{ENV_VAR} must be 0, 1 or unset, got {setting!r}")
+    if setting == "0" or t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES:
+        return False
+    return native_library()
+
+
+def batch_all_epilogue(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
+                       valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Union[float, str],
+                       distance: str, sorted_thresholds: bool,
+                       want_weights: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """The batch-all epilogue of one anchor chunk in one native pass per row, or None (use the torch path).
+
+    Args:
+        dist: (c, M) float32/float64 CPU distances (own cells 0), overwritten.
+        d_ap: (c, W) exact positive distances; members/in_class: (c, W) int64 / bool positive table;
+        valid: (c, W) bool, the slots that form triplets; self_cols: (c,) int64 own column (-1: none) or None.
+        margin: a float, or ``"soft"`` (softplus); distance: one of the distance names.
+        sorted_thresholds: use the sorted-threshold formula (the torch path's named heuristic,
+            :func:`~metricloss.ops.triplet.use_sorted_batch_all`), so both paths use the same per-element
+            arithmetic.
+        want_weights: also produce the scaled weight block W̃ of :func:`~metricloss.ops.distance.gram_backward`.
+
+    Returns:
+        (sums (c,), nonzero counts (c,) int64, W̃ (c, M) written over ``dist``'s storage or None), or None
+        when the native path does not serve this block (see :func:`native_enabled`).
+    """
+    if not native_enabled(dist):
+        return None
+    block = dist if dist.is_contiguous() else dist.contiguous()
+    soft = margin == "soft"
+    sums, nonzero = torch.ops.metricloss_native.batch_all_epilogue(
+        block, d_ap.to(block.dtype).contiguous(), members.contiguous(), in_class.contiguous(), valid.contiguous(),
+        None if self_cols is None else self_cols.to(torch.int64).contiguous(), 0.0 if soft else float(margin),
+        soft, _DISTANCE_KINDS[distance], bool(sorted_thresholds), bool(want_weights))
+    return sums, nonzero, (block if want_weights else None)
+
+
+def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
+                        self_cols: Optional[torch.Tensor], sorted_selection: bool) -> Optional[torch.Tensor]:
+    """Semi-hard negatives of one anchor chunk in one native pass per row, or None (use the torch path).
+
+    The same selection as :func:`~metricloss.ops.mining.semi_hard_negative_idx` (argmin{d_an : d_an >
+    d_ap} per positive slot, else the farthest negative; ties: first index), arguments as there.
+    ``sorted_selection``: the torch path's many-positives heuristic
+    (:func:`~metricloss.ops.mining.use_sorted_semi_hard`) holds; the native pass costs O(M·W) per row, so
+    those chunks stay on the torch sort.
+
+    Returns:
+        (c, W) int64 reference indices (padding slots: arbitrary in-range indices), ``dist`` overwritten
+        with the negatives' distances (own class +inf), or None.
+    """
+    if sorted_selection or dist.shape[1] == 0 or not native_enabled(dist):
+        return None
+    block = dist if dist.is_contiguous() else dist.contiguous()
+    return torch.ops.metricloss_native.semi_hard_select(
+        block, d_ap.to(block.dtype).contiguous(), members.contiguous(), in_class.contiguous(),
+        None if self_cols is None else self_cols.to(torch.int64).contiguous())
+
+
+def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor, members: torch.Tensor,
+                  in_class: torch.Tensor, self_cols: Optional[torch.Tensor], own_start: Optional[int],
+                  distance: str) -> Optional[torch.Tensor]:
+    """A chunk's raw Gram block made into distances, with its cancellation test, in one native pass per
+    row, or None (use the torch path).
+
+    The same as :meth:`~metricloss.ops.distance.GramFactors.squared_block`, the ``redo`` test of
+    :meth:`~metricloss.ops.triplet._BlockTripletPlan.chunk` and
+    :meth:`~metricloss.ops.distance.GramFactors.finish`: u clamped at 0; redo_i = min over the anchor's
+    negatives of u_ij − r_slack_j < a_slack_i; the own column to 0; √ for ``euclidean``.
+
+    Args:
+        u: (c, M) raw d² (cosine: 1 − a·r) of the chunk, overwritten with the distances.
+        a_slack: (c,), r_slack: (M,) the two halves of the small-entry bound.
+        members, in_class, self_cols: the positive table and the own columns (as in
+            :func:`~metricloss.ops.mining.mask_own_class_`).
+        own_start: the reference set is the batch and the chunk starts at anchor ``own_start`` (own
+            column of row i: ``own_start + i``), else None.
+
+    Returns:
+        redo (c,) bool, or None.
+    """
+    if not native_enabled(u) or not u.is_contiguous():
+        return None
+    return torch.ops.metricloss_native.prepare_block(
+        u, a_slack.to(u.dtype).contiguous(), r_slack.to(u.dtype).contiguous(), members.contiguous(),
+        in_class.contiguous(), None if self_cols is None else self_cols.to(torch.int64).contiguous(),
+        -1 if own_start is None else int(own_start), distance == "euclidean")

@@ -1,0 +1,268 @@
+"""The native (C++) batch-all epilogue and semi-hard selection: same losses, counts and gradients as the
+torch path; the build fallback (a failed build warns once and runs torch) and the METRICLOSS_NATIVE switch."""
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import metricloss.functional as MF
+from metricloss.ops import native
+from metricloss.ops import triplet as triplet_ops
+
+from ..helpers import duplicate_rows, label_pattern
+
+MININGS = ["batch_all", "semi_hard"]
+DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
+REDUCTIONS = ["mean", "mean_nonzero", "sum", "none"]
+# "pk16"/"big" give anchors more positives than the sorted-threshold heuristic's bound (both formulas run)
+PATTERNS = ["random", "singletons", "one_class", "pk2", "pk3", "pk16", "big"]
+
+
+def _labels(pattern, n, g, num_classes):
+    if pattern == "big":  # one large class plus a few small ones
+        y = torch.randint(1, 4, (n,), generator=g)
+        y[: (2 * n) // 3] = 0
+        return y[torch.randperm(n, generator=g)]
+    return label_pattern(pattern, n, g, num_classes=num_classes)
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The extension, built here (CI must build it: a runner without a compiler fails, not skips)."""
+    if shutil.which("c++") is None and not os.environ.get("CI"):
+        pytest.skip("no C++ compiler: the native path cannot be built here")
+    old = os.environ.get(native.ENV_VAR)
+    os.environ[native.ENV_VAR] = "1"
+    try:
+        assert native.native_library()
+    finally:
+        if old is None:
+            del os.environ[native.ENV_VAR]
+        else:
+            os.environ[native.ENV_VAR] = old
+    return True
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """A process that has not tried the build yet (restored afterwards)."""
+    saved = dict(native._state)
+    native._state.update(loaded=False, error=None, warned=False)
+    yield native._state
+    native._state.clear()
+    native._state.update(saved)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Records, per chunk, whether the native batch-all epilogue / semi-hard selection served it."""
+    calls = []
+    for name in ("native_batch_all_epilogue", "native_semi_hard_negatives"):
+        real = getattr(triplet_ops, name)
+
+        def spy(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(triplet_ops, name, spy)
+    return calls
+
+
+def _run(monkeypatch, setting, mining, x, y, ref, kwargs, upstream):
+    monkeypatch.setenv(native.ENV_VAR, setting)
+    inputs = [x.detach().clone().requires_grad_()] + ([ref[0].detach().clone().requires_grad_()]
+                                                       if ref[0] is not None else [])
+    args = (inputs[0], y) + ((inputs[1], ref[1]) if len(inputs) == 2 else ())
+    terms_kwargs = {k: v for k, v in kwargs.items() if k != "reduction"}
+    terms = MF.triplet_loss_terms(*args, mining=mining, **terms_kwargs)
+    loss = MF.triplet_loss(*args, mining=mining, **kwargs)
+    w = upstream if kwargs["reduction"] == "none" else 1.0
+    grads = torch.autograd.grad((loss * w).sum(), inputs, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+    return loss.detach(), terms.num_terms, terms.num_nonzero, terms.per_anchor.detach(), grads
+
+
+def assert_native_matches_torch(monkeypatch, mining, x, y, ref, kwargs):
+    """Losses, term counts, per-anchor sums and gradients: native (METRICLOSS_NATIVE=1) vs torch (=0).
+    Counts are equal exactly; values up to summation order (fp64: 1e-12 relative; fp32: 1e-5)."""
+    upstream = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    want = _run(monkeypatch, "0", mining, x, y, ref, kwargs, upstream)
+    got = _run(monkeypatch, "1", mining, x, y, ref, kwargs, upstream)
+    tol = dict(rtol=1e-12, atol=1e-12) if x.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[3], want[3], **tol)
+    for a, b in zip(got[4], want[4]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@st.composite
+def native_cases(draw, dtype=torch.float64):
+    n = draw(st.integers(1, 40))
+    d = draw(st.integers(1, 6))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(n, d, generator=g, dtype=dtype) * draw(st.sampled_from([0.1, 1.0, 30.0]))
+    y = _labels(draw(st.sampled_from(PATTERNS)), n, g, draw(st.integers(1, 5)))
+    if draw(st.booleans()):
+        x = duplicate_rows(x, g, count=2)
+    ref = (None, None)
+    ref_m = draw(st.sampled_from([0, 0, 1, 7, 30]))
+    if ref_m:
+        ref = (torch.randn(ref_m, d, generator=g, dtype=dtype), torch.randint(0, 3, (ref_m,), generator=g))
+    kwargs = dict(margin=draw(st.sampled_from([0.0, 0.2, 1.0, "soft"])), distance=draw(st.sampled_from(DISTANCES)),
+                  reduction=draw(st.sampled_from(REDUCTIONS)), normalize=draw(st.booleans()),
+                  chunk_bytes=draw(st.sampled_from([None, 64, 3000])))
+    return x, y, ref, kwargs
+
+
+@pytest.mark.parametrize("mining", MININGS)
+@given(case=native_cases())
+def test_native_matches_torch_fp64(built, mining, case):
+    with pytest.MonkeyPatch.context() as mp:  # a fresh environment per example
+        assert_native_matches_torch(mp, mining, *case)
+
+
+@pytest.mark.parametrize("mining", MININGS)
+@given(case=native_cases(dtype=torch.float32))
+def test_native_matches_torch_fp32(built, mining, case):
+    with pytest.MonkeyPatch.context() as mp:  # a fresh environment per example
+        assert_native_matches_torch(mp, mining, *case)
+
+
+@pytest.mark.parametrize("mining,pattern,served", [("batch_all", "pk3", True), ("batch_all", "pk16", True),
+                                                    ("semi_hard", "pk3", True), ("semi_hard", "pk48", False)])
+@pytest.mark.parametrize("margin", [0.2, "soft"])
+def test_native_serves_every_chunk_by_default(built, monkeypatch, native_calls, mining, pattern, served, margin):
+    """Unset switch, CPU float: the native path runs for every chunk (semi-hard with many positives keeps
+    the torch sort), with the same result as torch."""
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g, dtype=torch.float64)
+    y = label_pattern(pattern, 96, g)
+    MF.triplet_loss(x.requires_grad_(), y, mining=mining, margin=margin, chunk_bytes=20_000).backward()
+    assert len(native_calls) > 1 and all(c == served for c in native_calls)
+    assert_native_matches_torch(monkeypatch, mining, x, y, (None, None),
+                                dict(margin=margin, reduction="mean", chunk_bytes=20_000))
+
+
+def test_native_skips_other_dtypes(built, monkeypatch):
+    """Only float32/float64 blocks are native (half inputs accumulate in fp32 before they get here)."""
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    assert not native.native_enabled(torch.zeros(2, 2, dtype=torch.float16))
+    assert native.native_enabled(torch.zeros(2, 2, dtype=torch.float32))
+
+
+def test_switch_zero_forces_torch_and_never_builds(monkeypatch, fresh_state, native_calls):
+    def no_build():
+        raise AssertionError("METRICLOSS_NATIVE=0 must not build")
+
+    monkeypatch.setattr(native, "_build", no_build)
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    x = torch.randn(20, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(20) % 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mining in MININGS:
+            MF.triplet_loss(x, y, mining=mining).backward()
+    assert native_calls and not any(native_calls)
+    assert not fresh_state["loaded"] and fresh_state["error"] is None
+
+
+def test_failed_build_warns_once_naming_the_cause_and_runs_torch(monkeypatch, fresh_state, native_calls):
+    def failing_build():
+        raise native.NativeBuildError("building the native extension failed: simulated: no C++ compiler")
+
+    monkeypatch.setattr(native, "_build", failing_build)
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    y = label_pattern("pk3", 30, g)
+    x1 = x.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="simulated: no C.. compiler") as record:
+        loss = MF.triplet_loss(x1, y, mining="batch_all", chunk_bytes=2000)
+        loss.backward()
+    assert len([w for w in record if "native" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        MF.triplet_loss(x.clone().requires_grad_(), y, mining="batch_all")
+    assert native_calls and not any(native_calls)
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    x0 = x.clone().requires_grad_()
+    want = MF.triplet_loss(x0, y, mining="batch_all", chunk_bytes=2000)
+    want.backward()
+    assert torch.equal(loss, want) and torch.equal(x1.grad, x0.grad)
+
+
+def test_failed_build_with_switch_one_raises(monkeypatch, fresh_state):
+    def failing_build():
+        raise native.NativeBuildError("ninja is not installed (pip install ninja)")
+
+    monkeypatch.setattr(native, "_build", failing_build)
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    x = torch.randn(8, 3, requires_grad=True)
+    with pytest.raises(native.NativeBuildError, match="METRICLOSS_NATIVE=1 but ninja is not installed"):
+        MF.triplet_loss(x, torch.arange(8) % 2, mining="batch_all")
+
+
+def test_build_reports_a_missing_ninja(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    with pytest.raises(native.NativeBuildError, match="ninja is not installed"):
+        native._build()
+
+
+def test_build_reports_a_compile_failure(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken_load(**kwargs):
+        raise RuntimeError("Error building extension 'x'\nc++: fatal error: simulated")
+
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    with pytest.raises(native.NativeBuildError, match=r"RuntimeError: c\+\+: fatal error: simulated"):
+        native._build()
+
+
+def test_bad_switch_value_is_refused(monkeypatch):
+    monkeypatch.setenv(native.ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="METRICLOSS_NATIVE must be 0, 1 or unset"):
+        MF.triplet_loss(torch.randn(6, 3), torch.arange(6) % 2, mining="batch_all")
+
+
+def test_sources_ship_inside_the_package():
+    """The wheel carries the sources (pyproject package-data); the build reads them from the package."""
+    assert all(p.is_file() and p.parent.name == "csrc" and p.parent.parent.name == "metricloss"
+               for p in native._SOURCES)
+
+
+@pytest.mark.parametrize("mining", MININGS)
+@pytest.mark.parametrize("self_ref", [True, False])
+def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self_ref):
+    """The block preparation (clamp, cancellation test, √) is native for every first-pass chunk; a near
+    duplicate across classes makes a redo anchor, whose exact pass stays on torch; same results."""
+    served = []
+    real = triplet_ops.native_prepare_block
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(triplet_ops, "native_prepare_block", spy)
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = label_pattern("pk3", 60, g)
+    j = int((y != y[0]).nonzero()[0])
+    x[j] = x[0] + 1e-9  # a cancellation-prone negative entry
+    ref = (None, None) if self_ref else (x[:40].clone(), y[:40].clone())
+    MF.triplet_loss(x.clone().requires_grad_(), y, *ref, mining=mining, chunk_bytes=10_000).backward()
+    assert len(served) > 1 and all(served)
+    assert_native_matches_torch(monkeypatch, mining, x, y, ref, dict(margin=0.2, reduction="none",
+                                                                     chunk_bytes=10_000))
