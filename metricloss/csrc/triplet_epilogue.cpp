@@ -188,19 +188,24 @@ std::tuple<at::Tensor, at::Tensor> batch_all_epilogue(at::Tensor dist, const at:
 }
 
 // Semi-hard selection (metricloss/ops/mining.py::semi_hard_negative_idx, few-positives branch): per
-// (anchor, positive slot) the first j with the smallest d_j > d_ap among the negatives, else the first
-// farthest negative. One pass per row; the own class and own column are hidden (+inf, as the torch path
-// leaves them).
+// (anchor, positive slot k) the nearest negative farther than the positive's tie bound, d_j > bound_k
+// (bound = tie_bound(d_ap), computed by the caller); among those within the tie bound of the nearest one,
+// lim_k = nearest_k * (1 + rtol) (+ rtol for cosine), the first index; else the first farthest negative.
+// Two passes per row (the second only when rtol > 0); the own class and own column are hidden (+inf, as
+// the torch path leaves them).
 template <typename T>
-void semi_hard_rows(T* dist, const T* d_ap, const int64_t* members, const bool* in_class, const int64_t* self_cols,
-                    int64_t c, int64_t m, int64_t width, int64_t* out) {
+void semi_hard_rows(T* dist, const T* bound, const int64_t* members, const bool* in_class, const int64_t* self_cols,
+                    int64_t c, int64_t m, int64_t width, double rtol, bool cosine, int64_t* out) {
   const T inf = std::numeric_limits<T>::infinity();
+  const T scale = static_cast<T>(1.0 + rtol);
+  const T offset = cosine ? static_cast<T>(rtol) : T(0);
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> best(width);
+    std::vector<T> best(width), lim(width);
     std::vector<int64_t> best_idx(width);
+    std::vector<char> done(width);
     for (int64_t i = begin; i < end; ++i) {
       T* row = dist + i * m;
-      const T* ap = d_ap + i * width;
+      const T* bd = bound + i * width;
       const int64_t* mem = members + i * width;
       const bool* inc = in_class + i * width;
       for (int64_t k = 0; k < width; ++k)
@@ -210,12 +215,30 @@ void semi_hard_rows(T* dist, const T* d_ap, const int64_t* members, const bool* 
       std::fill(best_idx.begin(), best_idx.end(), int64_t(-1));
       T far = -inf;
       int64_t far_idx = 0;
+      // 1. the farthest negative and, per slot, the nearest one beyond the slot's bound (first on ties)
       for (int64_t j = 0; j < m; ++j) {
         const T d = row[j];
         if (d == inf) continue;  // hidden (own class / own column)
         if (d > far) { far = d; far_idx = j; }
         for (int64_t k = 0; k < width; ++k) {
-          if (d > ap[k] && d < best[k]) { best[k] = d; best_idx[k] = j; }
+          if (d > bd[k] && d < best[k]) { best[k] = d; best_idx[k] = j; }
+        }
+      }
+      // 2. the first index within the tie bound of each slot's nearest (the torch path's rule)
+      if (rtol > 0) {
+        int64_t open = 0;
+        for (int64_t k = 0; k < width; ++k) {
+          done[k] = best_idx[k] < 0;
+          open += done[k] ? 0 : 1;
+          const T t = best[k] * scale;
+          lim[k] = t + offset;
+        }
+        for (int64_t j = 0; j < m && open > 0; ++j) {
+          const T d = row[j];
+          if (d == inf) continue;
+          for (int64_t k = 0; k < width; ++k) {
+            if (!done[k] && d > bd[k] && d <= lim[k]) { best_idx[k] = j; done[k] = 1; --open; }
+          }
         }
       }
       int64_t* o = out + i * width;
@@ -224,14 +247,15 @@ void semi_hard_rows(T* dist, const T* d_ap, const int64_t* members, const bool* 
   });
 }
 
-at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& d_ap, const at::Tensor& members,
-                            const at::Tensor& in_class, const c10::optional<at::Tensor>& self_cols) {
+at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& bound, const at::Tensor& members,
+                            const at::Tensor& in_class, const c10::optional<at::Tensor>& self_cols, double rtol,
+                            bool cosine) {
   TORCH_CHECK(dist.device().is_cpu() && dist.dim() == 2 && dist.is_contiguous(),
               "semi_hard_select: dist must be a contiguous 2-D CPU tensor");
   const int64_t c = dist.size(0), m = dist.size(1), width = members.size(1);
-  TORCH_CHECK(d_ap.is_contiguous() && d_ap.scalar_type() == dist.scalar_type() && d_ap.size(0) == c &&
-                  d_ap.size(1) == width,
-              "semi_hard_select: d_ap must be contiguous (c, W) of dist's dtype");
+  TORCH_CHECK(bound.is_contiguous() && bound.scalar_type() == dist.scalar_type() && bound.size(0) == c &&
+                  bound.size(1) == width,
+              "semi_hard_select: bound must be contiguous (c, W) of dist's dtype");
   TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
                   in_class.is_contiguous() && in_class.scalar_type() == at::kBool,
               "semi_hard_select: members (c, W) int64 and in_class bool, contiguous");
@@ -243,8 +267,9 @@ at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& d_ap, const at::T
   }
   auto out = at::empty({c, width}, members.options());
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_select", [&] {
-    semi_hard_rows<scalar_t>(dist.data_ptr<scalar_t>(), d_ap.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
-                             in_class.data_ptr<bool>(), self_ptr, c, m, width, out.data_ptr<int64_t>());
+    semi_hard_rows<scalar_t>(dist.data_ptr<scalar_t>(), bound.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
+                             in_class.data_ptr<bool>(), self_ptr, c, m, width, rtol, cosine,
+                             out.data_ptr<int64_t>());
   });
   return out;
 }
@@ -331,8 +356,8 @@ TORCH_LIBRARY(metricloss_native, m) {
         "-> (Tensor, Tensor)");
   m.def("prepare_block(Tensor(a!) u, Tensor a_slack, Tensor r_slack, Tensor members, Tensor in_class, "
         "Tensor? self_cols, int own_start, bool take_sqrt) -> Tensor");
-  m.def("semi_hard_select(Tensor(a!) dist, Tensor d_ap, Tensor members, Tensor in_class, Tensor? self_cols) "
-        "-> Tensor");
+  m.def("semi_hard_select(Tensor(a!) dist, Tensor bound, Tensor members, Tensor in_class, Tensor? self_cols, "
+        "float rtol, bool cosine) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metricloss_native, CPU, m) {

@@ -138,12 +138,13 @@ def batch_all_epilogue(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Te
 
 
 def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
-                        self_cols: Optional[torch.Tensor], sorted_selection: bool) -> Optional[torch.Tensor]:
-    """Semi-hard negatives of one anchor chunk in one native pass per row, or None (use the torch path).
+                        self_cols: Optional[torch.Tensor], sorted_selection: bool, rtol: float = 0.0,
+                        distance: str = "euclidean") -> Optional[torch.Tensor]:
+    """Semi-hard negatives of one anchor chunk in native passes per row, or None (use the torch path).
 
-    The same selection as :func:`~metricloss.ops.mining.semi_hard_negative_idx` (argmin{d_an : d_an >
-    d_ap} per positive slot, else the farthest negative; ties: first index), arguments as there.
-    ``sorted_selection``: the torch path's many-positives heuristic
+    The same selection as :func:`~metricloss.ops.mining.semi_hard_negative_idx` (per positive slot the nearest
+    negative beyond the tie bound of d_ap, the first index within the tie bound of that nearest one, else the
+    farthest negative), arguments as there. ``sorted_selection``: the torch path's many-positives heuristic
     (:func:`~metricloss.ops.mining.use_sorted_semi_hard`) holds; the native pass costs O(M·W) per row, so
     those chunks stay on the torch sort.
 
@@ -153,10 +154,13 @@ def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.T
     """
     if sorted_selection or dist.shape[1] == 0 or not native_enabled(dist):
         return None
+    from .mining import tie_bound
+
     block = dist if dist.is_contiguous() else dist.contiguous()
+    bound = tie_bound(d_ap.to(block.dtype), rtol, distance).contiguous()  # as the torch path computes it
     return torch.ops.metricloss_native.semi_hard_select(
-        block, d_ap.to(block.dtype).contiguous(), members.contiguous(), in_class.contiguous(),
-        None if self_cols is None else self_cols.to(torch.int64).contiguous())
+        block, bound, members.contiguous(), in_class.contiguous(),
+        None if self_cols is None else self_cols.to(torch.int64).contiguous(), float(rtol), distance == "cosine")
 
 
 def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor, members: torch.Tensor,

@@ -40,10 +40,11 @@ from .distance import (GramFactors, Rows, gram_backward, paired_distance, paired
                        scale_distance_weights_)
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
-                     semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index)
+                     semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
 from .native import native_enabled
 from .native import prepare_block as native_prepare_block
+from .native import semi_hard_negatives as native_semi_hard_negatives
 from .reduction import LossTerms
 
 __all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
@@ -178,8 +179,13 @@ def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
     The block only selects: the loss recomputes d(a, p) and d(a, n*) exactly from the selected rows
     (O(c·W·D)), and so does the gradient.
     """
-    neg_idx = semi_hard_negative_idx(dist, d_ap, members, in_class, self_cols, scratch.get("term", dist.shape[0]),
-                                     rtol=tie_rtol(a_c.shape[1], a_c.dtype), distance=distance)
+    rtol = tie_rtol(a_c.shape[1], a_c.dtype)
+    # CPU, few positives: the selection in native passes per row (None: the native path does not serve it)
+    neg_idx = native_semi_hard_negatives(dist, d_ap, members, in_class, self_cols,
+                                         use_sorted_semi_hard(members.shape[1]), rtol, distance)
+    if neg_idx is None:
+        neg_idx = semi_hard_negative_idx(dist, d_ap, members, in_class, self_cols,
+                                         scratch.get("term", dist.shape[0]), rtol=rtol, distance=distance)
     a3 = a_c.unsqueeze(1)
     d_ap = paired_distance(a3, r[members], distance)
     d_an = paired_distance(a3, r[neg_idx], distance)
