@@ -196,7 +196,17 @@ class DistributedLoss(nn.Module):
         self.group = group
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of this rank's batch against the global batch: () (the global value) or (B_r,) for ``"none"``."""
+        """This rank's anchors mined against the global batch (every rank's rows, in rank order).
+
+        Args:
+            embeddings: (B, D) float rows of this rank (B may differ between ranks).
+            labels: (B,) integer labels.
+
+        Returns:
+            A () loss in fp32 (fp64 for fp64 input) whose value is the global loss on every rank, and whose
+            gradient, after DDP's averaging, is that of one process on the concatenated batch; or (B,)
+            per-anchor losses of this rank for ``reduction="none"``. Outside a process group: the plain loss.
+        """
         where = "DistributedLoss"
         if not is_distributed(self.group):
             return self.loss(embeddings, labels)

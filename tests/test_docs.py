@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODULES = [ml.TripletLoss, ml.BatchHardTripletLoss, ml.BatchAllTripletLoss, ml.SemiHardTripletLoss, ml.WARPLoss,
            ml.NormSoftmaxLoss, ml.CentroidTripletLoss, ml.CentralizedRankingLoss, ml.CosineClassifier,
-           ml.NormalizeScale]
+           ml.NormalizeScale, ml.SVMaxRegularizer, ml.TwoHeadLoss, ml.EmbeddingHead, ml.CrossBatchMemory,
+           ml.distributed.DistributedLoss]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

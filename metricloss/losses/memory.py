@@ -105,7 +105,19 @@ class CrossBatchMemory(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 enqueue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Enqueue, then the loss of the batch's anchors against the memory: () or (anchors,) for ``"none"``."""
+        """Enqueue the batch, then the wrapped loss of its anchors against the filled memory.
+
+        Args:
+            embeddings: (B, D) float batch (D = ``embedding_dim``), on the memory's device; stored detached.
+            labels: (B,) integer labels.
+            enqueue_mask: optional (B,) bool: the rows to enqueue (the others are the anchors, as in PML);
+                default every row is enqueued and every row is an anchor (its own slot excluded by index).
+
+        Returns:
+            A () loss (fp32, fp64 for fp64 input) with the wrapped loss's reduction, or (anchors,) for
+            ``"none"``. Under torch.distributed the value is the global one and the gradient exact after
+            DDP's averaging.
+        """
         where = "CrossBatchMemory"
         C.check_embeddings(embeddings, "embeddings", where)
         if embeddings.shape[1] != self.embedding_dim:

@@ -52,7 +52,16 @@ class SVMaxRegularizer(nn.Module):
         self.method = C.check_option(method, "method", SVMAX_METHODS, where)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """−weight · s_μ of a (b, d) float batch; a () tensor in fp32 (fp64 for fp64 input)."""
+        """The SVMax term of a batch: −weight · s_μ, to add to a ranking loss.
+
+        Args:
+            embeddings: (B, D) float batch (fp16/bf16/fp32/fp64), B >= 1, D >= 1; its rows are
+                L2-normalised first when the module's ``normalize`` is True.
+
+        Returns:
+            A () tensor, −weight times the mean singular value of the batch, in fp32 (fp64 for fp64 input);
+            it lies in −weight · :meth:`bounds` (B, D). Gradients flow to ``embeddings``.
+        """
         return -self.weight * mean_singular_value(embeddings, normalize=self.normalize, method=self.method)
 
     @staticmethod

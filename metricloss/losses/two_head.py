@@ -78,7 +78,8 @@ class TwoHeadLoss(nn.Module):
             labels: (B,) integer class labels in [0, C).
 
         Returns:
-            A () tensor.
+            A () tensor in fp32 (fp64 for fp64 inputs): ``F.cross_entropy(logits, labels) + triplet_weight ·
+            triplet(embeddings, labels)``; gradients flow to both heads' outputs.
         """
         where = type(self).__name__
         C.check_scores(logits, "logits", where)
@@ -133,7 +134,14 @@ class EmbeddingHead(nn.Module):
             nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_features) or (B, *) float → (B, embedding_dim) unit rows."""
+        """Embed and L2-normalise.
+
+        Args:
+            x: (B, D) float features with D = ``in_features``, or (B, *) flattened from dimension 1 to them.
+
+        Returns:
+            (B, embedding_dim) unit rows in the input's float dtype (fp32 for fp32 input).
+        """
         where = type(self).__name__
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"{where}: input must be a floating-point torch.Tensor, got "
