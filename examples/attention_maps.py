@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import compare_losses  # noqa: E402
 
-import metricloss as ml  # noqa: E402
 from metricloss.explain import l2_caf  # noqa: E402
 from metricloss.metrics import retrieval_metrics  # noqa: E402
 
@@ -48,21 +47,7 @@ GLYPH_THRESHOLD = 0.25  # a pixel brighter than 25% of white belongs to the glyp
 def train_triplet(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
                   seed: int) -> float:
     """Batch-hard triplet training on P×K batches (as the main job's row); returns the wall time."""
-    criterion = ml.TripletLoss(margin=0.2, mining="batch_hard", reduction="mean_nonzero")
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    labels = y.numpy()
-    start = time.perf_counter()
-    sampler = compare_losses.pk_sampler(labels, batch // 8, 8, seed)
-    for epoch in range(epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        for idx in sampler:
-            idx = torch.tensor(idx)
-            loss = criterion(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return time.perf_counter() - start
+    return compare_losses.train_batch_hard(model, x, y, epochs, batch, lr, seed)
 
 
 def split_network(model: compare_losses.SmallCNN, split: int):

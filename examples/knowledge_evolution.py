@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import compare_losses  # noqa: E402
 
-import metricloss as ml  # noqa: E402
 from metricloss import evolution  # noqa: E402
 from metricloss.metrics import retrieval_metrics  # noqa: E402
 
@@ -42,22 +41,8 @@ from metricloss.metrics import retrieval_metrics  # noqa: E402
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
                  rng: np.random.RandomState) -> float:
     """Batch-hard triplet training on P×K batches with a fresh Adam optimiser; returns the wall time."""
-    criterion = ml.TripletLoss(margin=0.2, mining="batch_hard", reduction="mean_nonzero")
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    labels = y.numpy()
-    start = time.perf_counter()
     # each call (generation) draws its own epochs: the sampler's seed comes from the caller's RandomState
-    sampler = compare_losses.pk_sampler(labels, batch // 8, 8, int(rng.randint(2 ** 31 - 1)))
-    for epoch in range(epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        for idx in sampler:
-            idx = torch.tensor(idx)
-            loss = criterion(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return time.perf_counter() - start
+    return compare_losses.train_batch_hard(model, x, y, epochs, batch, lr, int(rng.randint(2 ** 31 - 1)))
 
 
 def evaluate(model: nn.Module, data: Dict) -> Dict[str, float]:

@@ -731,6 +731,20 @@ def two_head_loss(logits: torch.Tensor, embeddings: torch.Tensor, labels: torch.
         A () tensor in fp32 (fp64 when the logits or embeddings are fp64).
     """
     where = "two_head_loss"
+    triplet_weight = C.check_nonnegative(triplet_weight, "triplet_weight", where)
+    C.check_option(mining, "mining", TWO_HEAD_MININGS, where)
+    ce = two_head_cross_entropy(logits, embeddings, labels, where)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        triplet = triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
+                               normalize=normalize)
+        return ce + triplet_weight * triplet
+
+
+def two_head_cross_entropy(logits: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
+                           where: str) -> torch.Tensor:
+    """The two-head loss's input checks (the two heads' outputs agree in B and device, labels in range)
+    and its cross-entropy term, in fp32 at least and outside autocast; shared by :func:`two_head_loss` and
+    :class:`~metricloss.TwoHeadLoss`."""
     C.check_scores(logits, "logits", where)
     C.check_labels(labels, logits.shape[0], "labels", where, of="logits", device=logits.device)
     C.check_embeddings(embeddings, "embeddings", where)
@@ -738,11 +752,6 @@ def two_head_loss(logits: torch.Tensor, embeddings: torch.Tensor, labels: torch.
         raise ValueError(f"{where}: `embeddings` must have B={logits.shape[0]} rows like `logits`, "
                          f"got shape {tuple(embeddings.shape)}")
     C.check_same_device([("logits", logits), ("embeddings", embeddings)], where)
-    triplet_weight = C.check_nonnegative(triplet_weight, "triplet_weight", where)
-    C.check_option(mining, "mining", TWO_HEAD_MININGS, where)
     C.check_label_range(labels, logits.shape[1], "labels", where)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        ce = F.cross_entropy(logits.to(_distance.accumulation_dtype(logits.dtype)), labels)
-        triplet = triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
-                               normalize=normalize)
-        return ce + triplet_weight * triplet
+        return F.cross_entropy(logits.to(_distance.accumulation_dtype(logits.dtype)), labels)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks as C
-from ..ops.distance import accumulation_dtype
+from ..functional import two_head_cross_entropy
 from .triplet import BatchHardTripletLoss, SemiHardTripletLoss
 
 __all__ = ["TwoHeadLoss", "EmbeddingHead"]
@@ -81,16 +81,7 @@ class TwoHeadLoss(nn.Module):
             A () tensor in fp32 (fp64 for fp64 inputs): ``F.cross_entropy(logits, labels) + triplet_weight ·
             triplet(embeddings, labels)``; gradients flow to both heads' outputs.
         """
-        where = type(self).__name__
-        C.check_scores(logits, "logits", where)
-        C.check_labels(labels, logits.shape[0], "labels", where, of="logits", device=logits.device)
-        C.check_embeddings(embeddings, "embeddings", where)
-        if embeddings.shape[0] != logits.shape[0]:
-            raise ValueError(f"{where}: `embeddings` must have B={logits.shape[0]} rows like `logits`, "
-                             f"got shape {tuple(embeddings.shape)}")
-        C.check_label_range(labels, logits.shape[1], "labels", where)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            ce = F.cross_entropy(logits.to(accumulation_dtype(logits.dtype)), labels)
+        ce = two_head_cross_entropy(logits, embeddings, labels, type(self).__name__)
         return ce + self.triplet_weight * self.triplet(embeddings, labels)
 
     def extra_repr(self) -> str:
