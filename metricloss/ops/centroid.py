@@ -37,6 +37,8 @@ losses share one implementation: ``"onehot"`` (:func:`onehot_centroids`) and ``"
 
 from __future__ import annotations
 
+import abc
+
 from typing import Iterator, Optional, Tuple, Union
 
 import torch
@@ -169,7 +171,7 @@ def build_centroids(scheme: Union[str, torch.Tensor], num_classes: int, embeddin
 # distance tiles: one row tile × one class chunk
 # ----------------------------------------------------------------------------------------------------
 
-class _Tile:
+class _Tile(abc.ABC):
     """Distances of a row tile ``x`` (rows, D) to the centroids ``c0:c1``, never deciding anything on the host.
 
     Subclasses give the squared distances from an expansion (:meth:`_expanded_sq`, a GEMM or the one-hot
@@ -186,11 +188,13 @@ class _Tile:
     x: torch.Tensor
     thresh: torch.Tensor
 
+    @abc.abstractmethod
     def _expanded_sq(self) -> torch.Tensor:
-        raise NotImplementedError
+        """(rows, c1 − c0) squared distances from the expansion (unclamped)."""
 
+    @abc.abstractmethod
     def _differences(self, cols: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(rows, k, D) exact differences x_i − c_m for the (rows, k) chunk-local centroid indices ``cols``."""
 
     def distances(self, own_col: torch.Tensor, own_inside: torch.Tensor, near_k: Optional[int]) -> torch.Tensor:
         """(rows, c1 − c0) distances ‖x_i − c_m‖ in a fresh buffer, 0 at the own class (``own_col`` (rows, 1),
