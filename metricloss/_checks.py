@@ -122,17 +122,7 @@ def check_self_index(index: object, n: int, m: int, name: str = "ref_self_index"
     Reads two scalars from the device (one sync) for the range check.
     """
     prefix = f"{where}: " if where else ""
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{prefix}`{name}` must be a 1-D integer torch.Tensor of length {n} (or None), "
-                        f"got {type(index).__name__}")
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-        raise TypeError(f"{prefix}`{name}` must have an integer dtype (e.g. torch.int64), got {index.dtype}")
-    if index.dim() != 1 or index.shape[0] != n:
-        raise ValueError(f"{prefix}`{name}` must have shape ({n},) to match `embeddings`.shape[0], "
-                         f"got shape {_shape(index)}")
-    if device is not None and index.device != device:
-        raise ValueError(f"{prefix}`{name}` is on {index.device} but `embeddings` is on {device}; "
-                         f"move them to the same device")
+    check_labels(index, n, name, where, of="embeddings", device=device)  # (n,) integer tensor, same device
     lo, hi = (int(v) for v in torch.aminmax(index.to(torch.int64)))
     if lo < -1 or hi >= m:
         raise ValueError(f"{prefix}`{name}` must hold reference rows in [0, {m}) or -1 (no own row), "
