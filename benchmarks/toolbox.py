@@ -101,18 +101,15 @@ def bench_l2_caf(channels: int, grid: int, classes: int, repeats: int) -> List[D
 
 
 class _Backbone(nn.Module):
-    """The main job's network body: 3 conv blocks (conv-BN-ReLU ×2, max-pool), global average pooling."""
+    """The main job's network body (``examples/compare_losses.py`` ``SmallCNN.features``: 3 conv blocks,
+    conv-BN-ReLU ×2 and max-pool each), then global average pooling."""
 
     def __init__(self, width: int):
         super().__init__()
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+        import compare_losses
 
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2, ceil_mode=True))
-
-        self.body = nn.Sequential(block(1, width), block(width, 2 * width), block(2 * width, 4 * width))
+        self.body = compare_losses.SmallCNN(width=width).features
         self.out_features = 4 * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
