@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from .ops.distance import GramFactors
+from .ops.distance import GramFactors, may_have_duplicate_rows
 from .ops.labels import ClassIndex
 from .ops.mining import rows_per_chunk
 
@@ -105,29 +105,6 @@ def _comparable_labels(labels: torch.Tensor, gallery_labels: Optional[torch.Tens
     return out[0], (out[1] if gallery_labels is not None else None)
 
 
-_HASH_ROWS = 8192  # rows hashed at once: an (8192, D) int64 temporary
-
-
-def _may_have_duplicate_rows(x: torch.Tensor) -> bool:
-    """False only if the (G, D) fp32 rows are pairwise distinct (a cheap proof before ``unique(dim=0)``).
-
-    Each row's bit pattern (−0.0 read as +0.0, as ``unique`` compares) is hashed to one int64 (a random
-    linear form, wrapping); identical rows hash alike, so G distinct hashes prove G distinct rows, at the
-    cost of one O(G·D) pass and a sort of G integers instead of ``unique``'s sort of whole rows. A hash
-    collision only costs the exact ``unique``. One host read.
-    """
-    if x.shape[0] < 2:
-        return False
-    gen = torch.Generator().manual_seed(0x5EED)
-    coeff = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=gen, dtype=torch.int64) | 1).to(x.device)
-    hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    for s in range(0, x.shape[0], _HASH_ROWS):
-        bits = (x[s:s + _HASH_ROWS] + 0.0).view(torch.int32).to(torch.int64)
-        hashes[s:s + _HASH_ROWS] = bits.mul_(coeff).sum(1)
-    ordered = torch.sort(hashes).values
-    return bool((ordered[1:] == ordered[:-1]).any())
-
-
 class _Problem:
     """The prepared operands of one call: fp32 queries and (deduplicated) gallery, labels in a common dtype.
 
@@ -147,7 +124,7 @@ class _Problem:
         # Exact duplicates must tie (and then break by index), but a GEMM may round two identical columns
         # differently. Deduplicated gallery rows get one column each; the block is expanded back by index.
         self.expand, self.g_inverse, g_ranked = False, None, self.g
-        if _may_have_duplicate_rows(self.g):
+        if may_have_duplicate_rows(self.g):
             g_unique, g_inverse = torch.unique(self.g, dim=0, return_inverse=True)
             self.expand = g_unique.shape[0] < self.n_gallery
             if self.expand:  # no duplicates: no second (G, D) copy kept alive

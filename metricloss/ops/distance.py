@@ -42,6 +42,7 @@ __all__ = [
     "safe_sqrt",
     "paired_distance",
     "paired_distance_grad",
+    "may_have_duplicate_rows",
     "canonical_columns",
     "GramFactors",
     "refine_small_entries",
@@ -137,6 +138,33 @@ def paired_distance_grad(a: torch.Tensor, b: torch.Tensor, distance: str) -> Tup
     return unit, -unit
 
 
+_HASH_ROWS = 8192  # rows hashed at once: an (8192, D) int64 temporary
+_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}  # float element size -> same-width int
+
+
+def may_have_duplicate_rows(x: torch.Tensor) -> bool:
+    """False only if the rows of the 2-D float tensor ``x`` are pairwise distinct (a cheap proof that makes
+    ``torch.unique(x, dim=0)`` unnecessary); True when they may not be.
+
+    Each row's bit pattern (−0.0 read as +0.0, as ``unique`` compares) is hashed to one int64 by a fixed
+    random linear form (wrapping arithmetic). Identical rows hash alike, so G distinct hashes prove G
+    distinct rows, for one O(G·D) pass and a sort of G integers instead of ``unique``'s sort of whole rows
+    (measured: 15 ms against under 2 ms for 4096 × 128 fp32 on a 2-core CPU). A hash collision, or rows
+    that only ``unique`` can tell apart (NaN payloads), only cost the exact ``unique``. One host read.
+    """
+    if x.shape[0] < 2:
+        return False
+    int_dtype = _INT_VIEW[x.element_size()]
+    gen = torch.Generator().manual_seed(0x5EED)
+    coeff = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=gen, dtype=torch.int64) | 1).to(x.device)
+    hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for s in range(0, x.shape[0], _HASH_ROWS):
+        bits = (x[s:s + _HASH_ROWS] + 0.0).view(int_dtype).to(torch.int64)
+        hashes[s:s + _HASH_ROWS] = bits.mul_(coeff).sum(1)
+    ordered = torch.sort(hashes).values
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 def canonical_columns(r: torch.Tensor) -> Optional[torch.Tensor]:
     """(M,) int64: for each row of ``r`` the first row identical to it, or None when all rows differ.
 
@@ -144,10 +172,11 @@ def canonical_columns(r: torch.Tensor) -> Optional[torch.Tensor]:
     tiles), so exact duplicate reference rows could get different Gram values and a tie between them
     would go to whichever copy rounded lower. Reading each column from its first copy makes duplicates
     bitwise equal, so ties among them go to the first index, as with exactly computed distances.
-    One sort of the rows (``torch.unique``) and one device read per call.
+    One hash pass (:func:`may_have_duplicate_rows`) and one device read per call; a sort of the rows
+    (``torch.unique``) and a second read only when two rows may be equal.
     """
     m = r.shape[0]
-    if m < 2:
+    if not may_have_duplicate_rows(r):
         return None
     _, inverse = torch.unique(r, dim=0, return_inverse=True)
     first = torch.full((m,), m, dtype=torch.int64, device=r.device)
@@ -170,7 +199,7 @@ class GramFactors:
 
     Folding the norms into the operands replaces ``addmm(‖r‖², a, rᵀ)``, whose broadcast bias costs a
     full extra copy of the (c, M) block before the GEMM (measured: 40% on top of the GEMM at D=128).
-    Built once per call, O((N + M)·D) plus one sort of the reference rows (:func:`canonical_columns`).
+    Built once per call, O((N + M)·D), plus the duplicate-row check of :func:`canonical_columns`.
 
     An entry is *small* (cancellation-prone, recomputed exactly by a refinement) when
     d²_ij < REFINE_RATIO·(‖a_i‖² + ‖r_j‖²), each entry judged by its own two norms (cosine:

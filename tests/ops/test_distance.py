@@ -90,3 +90,43 @@ def test_prepare_embeddings_upcasts_and_normalizes():
     torch.testing.assert_close(p.norm(dim=1), torch.ones(4))
     assert D.prepare_embeddings(x.double(), "cosine", normalize=False).dtype == torch.float64
     assert D.accumulation_dtype(torch.float16) == torch.float32
+
+
+# --- the duplicate-row proof shared by the miners and the retrieval metrics --------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_may_have_duplicate_rows_proves_distinct_rows(dtype):
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert not D.may_have_duplicate_rows(x)
+    assert not D.may_have_duplicate_rows(x[:1])  # one row: nothing to duplicate
+    assert not D.may_have_duplicate_rows(x[:0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_may_have_duplicate_rows_flags_equal_rows(dtype):
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x[250] = x[17]
+    assert D.may_have_duplicate_rows(x)
+    # -0.0 and +0.0 compare equal (as torch.unique compares them)
+    y = torch.zeros(2, 3, dtype=dtype)
+    y[1, 1] = -0.0
+    assert D.may_have_duplicate_rows(y)
+
+
+def test_may_have_duplicate_rows_spans_hash_chunks():
+    x = torch.randn(D._HASH_ROWS + 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert not D.may_have_duplicate_rows(x)
+    x[-1] = x[0]  # the copies lie in different hash chunks
+    assert D.may_have_duplicate_rows(x)
+
+
+@given(st.integers(2, 40), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_canonical_columns_matches_unique(m, d, seed):
+    # small integer rows: many exact duplicates; the result must be the first copy of each row
+    r = torch.randint(-1, 2, (m, d), generator=torch.Generator().manual_seed(seed)).double()
+    first = torch.tensor([next(j for j in range(m) if torch.equal(r[j], r[i])) for i in range(m)])
+    canon = D.canonical_columns(r)
+    if bool((first == torch.arange(m)).all()):
+        assert canon is None
+    else:
+        assert torch.equal(canon, first)
