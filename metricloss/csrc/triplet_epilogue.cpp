@@ -32,8 +32,8 @@ enum DistanceKind : int64_t { kEuclidean = 0, kSquaredEuclidean = 1, kCosine = 2
 template <typename T>
 inline T scale_weight(T w, T d, int64_t kind) {
   if (kind == kEuclidean) {
-    T q = w / d;
-    return std::isfinite(q) ? q : T(0);
+    const T q = w / d;
+    return (q - q) == T(0) ? q : T(0);  // finite test without a library call, so loops over it vectorise
   }
   if (kind == kSquaredEuclidean) return w * T(2);
   return w;
@@ -44,6 +44,59 @@ template <typename T>
 inline T softplus(T z) { return z > T(20) ? z : std::log1p(std::exp(z)); }
 template <typename T>
 inline T sigmoid(T z) { return T(1) / (T(1) + std::exp(-z)); }
+
+// Positive slots handled together by one branch-free pass (the batch-all hinge pass, the semi-hard
+// reduction pass): their thresholds/bounds and running sums stay in registers.
+constexpr int64_t kSlotGroup = 4;
+// Entries summed in T (vectorised) before the running sum moves to double.
+constexpr int64_t kSumBlock = 1024;
+
+// One pass over a batch-all row for kSlotGroup thresholds t_p = d_ap + margin (spare ones -inf): per
+// threshold the hinge sum Σ_n [t_p - d_n]_+ and the active count, and (WEIGHTS) the row overwritten by
+// the negatives' scaled weights scale_weight(-#{p : t_p - d_n > 0}, d_n). Hidden cells (+inf) and NaN
+// are never active. Sums run in T over blocks of kSumBlock entries, then in double.
+template <typename T, bool WEIGHTS, int64_t KIND>
+inline void hinge_group_pass_impl(T* row, int64_t m, const T* t, double* sum, int64_t* count) {
+  const T t0 = t[0], t1 = t[1], t2 = t[2], t3 = t[3];
+  double S0 = 0, S1 = 0, S2 = 0, S3 = 0;
+  int64_t C0 = 0, C1 = 0, C2 = 0, C3 = 0;
+  for (int64_t s = 0; s < m; s += kSumBlock) {
+    const int64_t e = std::min(m, s + kSumBlock);
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, c0, c1, c2, c3)
+    for (int64_t j = s; j < e; ++j) {
+      const T d = row[j];
+      const T h0 = t0 - d, h1 = t1 - d, h2 = t2 - d, h3 = t3 - d;
+      const bool a0 = h0 > T(0), a1 = h1 > T(0), a2 = h2 > T(0), a3 = h3 > T(0);
+      s0 += a0 ? h0 : T(0);
+      s1 += a1 ? h1 : T(0);
+      s2 += a2 ? h2 : T(0);
+      s3 += a3 ? h3 : T(0);
+      c0 += a0 ? 1 : 0;
+      c1 += a1 ? 1 : 0;
+      c2 += a2 ? 1 : 0;
+      c3 += a3 ? 1 : 0;
+      if (WEIGHTS) {
+        const T w = -((a0 ? T(1) : T(0)) + (a1 ? T(1) : T(0)) + (a2 ? T(1) : T(0)) + (a3 ? T(1) : T(0)));
+        row[j] = scale_weight(w, d, KIND);
+      }
+    }
+    S0 += s0; S1 += s1; S2 += s2; S3 += s3;
+    C0 += c0; C1 += c1; C2 += c2; C3 += c3;
+  }
+  sum[0] = S0; sum[1] = S1; sum[2] = S2; sum[3] = S3;
+  count[0] = C0; count[1] = C1; count[2] = C2; count[3] = C3;
+}
+
+template <typename T>
+inline void hinge_group_pass(T* row, int64_t m, const T* t, int64_t kind, bool weights, double* sum,
+                             int64_t* count) {
+  if (!weights) return hinge_group_pass_impl<T, false, kEuclidean>(row, m, t, sum, count);
+  if (kind == kEuclidean) return hinge_group_pass_impl<T, true, kEuclidean>(row, m, t, sum, count);
+  if (kind == kSquaredEuclidean) return hinge_group_pass_impl<T, true, kSquaredEuclidean>(row, m, t, sum, count);
+  return hinge_group_pass_impl<T, true, kCosine>(row, m, t, sum, count);
+}
 
 template <typename T>
 void batch_all_rows(T* dist, const T* d_ap, const int64_t* members, const bool* in_class, const bool* valid,
@@ -122,22 +175,47 @@ void batch_all_rows(T* dist, const T* d_ap, const int64_t* members, const bool* 
           pos_w[slot[order[v]]] = static_cast<T>(cum);
         }
       } else {
+        // Few positives: branch-free (vectorised) passes over the row. Up to kSlotGroup valid slots: one
+        // pass gives every slot's hinge sum and active count and writes the negatives' weights. More
+        // (up to the sorted path's threshold): one reduction per slot, then one pass for the weights.
         for (int64_t v = 0; v < nv; ++v) thr[v] = ap[slot[v]] + margin;
-        std::vector<int64_t> counts(nv, 0);
-        for (int64_t j = 0; j < m; ++j) {
-          const T d = row[j];
-          int64_t above = 0;
+        if (nv <= kSlotGroup) {
+          T t4[kSlotGroup];
+          double s4[kSlotGroup];
+          int64_t c4[kSlotGroup];
+          for (int64_t v = 0; v < kSlotGroup; ++v) t4[v] = v < nv ? thr[v] : -inf;
+          hinge_group_pass(row, m, t4, kind, want_weights, s4, c4);
           for (int64_t v = 0; v < nv; ++v) {
-            const T h = thr[v] - d;  // [t_p - d]_+
-            const bool active = h > T(0);
-            row_sum += active ? h : T(0);
-            counts[v] += active;
-            above += active;
+            row_sum += s4[v];
+            row_count += c4[v];
+            pos_w[slot[v]] = static_cast<T>(c4[v]);
           }
-          row_count += above;
-          if (want_weights) row[j] = scale_weight(static_cast<T>(-above), d, kind);
+        } else {
+          for (int64_t v = 0; v < nv; ++v) {
+            const T t = thr[v];
+            double slot_sum = 0.0;
+            int64_t slot_count = 0;
+#pragma omp simd reduction(+ : slot_sum, slot_count)
+            for (int64_t j = 0; j < m; ++j) {
+              const T h = t - row[j];  // [t_p - d]_+
+              const bool active = h > T(0);
+              slot_sum += active ? static_cast<double>(h) : 0.0;
+              slot_count += active ? 1 : 0;
+            }
+            row_sum += slot_sum;
+            row_count += slot_count;
+            pos_w[slot[v]] = static_cast<T>(slot_count);
+          }
+          if (want_weights) {
+            const T* tv = thr.data();
+            for (int64_t j = 0; j < m; ++j) {
+              const T d = row[j];
+              T above = T(0);
+              for (int64_t v = 0; v < nv; ++v) above += (tv[v] - d > T(0)) ? T(1) : T(0);
+              row[j] = scale_weight(-above, d, kind);
+            }
+          }
         }
-        for (int64_t v = 0; v < nv; ++v) pos_w[slot[v]] = static_cast<T>(counts[v]);
       }
       sums[i] = static_cast<T>(row_sum);
       nonzero[i] = row_count;
@@ -200,58 +278,59 @@ std::tuple<at::Tensor, at::Tensor> batch_all_epilogue(at::Tensor dist, const at:
 // (measured: 4–8× slower at W = 3); the row stays in L1/L2 across the passes. Padding slots (not in
 // the class) are left to the farthest negative: the caller masks them.
 template <typename T>
-void semi_hard_rows(T* dist, const T* bound, const int64_t* members, const bool* in_class, const int64_t* self_cols,
-                    int64_t c, int64_t m, int64_t width, double rtol, bool cosine, int64_t* out) {
+inline void semi_hard_row(T* row, int64_t m, const T* bd, const int64_t* mem, const bool* inc, int64_t width,
+                          int64_t self_col, double rtol, bool cosine, int64_t* o) {
   const T inf = std::numeric_limits<T>::infinity();
   const T scale = static_cast<T>(1.0 + rtol);
   const T offset = cosine ? static_cast<T>(rtol) : T(0);
-  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* row = dist + i * m;
-      const T* bd = bound + i * width;
-      const int64_t* mem = members + i * width;
-      const bool* inc = in_class + i * width;
-      for (int64_t k = 0; k < width; ++k)
-        if (inc[k]) row[mem[k]] = inf;
-      if (self_cols != nullptr && self_cols[i] >= 0) row[self_cols[i]] = inf;
-      // 1. the farthest negative: hidden (+inf) and NaN entries count as -inf; its first index
-      T far = -inf;
+  for (int64_t k = 0; k < width; ++k)
+    if (inc[k]) row[mem[k]] = inf;
+  if (self_col >= 0) row[self_col] = inf;
+  // 1. the farthest negative: hidden (+inf) and NaN entries count as -inf; its first index
+  T far = -inf;
 #pragma omp simd reduction(max : far)
-      for (int64_t j = 0; j < m; ++j) {
-        const T d = row[j];
-        const T v = d < inf ? d : -inf;
-        far = v > far ? v : far;
-      }
-      int64_t far_idx = 0;
-      if (far > -inf)
-        for (int64_t j = 0; j < m; ++j)
-          if (row[j] == far) { far_idx = j; break; }
-      int64_t* o = out + i * width;
-      for (int64_t k = 0; k < width; ++k) {
-        o[k] = far_idx;
-        if (!inc[k]) continue;
-        // 2. the nearest negative beyond the slot's bound (hidden cells are +inf: never below a finite best)
-        const T b = bd[k];
-        T best = inf;
+  for (int64_t j = 0; j < m; ++j) {
+    const T d = row[j];
+    const T v = d < inf ? d : -inf;
+    far = v > far ? v : far;
+  }
+  int64_t far_idx = 0;
+  if (far > -inf)
+    for (int64_t j = 0; j < m; ++j)
+      if (row[j] == far) { far_idx = j; break; }
+  for (int64_t k = 0; k < width; ++k) {
+    o[k] = far_idx;
+    if (!inc[k]) continue;
+    // 2. the nearest negative beyond the slot's bound (hidden cells are +inf: never below a finite best)
+    const T b = bd[k];
+    T best = inf;
 #pragma omp simd reduction(min : best)
-        for (int64_t j = 0; j < m; ++j) {
-          const T d = row[j];
-          const T v = d > b ? d : inf;
-          best = v < best ? v : best;
-        }
-        if (!(best < inf)) continue;  // none beyond the bound: the farthest negative
-        // 3. the first index beyond the bound within the tie limit of the nearest (rtol 0: the nearest itself)
-        T lim = best;
-        if (rtol > 0) {
-          const T t = best * scale;
-          lim = t + offset;
-        }
-        for (int64_t j = 0; j < m; ++j) {
-          const T d = row[j];
-          if (d > b && d <= lim) { o[k] = j; break; }
-        }
-      }
+    for (int64_t j = 0; j < m; ++j) {
+      const T d = row[j];
+      const T v = d > b ? d : inf;
+      best = v < best ? v : best;
     }
+    if (!(best < inf)) continue;  // none beyond the bound: the farthest negative
+    // 3. the first index beyond the bound within the tie limit of the nearest (rtol 0: the nearest itself)
+    T lim = best;
+    if (rtol > 0) {
+      const T t = best * scale;
+      lim = t + offset;
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const T d = row[j];
+      if (d > b && d <= lim) { o[k] = j; break; }
+    }
+  }
+}
+
+template <typename T>
+void semi_hard_rows(T* dist, const T* bound, const int64_t* members, const bool* in_class, const int64_t* self_cols,
+                    int64_t c, int64_t m, int64_t width, double rtol, bool cosine, int64_t* out) {
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      semi_hard_row(dist + i * m, m, bound + i * width, members + i * width, in_class + i * width, width,
+                    self_cols != nullptr ? self_cols[i] : int64_t(-1), rtol, cosine, out + i * width);
   });
 }
 
@@ -288,43 +367,59 @@ at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& bound, const at::
 // u_ij - r_slack_j < a_slack_i; then the own column (own_start >= 0: column own_start + i) to 0 and the
 // square root for the Euclidean distance.
 template <typename T>
+inline bool prepare_row(T* row, int64_t m, T a_slack_i, const T* r_slack, const int64_t* mem, const bool* inc,
+                        int64_t width, int64_t self_col, int64_t own_col, bool take_sqrt,
+                        std::vector<int64_t>& hidden_col, std::vector<T>& hidden_val) {
+  const T inf = std::numeric_limits<T>::infinity();
+  hidden_col.clear();
+  hidden_val.clear();
+  auto hide = [&](int64_t j) {
+    if (row[j] == inf) return;  // already hidden (a duplicate entry): keep the saved value
+    hidden_col.push_back(j);
+    hidden_val.push_back(row[j]);
+    row[j] = inf;
+  };
+  for (int64_t k = 0; k < width; ++k)
+    if (inc[k]) hide(mem[k]);
+  if (self_col >= 0) hide(self_col);
+  // clamp, the small-entry test (a vectorised min reduction) and the square root, in one pass
+  T lowest = inf;
+  if (take_sqrt) {
+#pragma omp simd reduction(min : lowest)
+    for (int64_t j = 0; j < m; ++j) {
+      const T v = row[j] < T(0) ? T(0) : row[j];
+      const T slack = v - r_slack[j];
+      lowest = slack < lowest ? slack : lowest;
+      row[j] = std::sqrt(v);
+    }
+  } else {
+#pragma omp simd reduction(min : lowest)
+    for (int64_t j = 0; j < m; ++j) {
+      const T v = row[j] < T(0) ? T(0) : row[j];
+      const T slack = v - r_slack[j];
+      lowest = slack < lowest ? slack : lowest;
+      row[j] = v;
+    }
+  }
+  for (size_t h = 0; h < hidden_col.size(); ++h) {
+    const T v = hidden_val[h] < T(0) ? T(0) : hidden_val[h];
+    row[hidden_col[h]] = take_sqrt ? std::sqrt(v) : v;
+  }
+  if (own_col >= 0) row[own_col] = T(0);
+  return lowest < a_slack_i;
+}
+
+template <typename T>
 void prepare_rows(T* u, const T* a_slack, const T* r_slack, const int64_t* members, const bool* in_class,
                   const int64_t* self_cols, int64_t own_start, int64_t c, int64_t m, int64_t width, bool take_sqrt,
                   bool* redo) {
-  const T inf = std::numeric_limits<T>::infinity();
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> hidden_col;
     std::vector<T> hidden_val;
-    for (int64_t i = begin; i < end; ++i) {
-      T* row = u + i * m;
-      const int64_t* mem = members + i * width;
-      const bool* inc = in_class + i * width;
-      hidden_col.clear();
-      hidden_val.clear();
-      auto hide = [&](int64_t j) {
-        if (row[j] == inf) return;  // already hidden (a duplicate entry): keep the saved value
-        hidden_col.push_back(j);
-        hidden_val.push_back(row[j]);
-        row[j] = inf;
-      };
-      for (int64_t k = 0; k < width; ++k)
-        if (inc[k]) hide(mem[k]);
-      if (self_cols != nullptr && self_cols[i] >= 0) hide(self_cols[i]);
-      T lowest = inf;
-      for (int64_t j = 0; j < m; ++j) {
-        T v = row[j];
-        v = v < T(0) ? T(0) : v;
-        const T slack = v - r_slack[j];
-        lowest = slack < lowest ? slack : lowest;
-        row[j] = take_sqrt ? std::sqrt(v) : v;
-      }
-      redo[i] = lowest < a_slack[i];
-      for (size_t h = 0; h < hidden_col.size(); ++h) {
-        const T v = hidden_val[h] < T(0) ? T(0) : hidden_val[h];
-        row[hidden_col[h]] = take_sqrt ? std::sqrt(v) : v;
-      }
-      if (own_start >= 0) row[own_start + i] = T(0);
-    }
+    for (int64_t i = begin; i < end; ++i)
+      redo[i] = prepare_row(u + i * m, m, a_slack[i], r_slack, members + i * width, in_class + i * width, width,
+                            self_cols != nullptr ? self_cols[i] : int64_t(-1), own_start >= 0 ? own_start + i : -1,
+                            take_sqrt, hidden_col, hidden_val);
   });
 }
 
@@ -356,6 +451,252 @@ at::Tensor prepare_block(at::Tensor u, const at::Tensor& a_slack, const at::Tens
   return redo;
 }
 
+
+// Semi-hard, fused (metricloss/ops/triplet.py::_BlockTripletPlan, the native fused path): the chunk's Gram
+// block is computed here by one GEMM per tile of `tile_rows` anchors (sized by the caller to stay in
+// cache), and each row is then prepared and searched while it is still in cache, in two passes:
+//
+//   1. one branch-free (vectorised) pass that prepares the row (clamp at 0, the small-entry test, the
+//      square root) and reduces it to the farthest negative (of the finite or +inf distances, as the
+//      torch path's argmax) and, for up to kSlotGroup positive slots
+//      at once, the nearest negative beyond each slot's bound (further groups of slots: one more
+//      reduction pass each, over the prepared row);
+//   2. one scan for the first indices: of the farthest value, and per slot of the first negative
+//      beyond the bound within the tie limit of the nearest; it stops once every one is found.
+//
+// The bound of a slot is tie_bound(d_ap) = d_ap * (1 + rtol) (+ rtol for cosine) of the block's own
+// anchor-positive distance, or of the exact one `d_ap_exact` where the positive's Gram entry is small
+// (u_ap < a_slack_i + r_slack_p on the clamped raw entry, the own cell +inf), as the unfused path takes
+// it. The own class and the own column stay hidden (as NaN) throughout. The result equals prepare_block,
+// the gather of d_ap and semi_hard_select run one after the other (tested against them).
+
+template <typename T, bool kPrepare>
+inline void slot_group_pass(T* row, int64_t m, const T* r_slack, bool take_sqrt, const T* b, T* best, T& far,
+                            T& lowest) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
+  T m0 = inf, m1 = inf, m2 = inf, m3 = inf, fa = -inf, lo = inf;
+  if (kPrepare) {
+    if (take_sqrt) {
+#pragma omp simd reduction(min : m0, m1, m2, m3, lo) reduction(max : fa)
+      for (int64_t j = 0; j < m; ++j) {
+        const T v = row[j] < T(0) ? T(0) : row[j];
+        const T slack = v - r_slack[j];
+        lo = slack < lo ? slack : lo;
+        const T d = std::sqrt(v);
+        row[j] = d;
+        fa = d > fa ? d : fa;  // hidden cells are NaN: never above
+        const T c0 = d > b0 ? d : inf;
+        m0 = c0 < m0 ? c0 : m0;
+        const T c1 = d > b1 ? d : inf;
+        m1 = c1 < m1 ? c1 : m1;
+        const T c2 = d > b2 ? d : inf;
+        m2 = c2 < m2 ? c2 : m2;
+        const T c3 = d > b3 ? d : inf;
+        m3 = c3 < m3 ? c3 : m3;
+      }
+    } else {
+#pragma omp simd reduction(min : m0, m1, m2, m3, lo) reduction(max : fa)
+      for (int64_t j = 0; j < m; ++j) {
+        const T d = row[j] < T(0) ? T(0) : row[j];
+        const T slack = d - r_slack[j];
+        lo = slack < lo ? slack : lo;
+        row[j] = d;
+        fa = d > fa ? d : fa;  // hidden cells are NaN: never above
+        const T c0 = d > b0 ? d : inf;
+        m0 = c0 < m0 ? c0 : m0;
+        const T c1 = d > b1 ? d : inf;
+        m1 = c1 < m1 ? c1 : m1;
+        const T c2 = d > b2 ? d : inf;
+        m2 = c2 < m2 ? c2 : m2;
+        const T c3 = d > b3 ? d : inf;
+        m3 = c3 < m3 ? c3 : m3;
+      }
+    }
+    far = fa;
+    lowest = lo;
+  } else {
+#pragma omp simd reduction(min : m0, m1, m2, m3)
+    for (int64_t j = 0; j < m; ++j) {
+      const T d = row[j];
+      const T c0 = d > b0 ? d : inf;
+      m0 = c0 < m0 ? c0 : m0;
+      const T c1 = d > b1 ? d : inf;
+      m1 = c1 < m1 ? c1 : m1;
+      const T c2 = d > b2 ? d : inf;
+      m2 = c2 < m2 ? c2 : m2;
+      const T c3 = d > b3 ? d : inf;
+      m3 = c3 < m3 ? c3 : m3;
+    }
+  }
+  best[0] = m0;
+  best[1] = m1;
+  best[2] = m2;
+  best[3] = m3;
+}
+
+// Entries tested together by the block scans below (one vectorised test, then a scalar look inside the
+// block that holds the match).
+constexpr int64_t kScanBlock = 64;
+
+// The first j with lo < row[j] <= hi (NaN never matches), or -1.
+template <typename T>
+inline int64_t first_in_range(const T* row, int64_t m, T lo, T hi) {
+  for (int64_t s = 0; s < m; s += kScanBlock) {
+    const int64_t e = std::min(m, s + kScanBlock);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = s; j < e; ++j) hit |= (row[j] > lo && row[j] <= hi) ? 1 : 0;
+    if (hit)
+      for (int64_t j = s; j < e; ++j)
+        if (row[j] > lo && row[j] <= hi) return j;
+  }
+  return -1;
+}
+
+// The first j with row[j] == value, or 0.
+template <typename T>
+inline int64_t first_equal(const T* row, int64_t m, T value) {
+  for (int64_t s = 0; s < m; s += kScanBlock) {
+    const int64_t e = std::min(m, s + kScanBlock);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = s; j < e; ++j) hit |= row[j] == value ? 1 : 0;
+    if (hit)
+      for (int64_t j = s; j < e; ++j)
+        if (row[j] == value) return j;
+  }
+  return 0;
+}
+
+template <typename T>
+void semi_hard_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t width, const T* a_slack,
+                          const T* r_slack, const int64_t* members, const bool* in_class, const int64_t* self_cols,
+                          int64_t own_start, bool take_sqrt, const T* d_ap_exact, double rtol, bool cosine,
+                          int64_t* out, bool* redo) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const T scale = static_cast<T>(1.0 + rtol);
+  const T offset = static_cast<T>(rtol);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const int64_t groups = (width + kSlotGroup - 1) / kSlotGroup;
+  const int64_t padded = groups * kSlotGroup;
+  at::parallel_for(0, t, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> bound(padded), best(padded), lim(padded);
+    std::vector<int64_t> found(padded);
+    for (int64_t ii = begin; ii < end; ++ii) {
+      const int64_t i = row0 + ii;
+      T* row = tile + ii * m;
+      const int64_t* mem = members + i * width;
+      const bool* inc = in_class + i * width;
+      const int64_t own_col = own_start >= 0 ? own_start + i : -1;
+      const int64_t self_col = self_cols != nullptr ? self_cols[i] : int64_t(-1);
+      // 1. the bounds, from the raw entries before the pass overwrites them: the block's d_ap is the
+      //    clamped (square-rooted) entry, 0 in the own column; small entries take the exact d_ap.
+      //    Padding slots (and the group's spare ones) get +inf: nothing is beyond it.
+      for (int64_t k = 0; k < padded; ++k) bound[k] = inf;
+      for (int64_t k = 0; k < width; ++k) {
+        if (!inc[k]) continue;
+        const int64_t col = mem[k];
+        const T v = row[col] < T(0) ? T(0) : row[col];
+        const bool is_own = own_col >= 0 && col == own_col;
+        const bool small = !is_own && v < a_slack[i] + r_slack[col];
+        T d = is_own ? T(0) : (take_sqrt ? std::sqrt(v) : v);
+        if (small) d = d_ap_exact[i * width + k];
+        const T b = d * scale;
+        bound[k] = cosine ? b + offset : b;
+      }
+      // 2. hide the own class and the own column, then the reduction passes. The hidden cells hold NaN,
+      //    which every comparison below rejects: no small-entry slack, never the farthest, never beyond a
+      //    bound (a NaN needs no test of its own in the pass; an `x < inf` test there costs 4x the pass).
+      for (int64_t k = 0; k < width; ++k)
+        if (inc[k]) row[mem[k]] = nan;
+      if (self_col >= 0) row[self_col] = nan;
+      T far = -inf, lowest = inf;
+      slot_group_pass<T, true>(row, m, r_slack, take_sqrt, bound.data(), best.data(), far, lowest);
+      for (int64_t g = 1; g < groups; ++g) {
+        T unused_far = -inf, unused_low = inf;
+        slot_group_pass<T, false>(row, m, r_slack, take_sqrt, bound.data() + g * kSlotGroup,
+                                  best.data() + g * kSlotGroup, unused_far, unused_low);
+      }
+      redo[i] = lowest < a_slack[i];
+      // 3. the first indices: of the farthest value, and per slot beyond its bound within its tie limit
+      for (int64_t k = 0; k < width; ++k) {
+        found[k] = -1;
+        lim[k] = best[k];
+        if (best[k] < inf) {
+          if (rtol > 0) {
+            const T tl = best[k] * scale;
+            lim[k] = cosine ? tl + offset : tl;
+          }
+        }
+      }
+      // (one early-exit scan per value, vectorised by blocks: a scan testing every open value per entry
+      // is branchy and slower). The farthest negative is only looked up when a slot needs it; padding
+      // slots get it, or index 0 when no slot needed it (any in-range index: the caller masks them).
+      int64_t far_idx = 0;
+      bool need_far = false;
+      for (int64_t k = 0; k < width; ++k) {
+        if (!inc[k]) continue;
+        if (best[k] < inf)
+          found[k] = first_in_range(row, m, bound[k], lim[k]);
+        else
+          need_far = true;
+      }
+      if (need_far && far > -inf) far_idx = first_equal(row, m, far);
+      int64_t* o = out + i * width;
+      for (int64_t k = 0; k < width; ++k) o[k] = found[k] >= 0 ? found[k] : far_idx;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> semi_hard_fused(const at::Tensor& a_factors, const at::Tensor& r_factors,
+                                                   const at::Tensor& a_slack, const at::Tensor& r_slack,
+                                                   const at::Tensor& members, const at::Tensor& in_class,
+                                                   const c10::optional<at::Tensor>& self_cols, int64_t own_start,
+                                                   bool take_sqrt, const at::Tensor& d_ap_exact, double rtol,
+                                                   bool cosine, int64_t tile_rows) {
+  TORCH_CHECK(a_factors.device().is_cpu() && a_factors.dim() == 2 && r_factors.dim() == 2 &&
+                  a_factors.size(1) == r_factors.size(1) && a_factors.scalar_type() == r_factors.scalar_type(),
+              "semi_hard_fused: a_factors (c, K) and r_factors (M, K) CPU tensors of one dtype");
+  const int64_t c = a_factors.size(0), m = r_factors.size(0), width = members.size(1);
+  TORCH_CHECK(tile_rows >= 1, "semi_hard_fused: tile_rows must be >= 1");
+  TORCH_CHECK(a_slack.is_contiguous() && a_slack.numel() == c && a_slack.scalar_type() == a_factors.scalar_type() &&
+                  r_slack.is_contiguous() && r_slack.numel() == m && r_slack.scalar_type() == a_factors.scalar_type(),
+              "semi_hard_fused: a_slack (c,) and r_slack (M,) contiguous, of the factors' dtype");
+  TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
+                  in_class.is_contiguous() && in_class.scalar_type() == at::kBool && in_class.size(0) == c &&
+                  in_class.size(1) == width,
+              "semi_hard_fused: members (c, W) int64 and in_class (c, W) bool, contiguous");
+  TORCH_CHECK(d_ap_exact.is_contiguous() && d_ap_exact.scalar_type() == a_factors.scalar_type() &&
+                  d_ap_exact.size(0) == c && d_ap_exact.size(1) == width,
+              "semi_hard_fused: d_ap_exact must be contiguous (c, W) of the factors' dtype");
+  TORCH_CHECK(own_start < 0 || own_start + c <= m, "semi_hard_fused: own columns out of range");
+  const int64_t* self_ptr = nullptr;
+  if (self_cols.has_value()) {
+    TORCH_CHECK(self_cols->is_contiguous() && self_cols->scalar_type() == at::kLong && self_cols->numel() == c,
+                "semi_hard_fused: self_cols must be contiguous (c,) int64");
+    self_ptr = self_cols->data_ptr<int64_t>();
+  }
+  auto out = at::empty({c, width}, members.options());
+  auto redo = at::empty({c}, members.options().dtype(at::kBool));
+  const int64_t rows = std::min(tile_rows, std::max<int64_t>(c, 1));
+  auto buffer = at::empty({rows, m}, a_factors.options());
+  const at::Tensor r_t = r_factors.t();
+  for (int64_t s = 0; s < c; s += rows) {
+    const int64_t t = std::min(rows, c - s);
+    at::Tensor tile = buffer.narrow(0, 0, t);
+    at::mm_out(tile, a_factors.narrow(0, s, t), r_t);
+    AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "semi_hard_fused", [&] {
+      semi_hard_fused_rows<scalar_t>(tile.data_ptr<scalar_t>(), s, t, m, width, a_slack.data_ptr<scalar_t>(),
+                                     r_slack.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
+                                     in_class.data_ptr<bool>(), self_ptr, own_start, take_sqrt,
+                                     d_ap_exact.data_ptr<scalar_t>(), rtol, cosine, out.data_ptr<int64_t>(),
+                                     redo.data_ptr<bool>());
+    });
+  }
+  return {out, redo};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(metricloss_native, m) {
@@ -366,10 +707,14 @@ TORCH_LIBRARY(metricloss_native, m) {
         "Tensor? self_cols, int own_start, bool take_sqrt) -> Tensor");
   m.def("semi_hard_select(Tensor(a!) dist, Tensor bound, Tensor members, Tensor in_class, Tensor? self_cols, "
         "float rtol, bool cosine) -> Tensor");
+  m.def("semi_hard_fused(Tensor a_factors, Tensor r_factors, Tensor a_slack, Tensor r_slack, Tensor members, "
+        "Tensor in_class, Tensor? self_cols, int own_start, bool take_sqrt, Tensor d_ap_exact, float rtol, "
+        "bool cosine, int tile_rows) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metricloss_native, CPU, m) {
   m.impl("batch_all_epilogue", &batch_all_epilogue);
   m.impl("semi_hard_select", &semi_hard_select);
   m.impl("prepare_block", &prepare_block);
+  m.impl("semi_hard_fused", &semi_hard_fused);
 }

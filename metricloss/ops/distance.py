@@ -117,8 +117,10 @@ def paired_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Te
     if distance == "cosine":
         return 1.0 - torch.linalg.vecdot(a, b, dim=-1)
     diff = a - b
-    u = torch.linalg.vecdot(diff, diff, dim=-1)
-    return safe_sqrt(u) if distance == "euclidean" else u
+    if distance == "euclidean":
+        # one fused reduction (no squared temporary); its gradient at a == b is 0, the subgradient
+        return torch.linalg.vector_norm(diff, dim=-1)
+    return torch.linalg.vecdot(diff, diff, dim=-1)
 
 
 def paired_distance_grad(a: torch.Tensor, b: torch.Tensor, distance: str) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,12 @@ sources and the torch version, so later processes only load it). Nothing is comp
 * ``0``: always the torch path (no build is attempted);
 * ``1``: always native on CPU; a failed build raises ``RuntimeError`` naming the cause.
 
-What runs natively: the preparation of each chunk's distance block (:func:`prepare_block`), the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`) and
-the semi-hard negative selection for anchors with few positives (:func:`semi_hard_negatives`), on
-float32 and float64 CPU blocks. Everything else, and every other device or dtype, stays on torch.
+What runs natively, on float32 and float64 CPU blocks: the preparation of each chunk's distance block
+(:func:`prepare_block`), the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`),
+and semi-hard: for anchors with few positives, the whole chunk (its Gram GEMM in cache-sized tiles, the
+block preparation and the negative selection, :func:`semi_hard_fused`), or the selection alone on a
+prepared block (:func:`semi_hard_negatives`, the exact redo pass). Everything else, and every other
+device or dtype, stays on torch.
 """
 
 from __future__ import annotations
@@ -28,12 +31,17 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["ENV_VAR", "NativeBuildError", "batch_all_epilogue", "native_enabled", "native_library",
-           "prepare_block", "semi_hard_negatives"]
+__all__ = ["ENV_VAR", "FUSED_TILE_BYTES", "NativeBuildError", "batch_all_epilogue", "fused_tile_rows",
+           "native_enabled", "native_library", "prepare_block", "semi_hard_fused", "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
 _SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "triplet_epilogue.cpp",)
 _DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
+
+# Named heuristic: the fused semi-hard op computes its Gram block in tiles of about this many bytes, so a
+# tile is still in the (L2) cache when its rows are prepared and searched, instead of streaming a whole
+# chunk's block through memory between the GEMM and each pass.
+FUSED_TILE_BYTES = 1 << 20
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
@@ -61,7 +69,7 @@ def _build() -> None:
         raise NativeBuildError("ninja is not installed (pip install ninja)")
     try:
         cpp_extension.load(name=_extension_name(), sources=[str(p) for p in _SOURCES],
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # compiler missing, compile or link error, unloadable library
         text = str(exc).strip().splitlines()
@@ -191,3 +199,43 @@ def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
         u, a_slack.to(u.dtype).contiguous(), r_slack.to(u.dtype).contiguous(), members.contiguous(),
         in_class.contiguous(), None if self_cols is None else self_cols.to(torch.int64).contiguous(),
         -1 if own_start is None else int(own_start), distance == "euclidean")
+
+
+def fused_tile_rows(num_refs: int, element_size: int) -> int:
+    """Anchor rows per Gram tile of :func:`semi_hard_fused`: :data:`FUSED_TILE_BYTES` of the block, at
+    least 8 rows (a GEMM of fewer rows runs far below its peak)."""
+    return max(8, FUSED_TILE_BYTES // max(1, num_refs * element_size))
+
+
+def semi_hard_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
+                    members: torch.Tensor, in_class: torch.Tensor, self_cols: Optional[torch.Tensor],
+                    own_start: Optional[int], distance: str, d_ap_exact: torch.Tensor,
+                    rtol: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """A semi-hard chunk's Gram block, block preparation and negative selection in one native op, or None
+    (use the unfused path).
+
+    Equal to :func:`prepare_block`, the gather of d_ap (its Gram value, or ``d_ap_exact`` where the
+    positive's own entry is small) and :func:`semi_hard_negatives` run one after the other, but the block
+    never leaves the cache: the op computes it itself, ``a_factors @ r_factors.T``, one tile of
+    :func:`fused_tile_rows` rows at a time.
+
+    Args:
+        a_factors: (c, K) the chunk's Gram factors (:class:`~metricloss.ops.distance.GramFactors` ``A``
+            rows); r_factors: (M, K) the references' (``R``). float32/float64 CPU.
+        a_slack: (c,), r_slack: (M,) the two halves of the small-entry bound.
+        members, in_class: (c, W) int64 / bool positive table; self_cols: (c,) own columns (-1: none) or None.
+        own_start: the reference set is the batch and the chunk starts at anchor ``own_start``, else None.
+        distance: the distance name; d_ap_exact: (c, W) exact anchor-positive distances; rtol: the tie tolerance.
+
+    Returns:
+        (negative indices (c, W) int64 as :func:`semi_hard_negatives`, redo (c,) bool as
+        :func:`prepare_block`), or None when the native path does not serve this chunk.
+    """
+    if members.shape[1] == 0 or r_factors.shape[0] == 0 or not native_enabled(a_factors):
+        return None
+    dtype = a_factors.dtype
+    return torch.ops.metricloss_native.semi_hard_fused(
+        a_factors.contiguous(), r_factors.contiguous(), a_slack.to(dtype).contiguous(), r_slack.to(dtype).contiguous(),
+        members.contiguous(), in_class.contiguous(), None if self_cols is None else self_cols.to(torch.int64).contiguous(),
+        -1 if own_start is None else int(own_start), distance == "euclidean", d_ap_exact.to(dtype).contiguous(),
+        float(rtol), distance == "cosine", fused_tile_rows(r_factors.shape[0], a_factors.element_size()))

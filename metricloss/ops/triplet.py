@@ -36,14 +36,14 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .distance import (GramFactors, Rows, gram_backward, paired_distance, paired_distance_grad,
-                       scale_distance_weights_)
+from .distance import (GramFactors, Rows, gram_backward, paired_distance, scale_distance_weights_)
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
-from .native import native_enabled
+from .native import ENV_VAR, native_enabled
 from .native import prepare_block as native_prepare_block
+from .native import semi_hard_fused as native_semi_hard_fused
 from .native import semi_hard_negatives as native_semi_hard_negatives
 from .reduction import LossTerms
 
@@ -186,17 +186,59 @@ def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
     if neg_idx is None:
         neg_idx = semi_hard_negative_idx(dist, d_ap, members, in_class, self_cols,
                                          scratch.get("term", dist.shape[0]), rtol=rtol, distance=distance)
-    a3 = a_c.unsqueeze(1)
-    d_ap = paired_distance(a3, r[members], distance)
-    d_an = paired_distance(a3, r[neg_idx], distance)
+    pairs = _PairRows(a_c, r, members.shape[1], distance)
+    return _semi_hard_terms(a_c, r, members, valid, neg_idx, pairs, pairs.gather(0, members), margin, distance,
+                            want_weights)
+
+
+class _PairRows:
+    """The reference rows of a chunk's (anchor, positive) and (anchor, negative) pairs, gathered once and
+    kept for the gradient: group 0 the positives, group 1 the negatives, each (c, W) pairs.
+
+    ``rows[g]`` (c, W, D) holds r[idx] − a (Euclidean kinds) or r[idx] (cosine): what both the exact
+    distance and its gradient are made of, so neither gathers nor subtracts the rows again.
+    """
+
+    def __init__(self, a_c: torch.Tensor, r: torch.Tensor, width: int, distance: str):
+        self.a_c, self.r, self.distance = a_c, r, distance
+        self.rows = torch.empty((2, a_c.shape[0], width, r.shape[1]), dtype=r.dtype, device=r.device)
+        self.idx = torch.empty((2, a_c.shape[0], width), dtype=torch.int64, device=r.device)
+        self.dist = torch.empty((2, a_c.shape[0], width), dtype=r.dtype, device=r.device)
+
+    def gather(self, group: int, idx: torch.Tensor) -> torch.Tensor:
+        """Gather the pairs ``idx`` (c, W) into ``group``; returns their exact distances (c, W), bitwise
+        those of :func:`~metricloss.ops.distance.paired_distance` (the same products, of negated
+        differences)."""
+        self.idx[group] = idx
+        rows = self.rows[group]
+        torch.index_select(self.r, 0, idx.reshape(-1), out=rows.view(-1, self.r.shape[1]))
+        a3 = self.a_c.unsqueeze(1)
+        if self.distance == "cosine":
+            d = 1.0 - torch.linalg.vecdot(a3, rows, dim=-1)
+        elif self.distance == "euclidean":
+            d = torch.linalg.vector_norm(rows.sub_(a3), dim=-1)
+        else:
+            e = rows.sub_(a3)
+            d = torch.linalg.vecdot(e, e, dim=-1)
+        self.dist[group] = d
+        return d
+
+
+def _semi_hard_terms(a_c: torch.Tensor, r: torch.Tensor, members: torch.Tensor, valid: torch.Tensor,
+                     neg_idx: torch.Tensor, pairs: _PairRows, d_ap: torch.Tensor, margin: Margin, distance: str,
+                     want_weights: bool):
+    """Semi-hard terms of one chunk from its selected negatives ``neg_idx`` (c, W) and the exact positive
+    distances ``d_ap`` (c, W) of ``pairs`` group 0: d(a, n*) computed exactly from the rows (group 1),
+    O(c·W·D). Returns as :func:`_semi_hard_block`."""
+    d_an = pairs.gather(1, neg_idx)
     z = d_ap - d_an
     terms = torch.where(valid, _hinge(z, margin), torch.zeros_like(z))
     sums, nonzero = terms.sum(1), torch.count_nonzero(terms, dim=1)
     if not want_weights:
         return sums, nonzero, None
-    slope = torch.sigmoid(z) if margin == "soft" else (z + margin > 0).to(dist.dtype)
+    slope = torch.sigmoid(z) if margin == "soft" else (z + margin > 0).to(z.dtype)
     slope = torch.where(valid, slope, torch.zeros_like(slope))
-    return sums, nonzero, PairChunkGrad(torch.cat([members, neg_idx], 1), torch.cat([slope, slope.neg()], 1))
+    return sums, nonzero, PairChunkGrad(pairs, torch.stack([slope, slope.neg()]))
 
 
 class DenseChunkGrad:
@@ -214,23 +256,43 @@ class DenseChunkGrad:
 
 
 class PairChunkGrad:
-    """A chunk's gradient as a few weighted (anchor, reference) pairs per row: ``ref_idx``, ``weight`` (c, P).
+    """A chunk's gradient as a few weighted (anchor, reference) pairs per row, from their gathered rows.
 
-    Gradient of Σ_ij weight_ij · d(a_i, r_{ref_idx_ij}) from the rows' differences, O(c·P·D).
+    Gradient of Σ weight_gik · d(a_i, r_{idx_gik}) over the pairs of a :class:`_PairRows` (``weight``
+    (2, c, W)), O(c·W·D): with e = r − a, ∂d/∂r = h·e and ∂d/∂a = −h·e, h = 1/d (Euclidean; 0 where d = 0,
+    the subgradient) or 2 (squared); cosine (d = 1 − a·r on unit rows): ∂d/∂a = −r, ∂d/∂r = −a.
     """
 
-    def __init__(self, ref_idx: torch.Tensor, weight: torch.Tensor):
-        self.ref_idx, self.weight = ref_idx, weight
+    def __init__(self, pairs: "_PairRows", weight: torch.Tensor):
+        self.pairs, self.weight = pairs, weight
 
     def apply(self, a_c: torch.Tensor, r: torch.Tensor, distance: str, grad_r: torch.Tensor, colsum: torch.Tensor,
               row_scale: Optional[torch.Tensor] = None, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """As :meth:`DenseChunkGrad.apply`."""
-        weight = self.weight if row_scale is None else self.weight * row_scale.unsqueeze(1)
+        weight = self.weight if row_scale is None else self.weight * row_scale.view(1, -1, 1)
         if row_mask is not None:
-            weight = weight * row_mask.unsqueeze(1)
-        d_a, d_r = paired_distance_grad(a_c.unsqueeze(1), r[self.ref_idx], distance)
-        grad_r.index_add_(0, self.ref_idx.flatten(), (weight.unsqueeze(2) * d_r).flatten(0, 1))
-        return (weight.unsqueeze(2) * d_a).sum(1)
+            weight = weight * row_mask.view(1, -1, 1)
+        # The gathered rows are scaled in place (they are not needed again): a fresh (2, c, W, D)
+        # temporary costs its page faults, several times the arithmetic (measured).
+        rows, idx = self.pairs.rows, self.pairs.idx
+        if distance == "cosine":
+            # grad_r: −w·a into each pair's reference row, one (c, D) product per slot
+            for g in range(idx.shape[0]):
+                for k in range(idx.shape[2]):
+                    grad_r.index_add_(0, idx[g, :, k], a_c * weight[g, :, k:k + 1], alpha=-1.0)
+            h = weight
+        else:
+            dist = self.pairs.dist
+            if distance == "euclidean":
+                h = torch.where(dist > 0, weight / torch.where(dist > 0, dist, torch.ones_like(dist)),
+                                torch.zeros_like(dist))
+            else:
+                h = 2.0 * weight
+        scaled = rows.mul_(h.unsqueeze(-1))                    # h·e (cosine: w·r) per pair
+        if distance != "cosine":
+            grad_r.index_add_(0, idx.reshape(-1), scaled.view(-1, scaled.shape[-1]))
+        # grad_a = −Σ_g Σ_k h_gik rows_gik
+        return scaled.sum((0, 2)).neg_()
 
 
 class _Scratch:
@@ -268,11 +330,18 @@ class _BlockTripletPlan:
         # the member table's rows and their differences (exact positive distances); semi-hard also gathers
         # the negative rows and the gradients
         per_row += (8 if mining == "semi_hard" else 2) * self.width * a.shape[1] * elem
-        self.rows = rows_per_chunk(m, per_ref, chunk_bytes, bytes_per_row=per_row)
+        # chunks of the exact (redo) pass and of the torch/unfused path: (c, M) blocks and scratch
+        self.exact_rows = rows_per_chunk(m, per_ref, chunk_bytes, bytes_per_row=per_row)
+        # CPU semi-hard with few positives: the native fused op computes each chunk's block itself, in
+        # cache-sized tiles (:func:`~metricloss.ops.native.semi_hard_fused`), so a chunk holds no (c, M)
+        # block and is sized by its O(W·D) rows alone (one chunk for a whole batch, typically).
+        self.fused = (mining == "semi_hard" and self.width > 0 and m > 0 and not use_sorted_semi_hard(self.width)
+                      and self.gram.canon is None and native_enabled(self.gram.A))
+        self.rows = rows_per_chunk(m, 1, chunk_bytes, bytes_per_row=per_row) if self.fused else self.exact_rows
         # number of valid terms: triplets (batch-all) or (anchor, positive) pairs (semi-hard)
         valid_pos = self.cls.num_pos * (self.cls.num_neg > 0)
         self.num_terms = (valid_pos * self.cls.num_neg).sum() if mining == "batch_all" else valid_pos.sum()
-        self.scratch = _Scratch(min(self.rows, a.shape[0]), m, a.dtype, a.device)
+        self.scratch = _Scratch(min(self.exact_rows, a.shape[0]), m, a.dtype, a.device)
 
     def own_cols(self, rows: Rows) -> Optional[torch.Tensor]:
         """The anchors' own reference columns (-1: none), or None when no anchor has one."""
@@ -294,6 +363,12 @@ class _BlockTripletPlan:
         gram = self.gram
         members, in_class = self.index.positive_table(cls, self.width)
         self_cols = self.own_cols(rows)
+        if self.fused and not exact and isinstance(rows, slice):
+            fused = self._native_fused(a, r, rows, cls, members, in_class, self_cols, want_weights)
+            if fused is None:  # the plan's chunks are sized for the fused op: no unfused fallback per chunk
+                raise RuntimeError("metricloss: the native semi-hard path was switched off during a call "
+                                   f"({ENV_VAR} changed?); set it before the loss runs")
+            return fused
         if not exact and isinstance(rows, slice):
             prepared = self._native_prepare(rows, c, members, in_class, self_cols)
             if prepared is not None:
@@ -313,6 +388,26 @@ class _BlockTripletPlan:
         dist = gram.finish(u, rows)
         return self._finish_chunk(a, r, rows, cls, dist, redo, None if exact else small_ap, members, in_class,
                                   self_cols, want_weights, exact)
+
+    def _native_fused(self, a: torch.Tensor, r: torch.Tensor, rows: slice, cls, members: torch.Tensor,
+                      in_class: torch.Tensor, self_cols: Optional[torch.Tensor], want_weights: bool):
+        """CPU semi-hard: the chunk's block, its preparation and the selection in one native op
+        (:func:`~metricloss.ops.native.semi_hard_fused`); the terms from the selected rows. Returns as
+        :meth:`chunk`, or None where the native path does not serve it."""
+        gram = self.gram
+        a_c = a[rows]
+        pairs = _PairRows(a_c, r, self.width, self.distance)
+        d_ap = pairs.gather(0, members)  # exact; the bounds of the small entries, and the loss
+        selected = native_semi_hard_fused(gram.A[rows], gram.R, gram.a_slack[rows], gram.r_slack, members, in_class,
+                                          self_cols, rows.start if gram.self_ref else None, self.distance, d_ap,
+                                          tie_rtol(a.shape[1], a.dtype))
+        if selected is None:
+            return None
+        neg_idx, redo = selected
+        valid = in_class & (cls.num_neg > 0).unsqueeze(1)
+        sums, nonzero, grad = _semi_hard_terms(a_c, r, members, valid, neg_idx, pairs, d_ap, self.margin,
+                                               self.distance, want_weights)
+        return sums, nonzero, grad, redo
 
     def _native_prepare(self, rows: slice, c: int, members: torch.Tensor, in_class: torch.Tensor,
                         self_cols: Optional[torch.Tensor]):
@@ -376,8 +471,8 @@ def _run_chunks(plan: _BlockTripletPlan, a: torch.Tensor, r: torch.Tensor, want_
                                            row_scale=None if row_scale is None else row_scale[s:e],
                                            row_mask=(~chunk_redo).to(a.dtype))
     redo_rows = redo.nonzero().squeeze(1)  # the one device read of the call
-    for t in range(0, redo_rows.numel(), plan.rows):
-        rows = redo_rows[t:t + plan.rows]
+    for t in range(0, redo_rows.numel(), plan.exact_rows):
+        rows = redo_rows[t:t + plan.exact_rows]
         chunk_sums, chunk_nonzero, chunk_grad, _ = plan.chunk(a, r, rows, want_grad, exact=True)
         sums[rows] = chunk_sums
         nonzero[rows] = chunk_nonzero

@@ -60,9 +60,9 @@ def fresh_state(monkeypatch):
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Records, per chunk, whether the native batch-all epilogue / semi-hard selection served it."""
+    """Records, per chunk, whether the native batch-all epilogue / semi-hard selection (fused or not) served it."""
     calls = []
-    for name in ("native_batch_all_epilogue", "native_semi_hard_negatives"):
+    for name in ("native_batch_all_epilogue", "native_semi_hard_negatives", "native_semi_hard_fused"):
         real = getattr(triplet_ops, name)
 
         def spy(*args, _real=real, **kwargs):
@@ -149,6 +149,24 @@ def test_native_serves_every_chunk_by_default(built, monkeypatch, native_calls, 
     assert len(native_calls) > 1 and all(c == served for c in native_calls)
     assert_native_matches_torch(monkeypatch, mining, x, y, (None, None),
                                 dict(margin=margin, reduction="mean", chunk_bytes=20_000))
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_semi_hard_tiles_inside_a_chunk(built, monkeypatch, native_calls, distance, dtype):
+    """The fused semi-hard op computes a chunk's block in Gram tiles of its own: tiles of 8 rows (the
+    minimum) inside chunks of many rows, a last short tile, and a tight cluster (small entries: redo
+    rows) give the torch path's losses, counts and gradients."""
+    monkeypatch.setattr(native, "FUSED_TILE_BYTES", 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(61, 6, generator=g, dtype=dtype)
+    x[:5] = x[0] + 1e-4 * torch.randn(5, 6, generator=g, dtype=dtype)  # near-duplicates: small entries
+    y = label_pattern("pk3", 61, g)
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    MF.triplet_loss(x.clone().requires_grad_(), y, mining="semi_hard", distance=distance).backward()
+    assert native_calls and all(native_calls)
+    assert_native_matches_torch(monkeypatch, "semi_hard", x, y, (None, None),
+                                dict(margin=0.2, reduction="mean", distance=distance))
 
 
 def test_native_skips_other_dtypes(built, monkeypatch):
@@ -244,17 +262,19 @@ def test_sources_ship_inside_the_package():
 @pytest.mark.parametrize("mining", MININGS)
 @pytest.mark.parametrize("self_ref", [True, False])
 def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self_ref):
-    """The block preparation (clamp, cancellation test, √) is native for every first-pass chunk; a near
-    duplicate across classes makes a redo anchor, whose exact pass stays on torch; same results."""
+    """The block preparation (clamp, cancellation test, √) is native for every first-pass chunk (semi-hard:
+    inside the fused op); a near duplicate across classes makes a redo anchor, whose exact pass stays on
+    torch; same results."""
     served = []
-    real = triplet_ops.native_prepare_block
+    for name in ("native_prepare_block", "native_semi_hard_fused"):
+        real = getattr(triplet_ops, name)
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        served.append(out is not None)
-        return out
+        def spy(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            served.append(out is not None)
+            return out
 
-    monkeypatch.setattr(triplet_ops, "native_prepare_block", spy)
+        monkeypatch.setattr(triplet_ops, name, spy)
     monkeypatch.delenv(native.ENV_VAR, raising=False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(60, 6, generator=g, dtype=torch.float64)
