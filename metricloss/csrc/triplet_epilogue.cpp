@@ -98,135 +98,153 @@ inline void hinge_group_pass(T* row, int64_t m, const T* t, int64_t kind, bool w
   return hinge_group_pass_impl<T, true, kCosine>(row, m, t, sum, count);
 }
 
+// Scratch of one thread for batch_all_row (W = the table width).
+template <typename T>
+struct BatchAllScratch {
+  std::vector<T> thr, prefix, pos_w;
+  std::vector<int64_t> slot, hist;
+  explicit BatchAllScratch(int64_t width)
+      : thr(width), prefix(width + 1), pos_w(width), slot(width), hist(width + 1) {}
+};
+
+// The batch-all epilogue of one anchor row (its (M,) distances, overwritten; `ap` its (W,) d_ap): the
+// hinge sum and nonzero count, and with want_weights the scaled weight row W~ written over the row.
+template <typename T>
+inline void batch_all_row(T* row, int64_t m, const T* ap, const int64_t* mem, const bool* inc, const bool* val,
+                          int64_t width, int64_t self_col, T margin, bool soft, int64_t kind, bool sorted,
+                          bool want_weights, BatchAllScratch<T>& sc, T* sum_out, int64_t* count_out) {
+  const T inf = std::numeric_limits<T>::infinity();
+  std::vector<T>& thr = sc.thr;
+  std::vector<T>& prefix = sc.prefix;
+  std::vector<T>& pos_w = sc.pos_w;
+  std::vector<int64_t>& slot = sc.slot;
+  std::vector<int64_t>& hist = sc.hist;
+  // hide the own class and the own column from the negatives
+  for (int64_t k = 0; k < width; ++k)
+    if (inc[k]) row[mem[k]] = inf;
+  if (self_col >= 0) row[self_col] = inf;
+  // the valid positive slots, in slot order
+  int64_t nv = 0;
+  for (int64_t k = 0; k < width; ++k)
+    if (val[k]) slot[nv++] = k;
+  std::fill(pos_w.begin(), pos_w.end(), T(0));
+  double row_sum = 0.0;
+  int64_t row_count = 0;
+  if (soft) {
+    for (int64_t v = 0; v < nv; ++v) thr[v] = ap[slot[v]];
+    std::vector<double> pos_acc(nv, 0.0);
+    for (int64_t j = 0; j < m; ++j) {
+      const T d = row[j];
+      T neg_w = T(0);
+      if (d != inf) {
+        for (int64_t v = 0; v < nv; ++v) {
+          const T z = thr[v] - d;
+          const T s = softplus(z);
+          row_sum += s;
+          row_count += (s != T(0));
+          if (want_weights) {
+            const T g = sigmoid(z);
+            pos_acc[v] += g;
+            neg_w -= g;
+          }
+        }
+      }
+      if (want_weights) row[j] = scale_weight(neg_w, d, kind);
+    }
+    for (int64_t v = 0; v < nv; ++v) pos_w[slot[v]] = static_cast<T>(pos_acc[v]);
+  } else if (sorted) {
+    for (int64_t v = 0; v < nv; ++v) thr[v] = ap[slot[v]] + margin;
+    std::vector<int64_t> order(nv);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return thr[x] < thr[y]; });
+    std::vector<T> t_sorted(nv);
+    for (int64_t v = 0; v < nv; ++v) t_sorted[v] = thr[order[v]];
+    prefix[0] = T(0);
+    for (int64_t v = 0; v < nv; ++v) prefix[v + 1] = prefix[v] + t_sorted[v];
+    std::fill(hist.begin(), hist.end(), 0);
+    const T* tb = t_sorted.data();
+    for (int64_t j = 0; j < m; ++j) {
+      const T d = row[j];
+      // q = #{t_p <= d}: the thresholds above d are the last nv - q
+      const int64_t q = std::upper_bound(tb, tb + nv, d) - tb;
+      const int64_t above = nv - q;
+      if (above > 0) {
+        row_sum += (prefix[nv] - prefix[q]) - static_cast<T>(above) * d;
+        hist[q] += 1;
+        row_count += above;
+      }
+      if (want_weights) row[j] = scale_weight(static_cast<T>(-above), d, kind);
+    }
+    // k_p = #{n : q_n <= rank of t_p}
+    int64_t cum = 0;
+    for (int64_t v = 0; v < nv; ++v) {
+      cum += hist[v];
+      pos_w[slot[order[v]]] = static_cast<T>(cum);
+    }
+  } else {
+    // Few positives: branch-free (vectorised) passes over the row. Up to kSlotGroup valid slots: one
+    // pass gives every slot's hinge sum and active count and writes the negatives' weights. More
+    // (up to the sorted path's threshold): one reduction per slot, then one pass for the weights.
+    for (int64_t v = 0; v < nv; ++v) thr[v] = ap[slot[v]] + margin;
+    if (nv <= kSlotGroup) {
+      T t4[kSlotGroup];
+      double s4[kSlotGroup];
+      int64_t c4[kSlotGroup];
+      for (int64_t v = 0; v < kSlotGroup; ++v) t4[v] = v < nv ? thr[v] : -inf;
+      hinge_group_pass(row, m, t4, kind, want_weights, s4, c4);
+      for (int64_t v = 0; v < nv; ++v) {
+        row_sum += s4[v];
+        row_count += c4[v];
+        pos_w[slot[v]] = static_cast<T>(c4[v]);
+      }
+    } else {
+      for (int64_t v = 0; v < nv; ++v) {
+        const T t = thr[v];
+        double slot_sum = 0.0;
+        int64_t slot_count = 0;
+#pragma omp simd reduction(+ : slot_sum, slot_count)
+        for (int64_t j = 0; j < m; ++j) {
+          const T h = t - row[j];  // [t_p - d]_+
+          const bool active = h > T(0);
+          slot_sum += active ? static_cast<double>(h) : 0.0;
+          slot_count += active ? 1 : 0;
+        }
+        row_sum += slot_sum;
+        row_count += slot_count;
+        pos_w[slot[v]] = static_cast<T>(slot_count);
+      }
+      if (want_weights) {
+        const T* tv = thr.data();
+        for (int64_t j = 0; j < m; ++j) {
+          const T d = row[j];
+          T above = T(0);
+          for (int64_t v = 0; v < nv; ++v) above += (tv[v] - d > T(0)) ? T(1) : T(0);
+          row[j] = scale_weight(-above, d, kind);
+        }
+      }
+    }
+  }
+  *sum_out = static_cast<T>(row_sum);
+  *count_out = row_count;
+  if (want_weights) {
+    // the positives' weights scaled by d_ap, added into their columns (own-class cells carry 0)
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t k = slot[v];
+      row[mem[k]] += scale_weight(pos_w[k], ap[k], kind);
+    }
+  }
+}
+
 template <typename T>
 void batch_all_rows(T* dist, const T* d_ap, const int64_t* members, const bool* in_class, const bool* valid,
                     const int64_t* self_cols, int64_t c, int64_t m, int64_t width, T margin, bool soft,
                     int64_t kind, bool sorted, bool want_weights, T* sums, int64_t* nonzero) {
-  const T inf = std::numeric_limits<T>::infinity();
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> thr(width), prefix(width + 1), pos_w(width);
-    std::vector<int64_t> slot(width), hist(width + 1);
-    for (int64_t i = begin; i < end; ++i) {
-      T* row = dist + i * m;
-      const T* ap = d_ap + i * width;
-      const int64_t* mem = members + i * width;
-      const bool* inc = in_class + i * width;
-      const bool* val = valid + i * width;
-      // hide the own class and the own column from the negatives
-      for (int64_t k = 0; k < width; ++k)
-        if (inc[k]) row[mem[k]] = inf;
-      if (self_cols != nullptr && self_cols[i] >= 0) row[self_cols[i]] = inf;
-      // the valid positive slots, in slot order
-      int64_t nv = 0;
-      for (int64_t k = 0; k < width; ++k)
-        if (val[k]) slot[nv++] = k;
-      std::fill(pos_w.begin(), pos_w.end(), T(0));
-      double row_sum = 0.0;
-      int64_t row_count = 0;
-      if (soft) {
-        for (int64_t v = 0; v < nv; ++v) thr[v] = ap[slot[v]];
-        std::vector<double> pos_acc(nv, 0.0);
-        for (int64_t j = 0; j < m; ++j) {
-          const T d = row[j];
-          T neg_w = T(0);
-          if (d != inf) {
-            for (int64_t v = 0; v < nv; ++v) {
-              const T z = thr[v] - d;
-              const T s = softplus(z);
-              row_sum += s;
-              row_count += (s != T(0));
-              if (want_weights) {
-                const T g = sigmoid(z);
-                pos_acc[v] += g;
-                neg_w -= g;
-              }
-            }
-          }
-          if (want_weights) row[j] = scale_weight(neg_w, d, kind);
-        }
-        for (int64_t v = 0; v < nv; ++v) pos_w[slot[v]] = static_cast<T>(pos_acc[v]);
-      } else if (sorted) {
-        for (int64_t v = 0; v < nv; ++v) thr[v] = ap[slot[v]] + margin;
-        std::vector<int64_t> order(nv);
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return thr[x] < thr[y]; });
-        std::vector<T> t_sorted(nv);
-        for (int64_t v = 0; v < nv; ++v) t_sorted[v] = thr[order[v]];
-        prefix[0] = T(0);
-        for (int64_t v = 0; v < nv; ++v) prefix[v + 1] = prefix[v] + t_sorted[v];
-        std::fill(hist.begin(), hist.end(), 0);
-        const T* tb = t_sorted.data();
-        for (int64_t j = 0; j < m; ++j) {
-          const T d = row[j];
-          // q = #{t_p <= d}: the thresholds above d are the last nv - q
-          const int64_t q = std::upper_bound(tb, tb + nv, d) - tb;
-          const int64_t above = nv - q;
-          if (above > 0) {
-            row_sum += (prefix[nv] - prefix[q]) - static_cast<T>(above) * d;
-            hist[q] += 1;
-            row_count += above;
-          }
-          if (want_weights) row[j] = scale_weight(static_cast<T>(-above), d, kind);
-        }
-        // k_p = #{n : q_n <= rank of t_p}
-        int64_t cum = 0;
-        for (int64_t v = 0; v < nv; ++v) {
-          cum += hist[v];
-          pos_w[slot[order[v]]] = static_cast<T>(cum);
-        }
-      } else {
-        // Few positives: branch-free (vectorised) passes over the row. Up to kSlotGroup valid slots: one
-        // pass gives every slot's hinge sum and active count and writes the negatives' weights. More
-        // (up to the sorted path's threshold): one reduction per slot, then one pass for the weights.
-        for (int64_t v = 0; v < nv; ++v) thr[v] = ap[slot[v]] + margin;
-        if (nv <= kSlotGroup) {
-          T t4[kSlotGroup];
-          double s4[kSlotGroup];
-          int64_t c4[kSlotGroup];
-          for (int64_t v = 0; v < kSlotGroup; ++v) t4[v] = v < nv ? thr[v] : -inf;
-          hinge_group_pass(row, m, t4, kind, want_weights, s4, c4);
-          for (int64_t v = 0; v < nv; ++v) {
-            row_sum += s4[v];
-            row_count += c4[v];
-            pos_w[slot[v]] = static_cast<T>(c4[v]);
-          }
-        } else {
-          for (int64_t v = 0; v < nv; ++v) {
-            const T t = thr[v];
-            double slot_sum = 0.0;
-            int64_t slot_count = 0;
-#pragma omp simd reduction(+ : slot_sum, slot_count)
-            for (int64_t j = 0; j < m; ++j) {
-              const T h = t - row[j];  // [t_p - d]_+
-              const bool active = h > T(0);
-              slot_sum += active ? static_cast<double>(h) : 0.0;
-              slot_count += active ? 1 : 0;
-            }
-            row_sum += slot_sum;
-            row_count += slot_count;
-            pos_w[slot[v]] = static_cast<T>(slot_count);
-          }
-          if (want_weights) {
-            const T* tv = thr.data();
-            for (int64_t j = 0; j < m; ++j) {
-              const T d = row[j];
-              T above = T(0);
-              for (int64_t v = 0; v < nv; ++v) above += (tv[v] - d > T(0)) ? T(1) : T(0);
-              row[j] = scale_weight(-above, d, kind);
-            }
-          }
-        }
-      }
-      sums[i] = static_cast<T>(row_sum);
-      nonzero[i] = row_count;
-      if (want_weights) {
-        // the positives' weights scaled by d_ap, added into their columns (own-class cells carry 0)
-        for (int64_t v = 0; v < nv; ++v) {
-          const int64_t k = slot[v];
-          row[mem[k]] += scale_weight(pos_w[k], ap[k], kind);
-        }
-      }
-    }
+    BatchAllScratch<T> sc(width);
+    for (int64_t i = begin; i < end; ++i)
+      batch_all_row(dist + i * m, m, d_ap + i * width, members + i * width, in_class + i * width,
+                    valid + i * width, width, self_cols != nullptr ? self_cols[i] : int64_t(-1), margin, soft, kind,
+                    sorted, want_weights, sc, sums + i, nonzero + i);
   });
 }
 
@@ -697,6 +715,109 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_fused(const at::Tensor& a_factors, 
   return {out, redo};
 }
 
+
+// Batch-all, fused (metricloss/ops/triplet.py::_BlockTripletPlan, the native fused path): the chunk's
+// Gram block is computed here, one GEMM per tile of `tile_rows` anchors (sized by the caller to stay in
+// cache), into the rows of `weights` (the chunk's (c, M) weight block, which the gradient's GEMMs read
+// next) or, without weights, into one tile buffer; each row is then prepared (prepare_row) and its
+// epilogue run (batch_all_row) while it is in cache. The anchor-positive distance of a slot is the
+// block's value, or the exact `d_ap_exact` where the positive's own Gram entry is small (u_ap < a_slack_i
+// + r_slack_p on the clamped raw entry, the own cell +inf), as the unfused path takes it. The result
+// equals prepare_block, the gather of d_ap and batch_all_epilogue run one after the other.
+template <typename T>
+void batch_all_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t width, const T* a_slack,
+                          const T* r_slack, const int64_t* members, const bool* in_class, const bool* valid,
+                          const int64_t* self_cols, int64_t own_start, bool take_sqrt, const T* d_ap_exact, T margin,
+                          bool soft, int64_t kind, bool sorted, bool want_weights, T* sums, int64_t* nonzero,
+                          bool* redo) {
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, t, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> hidden_col;
+    std::vector<T> hidden_val;
+    std::vector<T> ap(width);
+    std::vector<char> small(width);
+    BatchAllScratch<T> sc(width);
+    for (int64_t ii = begin; ii < end; ++ii) {
+      const int64_t i = row0 + ii;
+      T* row = tile + ii * m;
+      const int64_t* mem = members + i * width;
+      const bool* inc = in_class + i * width;
+      const int64_t own_col = own_start >= 0 ? own_start + i : -1;
+      const int64_t self_col = self_cols != nullptr ? self_cols[i] : int64_t(-1);
+      // 1. the positives' small-entry test on their clamped raw entries (own cell +inf: never small)
+      for (int64_t k = 0; k < width; ++k) {
+        T v = row[mem[k]] < T(0) ? T(0) : row[mem[k]];
+        if (own_col >= 0 && mem[k] == own_col) v = inf;
+        small[k] = v < a_slack[i] + r_slack[mem[k]];
+      }
+      // 2. the row as distances, and its cancellation test
+      redo[i] = prepare_row(row, m, a_slack[i], r_slack, mem, inc, width, self_col, own_col, take_sqrt, hidden_col,
+                            hidden_val);
+      // 3. d_ap: the block's value, or the exact one for small entries; 4. the epilogue
+      for (int64_t k = 0; k < width; ++k) ap[k] = small[k] ? d_ap_exact[i * width + k] : row[mem[k]];
+      batch_all_row(row, m, ap.data(), mem, inc, valid + i * width, width, self_col, margin, soft, kind, sorted,
+                    want_weights, sc, sums + i, nonzero + i);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_fused(
+    const at::Tensor& a_factors, const at::Tensor& r_factors, const at::Tensor& a_slack, const at::Tensor& r_slack,
+    const at::Tensor& members, const at::Tensor& in_class, const at::Tensor& valid,
+    const c10::optional<at::Tensor>& self_cols, int64_t own_start, bool take_sqrt, const at::Tensor& d_ap_exact,
+    double margin, bool soft, int64_t distance, bool sorted, const c10::optional<at::Tensor>& weights,
+    int64_t tile_rows) {
+  TORCH_CHECK(a_factors.device().is_cpu() && a_factors.dim() == 2 && r_factors.dim() == 2 &&
+                  a_factors.size(1) == r_factors.size(1) && a_factors.scalar_type() == r_factors.scalar_type(),
+              "batch_all_fused: a_factors (c, K) and r_factors (M, K) CPU tensors of one dtype");
+  const int64_t c = a_factors.size(0), m = r_factors.size(0), width = members.size(1);
+  TORCH_CHECK(tile_rows >= 1, "batch_all_fused: tile_rows must be >= 1");
+  TORCH_CHECK(distance >= 0 && distance <= 2, "batch_all_fused: unknown distance kind");
+  TORCH_CHECK(a_slack.is_contiguous() && a_slack.numel() == c && a_slack.scalar_type() == a_factors.scalar_type() &&
+                  r_slack.is_contiguous() && r_slack.numel() == m && r_slack.scalar_type() == a_factors.scalar_type(),
+              "batch_all_fused: a_slack (c,) and r_slack (M,) contiguous, of the factors' dtype");
+  TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
+                  in_class.is_contiguous() && in_class.scalar_type() == at::kBool && in_class.size(0) == c &&
+                  in_class.size(1) == width && valid.is_contiguous() && valid.scalar_type() == at::kBool &&
+                  valid.size(0) == c && valid.size(1) == width,
+              "batch_all_fused: members (c, W) int64, in_class and valid (c, W) bool, contiguous");
+  TORCH_CHECK(d_ap_exact.is_contiguous() && d_ap_exact.scalar_type() == a_factors.scalar_type() &&
+                  d_ap_exact.size(0) == c && d_ap_exact.size(1) == width,
+              "batch_all_fused: d_ap_exact must be contiguous (c, W) of the factors' dtype");
+  TORCH_CHECK(own_start < 0 || own_start + c <= m, "batch_all_fused: own columns out of range");
+  const int64_t* self_ptr = nullptr;
+  if (self_cols.has_value()) {
+    TORCH_CHECK(self_cols->is_contiguous() && self_cols->scalar_type() == at::kLong && self_cols->numel() == c,
+                "batch_all_fused: self_cols must be contiguous (c,) int64");
+    self_ptr = self_cols->data_ptr<int64_t>();
+  }
+  const bool want_weights = weights.has_value();
+  if (want_weights)
+    TORCH_CHECK(weights->is_contiguous() && weights->scalar_type() == a_factors.scalar_type() &&
+                    weights->size(0) == c && weights->size(1) == m,
+                "batch_all_fused: weights must be a contiguous (c, M) buffer of the factors' dtype");
+  auto sums = at::empty({c}, a_factors.options());
+  auto nonzero = at::empty({c}, members.options());
+  auto redo = at::empty({c}, members.options().dtype(at::kBool));
+  const int64_t rows = std::min(tile_rows, std::max<int64_t>(c, 1));
+  at::Tensor buffer = want_weights ? *weights : at::empty({rows, m}, a_factors.options());
+  const at::Tensor r_t = r_factors.t();
+  for (int64_t s = 0; s < c; s += rows) {
+    const int64_t t = std::min(rows, c - s);
+    at::Tensor tile = want_weights ? buffer.narrow(0, s, t) : buffer.narrow(0, 0, t);
+    at::mm_out(tile, a_factors.narrow(0, s, t), r_t);
+    AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "batch_all_fused", [&] {
+      batch_all_fused_rows<scalar_t>(tile.data_ptr<scalar_t>(), s, t, m, width, a_slack.data_ptr<scalar_t>(),
+                                     r_slack.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
+                                     in_class.data_ptr<bool>(), valid.data_ptr<bool>(), self_ptr, own_start,
+                                     take_sqrt, d_ap_exact.data_ptr<scalar_t>(), static_cast<scalar_t>(margin), soft,
+                                     distance, sorted, want_weights, sums.data_ptr<scalar_t>(),
+                                     nonzero.data_ptr<int64_t>(), redo.data_ptr<bool>());
+    });
+  }
+  return {sums, nonzero, redo};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(metricloss_native, m) {
@@ -707,6 +828,10 @@ TORCH_LIBRARY(metricloss_native, m) {
         "Tensor? self_cols, int own_start, bool take_sqrt) -> Tensor");
   m.def("semi_hard_select(Tensor(a!) dist, Tensor bound, Tensor members, Tensor in_class, Tensor? self_cols, "
         "float rtol, bool cosine) -> Tensor");
+  m.def("batch_all_fused(Tensor a_factors, Tensor r_factors, Tensor a_slack, Tensor r_slack, Tensor members, "
+        "Tensor in_class, Tensor valid, Tensor? self_cols, int own_start, bool take_sqrt, Tensor d_ap_exact, "
+        "float margin, bool soft, int distance, bool sorted, Tensor(a!)? weights, int tile_rows) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("semi_hard_fused(Tensor a_factors, Tensor r_factors, Tensor a_slack, Tensor r_slack, Tensor members, "
         "Tensor in_class, Tensor? self_cols, int own_start, bool take_sqrt, Tensor d_ap_exact, float rtol, "
         "bool cosine, int tile_rows) -> (Tensor, Tensor)");
@@ -717,4 +842,5 @@ TORCH_LIBRARY_IMPL(metricloss_native, CPU, m) {
   m.impl("semi_hard_select", &semi_hard_select);
   m.impl("prepare_block", &prepare_block);
   m.impl("semi_hard_fused", &semi_hard_fused);
+  m.impl("batch_all_fused", &batch_all_fused);
 }

@@ -13,12 +13,14 @@ sources and the torch version, so later processes only load it). Nothing is comp
 * ``0``: always the torch path (no build is attempted);
 * ``1``: always native on CPU; a failed build raises ``RuntimeError`` naming the cause.
 
-What runs natively, on float32 and float64 CPU blocks: the preparation of each chunk's distance block
-(:func:`prepare_block`), the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`),
-and semi-hard: for anchors with few positives, the whole chunk (its Gram GEMM in cache-sized tiles, the
-block preparation and the negative selection, :func:`semi_hard_fused`), or the selection alone on a
-prepared block (:func:`semi_hard_negatives`, the exact redo pass). Everything else, and every other
-device or dtype, stays on torch.
+What runs natively, on float32 and float64 CPU blocks, for the chunked batch-all and semi-hard triplet
+losses: each chunk's Gram GEMM in cache-sized tiles, each tile's preparation (clamp, the small-entry
+test, √) and its epilogue while the tile is in cache (:func:`batch_all_fused`: hinge sums, counts and
+the weight block of the GEMM gradient; :func:`semi_hard_fused`: the negative selection, for anchors with
+few positives). The unfused pieces (:func:`prepare_block`, :func:`batch_all_epilogue`,
+:func:`semi_hard_negatives`) serve the chunks the fused ops do not: duplicate reference rows (read
+through a column map) and the exact redo pass. Everything else, and every other device or dtype, stays
+on torch.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["ENV_VAR", "FUSED_TILE_BYTES", "NativeBuildError", "batch_all_epilogue", "fused_tile_rows",
-           "native_enabled", "native_library", "prepare_block", "semi_hard_fused", "semi_hard_negatives"]
+__all__ = ["ENV_VAR", "FUSED_TILE_ROWS", "NativeBuildError", "batch_all_epilogue", "batch_all_fused",
+           "fused_tile_rows", "native_enabled", "native_library", "prepare_block", "semi_hard_fused", "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
 _SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "triplet_epilogue.cpp",)
 _DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 
-# Named heuristic: the fused semi-hard op computes its Gram block in tiles of about this many bytes, so a
-# tile is still in the (L2) cache when its rows are prepared and searched, instead of streaming a whole
-# chunk's block through memory between the GEMM and each pass.
-FUSED_TILE_BYTES = 1 << 20
+# Named heuristic: the fused ops compute a chunk's Gram block in tiles of this many anchor rows and reduce
+# each tile while it is in cache. Fewer rows make the tile GEMM inefficient (measured on one core, (t × 130)
+# @ (130 × 16384): 47 GMAC/s at t = 16, 79 at 64, 89 at 128, 91 at 256); 128 rows gave the fastest
+# semi-hard and batch-all steps at N = 4096 and 16384 (a tile of 2–8 MiB, in L2 or a large L3).
+FUSED_TILE_ROWS = 128
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
@@ -69,7 +72,7 @@ def _build() -> None:
         raise NativeBuildError("ninja is not installed (pip install ninja)")
     try:
         cpp_extension.load(name=_extension_name(), sources=[str(p) for p in _SOURCES],
-                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # compiler missing, compile or link error, unloadable library
         text = str(exc).strip().splitlines()
@@ -202,9 +205,9 @@ def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
 
 
 def fused_tile_rows(num_refs: int, element_size: int) -> int:
-    """Anchor rows per Gram tile of :func:`semi_hard_fused`: :data:`FUSED_TILE_BYTES` of the block, at
-    least 8 rows (a GEMM of fewer rows runs far below its peak)."""
-    return max(8, FUSED_TILE_BYTES // max(1, num_refs * element_size))
+    """Anchor rows per Gram tile of the fused ops: :data:`FUSED_TILE_ROWS` (the sizes are the arguments
+    so that a size-dependent rule can replace it in one place)."""
+    return FUSED_TILE_ROWS
 
 
 def semi_hard_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
@@ -239,3 +242,38 @@ def semi_hard_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: t
         members.contiguous(), in_class.contiguous(), None if self_cols is None else self_cols.to(torch.int64).contiguous(),
         -1 if own_start is None else int(own_start), distance == "euclidean", d_ap_exact.to(dtype).contiguous(),
         float(rtol), distance == "cosine", fused_tile_rows(r_factors.shape[0], a_factors.element_size()))
+
+
+def batch_all_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
+                    members: torch.Tensor, in_class: torch.Tensor, valid: torch.Tensor,
+                    self_cols: Optional[torch.Tensor], own_start: Optional[int], distance: str,
+                    d_ap_exact: torch.Tensor, margin: Union[float, str], sorted_thresholds: bool,
+                    weights: Optional[torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A batch-all chunk's Gram block, block preparation and epilogue in one native op, or None (use the
+    unfused path).
+
+    Equal to :func:`prepare_block`, the gather of d_ap (its Gram value, or ``d_ap_exact`` where the
+    positive's own entry is small) and :func:`batch_all_epilogue` run one after the other, but each tile
+    of :func:`fused_tile_rows` rows is prepared and reduced while it is in cache.
+
+    Args:
+        a_factors, r_factors, a_slack, r_slack, members, in_class, self_cols, own_start, distance, d_ap_exact:
+            as :func:`semi_hard_fused`; valid: (c, W) bool, the slots that form triplets.
+        margin: a float, or ``"soft"``; sorted_thresholds: as :func:`batch_all_epilogue`.
+        weights: a contiguous (c, M) buffer that receives the scaled weight block W̃ of
+            :func:`~metricloss.ops.distance.gram_backward`, or None (no gradient wanted).
+
+    Returns:
+        (sums (c,), nonzero counts (c,) int64, redo (c,) bool), or None.
+    """
+    if members.shape[1] == 0 or r_factors.shape[0] == 0 or not native_enabled(a_factors):
+        return None
+    dtype = a_factors.dtype
+    soft = margin == "soft"
+    return torch.ops.metricloss_native.batch_all_fused(
+        a_factors.contiguous(), r_factors.contiguous(), a_slack.to(dtype).contiguous(), r_slack.to(dtype).contiguous(),
+        members.contiguous(), in_class.contiguous(), valid.contiguous(),
+        None if self_cols is None else self_cols.to(torch.int64).contiguous(), -1 if own_start is None else int(own_start),
+        distance == "euclidean", d_ap_exact.to(dtype).contiguous(), 0.0 if soft else float(margin), soft,
+        _DISTANCE_KINDS[distance], bool(sorted_thresholds), weights,
+        fused_tile_rows(r_factors.shape[0], a_factors.element_size()))

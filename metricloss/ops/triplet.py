@@ -41,6 +41,7 @@ from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
+from .native import batch_all_fused as native_batch_all_fused
 from .native import ENV_VAR, native_enabled
 from .native import prepare_block as native_prepare_block
 from .native import semi_hard_fused as native_semi_hard_fused
@@ -56,6 +57,12 @@ MININGS = ("batch_hard", "batch_all", "semi_hard")
 _BATCH_ALL_SORT_MIN_POSITIVES = 12
 
 Margin = Union[float, str]
+
+
+# Named heuristic: the largest weight block (c, M) of one fused batch-all chunk. Its two gradient GEMMs
+# (W̃·r and W̃ᵀ·a) ran fastest with blocks of about this size (measured at N = 4096 and 16384, D = 128,
+# one core: 2.72× / 3.20× one matmul at 8 MiB against 3.71× / 3.63× at 64 MiB).
+BATCH_ALL_WEIGHT_BYTES = 8 << 20
 
 
 def use_sorted_batch_all(width: int) -> bool:
@@ -332,12 +339,20 @@ class _BlockTripletPlan:
         per_row += (8 if mining == "semi_hard" else 2) * self.width * a.shape[1] * elem
         # chunks of the exact (redo) pass and of the torch/unfused path: (c, M) blocks and scratch
         self.exact_rows = rows_per_chunk(m, per_ref, chunk_bytes, bytes_per_row=per_row)
-        # CPU semi-hard with few positives: the native fused op computes each chunk's block itself, in
-        # cache-sized tiles (:func:`~metricloss.ops.native.semi_hard_fused`), so a chunk holds no (c, M)
-        # block and is sized by its O(W·D) rows alone (one chunk for a whole batch, typically).
-        self.fused = (mining == "semi_hard" and self.width > 0 and m > 0 and not use_sorted_semi_hard(self.width)
-                      and self.gram.canon is None and native_enabled(self.gram.A))
-        self.rows = rows_per_chunk(m, 1, chunk_bytes, bytes_per_row=per_row) if self.fused else self.exact_rows
+        # CPU: the native fused ops compute each chunk's block themselves, in cache-sized tiles, and reduce
+        # each tile while it is in cache (:func:`~metricloss.ops.native.batch_all_fused`, and
+        # :func:`~metricloss.ops.native.semi_hard_fused` for few positives). A chunk then holds only the
+        # weight block of the gradient (batch-all) or nothing (semi-hard) per reference: far larger
+        # chunks (one for a whole batch, typically for semi-hard), so fewer, larger GEMMs and torch ops.
+        self.fused = (self.width > 0 and m > 0 and self.gram.canon is None
+                      and (mining == "batch_all" or not use_sorted_semi_hard(self.width))
+                      and native_enabled(self.gram.A))
+        self.rows = self.exact_rows
+        if self.fused:
+            self.rows = rows_per_chunk(m, elem if mining == "batch_all" else 1, chunk_bytes, bytes_per_row=per_row)
+            if mining == "batch_all":
+                self.rows = min(self.rows, max(1, BATCH_ALL_WEIGHT_BYTES // max(1, m * elem)))
+            self.fused_weights = _Scratch(min(self.rows, a.shape[0]), m, a.dtype, a.device)
         # number of valid terms: triplets (batch-all) or (anchor, positive) pairs (semi-hard)
         valid_pos = self.cls.num_pos * (self.cls.num_neg > 0)
         self.num_terms = (valid_pos * self.cls.num_neg).sum() if mining == "batch_all" else valid_pos.sum()
@@ -391,15 +406,28 @@ class _BlockTripletPlan:
 
     def _native_fused(self, a: torch.Tensor, r: torch.Tensor, rows: slice, cls, members: torch.Tensor,
                       in_class: torch.Tensor, self_cols: Optional[torch.Tensor], want_weights: bool):
-        """CPU semi-hard: the chunk's block, its preparation and the selection in one native op
-        (:func:`~metricloss.ops.native.semi_hard_fused`); the terms from the selected rows. Returns as
+        """CPU: the chunk's block, its preparation and its epilogue in one native op
+        (:func:`~metricloss.ops.native.batch_all_fused`; semi-hard: the selection,
+        :func:`~metricloss.ops.native.semi_hard_fused`, then the terms from the selected rows). Returns as
         :meth:`chunk`, or None where the native path does not serve it."""
         gram = self.gram
         a_c = a[rows]
+        own_start = rows.start if gram.self_ref else None
+        if self.mining == "batch_all":
+            d_ap = paired_distance(a_c.unsqueeze(1), r[members], self.distance)  # exact, for small entries
+            valid = in_class & (cls.num_neg > 0).unsqueeze(1)
+            w = self.fused_weights.get("weight", a_c.shape[0]) if want_weights else None
+            out = native_batch_all_fused(gram.A[rows], gram.R, gram.a_slack[rows], gram.r_slack, members, in_class,
+                                         valid, self_cols, own_start, self.distance, d_ap, self.margin,
+                                         use_sorted_batch_all(self.width), w)
+            if out is None:
+                return None
+            sums, nonzero, redo = out
+            return sums, nonzero, (DenseChunkGrad(w) if want_weights else None), redo
         pairs = _PairRows(a_c, r, self.width, self.distance)
         d_ap = pairs.gather(0, members)  # exact; the bounds of the small entries, and the loss
         selected = native_semi_hard_fused(gram.A[rows], gram.R, gram.a_slack[rows], gram.r_slack, members, in_class,
-                                          self_cols, rows.start if gram.self_ref else None, self.distance, d_ap,
+                                          self_cols, own_start, self.distance, d_ap,
                                           tie_rtol(a.shape[1], a.dtype))
         if selected is None:
             return None

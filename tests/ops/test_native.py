@@ -62,7 +62,8 @@ def fresh_state(monkeypatch):
 def native_calls(monkeypatch):
     """Records, per chunk, whether the native batch-all epilogue / semi-hard selection (fused or not) served it."""
     calls = []
-    for name in ("native_batch_all_epilogue", "native_semi_hard_negatives", "native_semi_hard_fused"):
+    for name in ("native_batch_all_epilogue", "native_semi_hard_negatives", "native_semi_hard_fused",
+                 "native_batch_all_fused"):
         real = getattr(triplet_ops, name)
 
         def spy(*args, _real=real, **kwargs):
@@ -151,22 +152,24 @@ def test_native_serves_every_chunk_by_default(built, monkeypatch, native_calls, 
                                 dict(margin=margin, reduction="mean", chunk_bytes=20_000))
 
 
+@pytest.mark.parametrize("mining", MININGS)
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_semi_hard_tiles_inside_a_chunk(built, monkeypatch, native_calls, distance, dtype):
-    """The fused semi-hard op computes a chunk's block in Gram tiles of its own: tiles of 8 rows (the
-    minimum) inside chunks of many rows, a last short tile, and a tight cluster (small entries: redo
-    rows) give the torch path's losses, counts and gradients."""
-    monkeypatch.setattr(native, "FUSED_TILE_BYTES", 1)
+def test_fused_ops_tile_inside_a_chunk(built, monkeypatch, native_calls, mining, distance, dtype):
+    """The fused ops compute a chunk's block in Gram tiles of their own: tiles of 8 rows
+    inside chunks of many rows, a last short tile, and a tight cluster (small entries: redo rows) give
+    the torch path's losses, counts and gradients."""
+    monkeypatch.setattr(native, "FUSED_TILE_ROWS", 8)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(61, 6, generator=g, dtype=dtype)
     x[:5] = x[0] + 1e-4 * torch.randn(5, 6, generator=g, dtype=dtype)  # near-duplicates: small entries
     y = label_pattern("pk3", 61, g)
     monkeypatch.delenv(native.ENV_VAR, raising=False)
-    MF.triplet_loss(x.clone().requires_grad_(), y, mining="semi_hard", distance=distance).backward()
+    MF.triplet_loss(x.clone().requires_grad_(), y, mining=mining, distance=distance).backward()
     assert native_calls and all(native_calls)
-    assert_native_matches_torch(monkeypatch, "semi_hard", x, y, (None, None),
-                                dict(margin=0.2, reduction="mean", distance=distance))
+    for margin in (0.2, "soft"):
+        assert_native_matches_torch(monkeypatch, mining, x, y, (None, None),
+                                    dict(margin=margin, reduction="mean", distance=distance))
 
 
 def test_native_skips_other_dtypes(built, monkeypatch):
@@ -266,7 +269,7 @@ def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self
     inside the fused op); a near duplicate across classes makes a redo anchor, whose exact pass stays on
     torch; same results."""
     served = []
-    for name in ("native_prepare_block", "native_semi_hard_fused"):
+    for name in ("native_prepare_block", "native_semi_hard_fused", "native_batch_all_fused"):
         real = getattr(triplet_ops, name)
 
         def spy(*args, _real=real, **kwargs):
