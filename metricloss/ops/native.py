@@ -1,5 +1,7 @@
 """The native (C++/OpenMP) CPU epilogues, built on first use; the torch path is the fallback and reference.
 
+Design, heuristics and what bounds them: docs/kernels.md §8.
+
 The sources ship inside the package (``metricloss/csrc/``) and are compiled the first time a CPU loss
 needs them with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja`` are needed; the
 build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, keyed by the

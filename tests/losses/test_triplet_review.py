@@ -298,7 +298,10 @@ def test_what_is_invariant_across_chunk_bytes(mining, dtype):
             torch.testing.assert_close(per_anchor, results[0][0], **tol)
         else:  # same selections, losses recomputed from the rows: bitwise
             assert torch.equal(per_anchor, results[0][0])
-        torch.testing.assert_close(grad, results[0][1], **tol)  # accumulated over chunks: order differs
+        # accumulated over chunks, in an order that depends on them: the rounding is relative to the
+        # largest entry (|grad| up to ~40 here, with reduction="none"), not to each entry
+        grad_tol = dict(tol, atol=tol["atol"] * max(1.0, float(results[0][1].abs().max())))
+        torch.testing.assert_close(grad, results[0][1], **grad_tol)
     if mining != "batch_all":
         idx = [MF.mine_batch_hard(x0, y, chunk_bytes=c) for c in (1, 5000, 1 << 30)]
         assert all(torch.equal(i[0], idx[0][0]) and torch.equal(i[1], idx[0][1]) for i in idx)
