@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--loop-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=THREADS, help=f"torch threads of each case (default {THREADS})")
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -148,12 +149,12 @@ def main() -> None:
         params = {"method": method, "b": b, "c": c, "regime": regime}
         warm_params = dict(warm, method=method) if method != "loop" else dict(warm, method=method, b=2)
         res = measure(CASE, params, warmup_params=warm_params, repeats=args.repeats, warmup=1,
-                      threads=THREADS, mem_limit_gb=args.mem_limit_gb)
+                      threads=args.threads, mem_limit_gb=args.mem_limit_gb)
         results[(method, b, c, regime)] = res
         print(json.dumps(res), file=sys.stderr, flush=True)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
-          f"{THREADS} threads, fp32, forward+backward, median of {args.repeats} after 1 warm-up\n")
+          f"{args.threads} thread(s), fp32, forward+backward, median of {args.repeats} after 1 warm-up\n")
     print("| B | C | logits | WARP sampled (s) | cross-entropy (s) | WARP / CE time | WARP exact (s) "
           "| WARP peak extra (MiB) | CE peak extra (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time and peak extra memory of metricloss vs pytorch-metric-learning (PML) triplet losses.
 
-For N in {4096, 16384}, D=128, fp32, N/4 classes × 4 samples (shuffled), 2 threads, forward+backward
+For N in {4096, 16384}, D=128, fp32, N/4 classes × 4 samples (shuffled), 2 threads (``--threads``), forward+backward
 w.r.t. the embeddings:
 
 * batch-hard: ``metricloss.BatchHardTripletLoss(margin=0.2, reduction="mean_nonzero")`` vs PML
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--minings", nargs="+", default=["batch_hard", "batch_all"], choices=MININGS)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each configuration (default 2)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--json-out", default=None)
@@ -177,14 +178,14 @@ def main() -> None:
             reps, warm = (1, 0) if (method == "pml" and n > 4096) else (args.repeats, args.warmup)
             res = measure(CASE, {"method": method, "mining": mining, "n": n},
                           warmup_params={"method": method, "mining": mining, "n": 64},
-                          repeats=reps, warmup=warm, mem_limit_gb=args.mem_limit_gb)
+                          repeats=reps, warmup=warm, mem_limit_gb=args.mem_limit_gb, threads=args.threads)
             results[(method, mining, n)] = res
             print(json.dumps(res), file=sys.stderr, flush=True)
 
     import torch
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
-          f"2 threads, fp32, D={D}, {SAMPLES_PER_CLASS} samples per class\n")
+          f"{args.threads} thread(s), fp32, D={D}, {SAMPLES_PER_CLASS} samples per class\n")
     print("| loss | N | metricloss time (s) | PML time (s) | speed-up | metricloss peak extra (MiB) "
           "| PML peak extra (MiB) | memory ratio | metricloss / matmul time | torch path time (s) "
           "| torch path peak extra (MiB) | torch path / matmul time |")
