@@ -51,6 +51,7 @@ from . import _checks as C
 from .ops.distance import GramFactors
 from .ops.labels import ClassIndex
 from .ops.mining import rows_per_chunk
+from .ops.native import retrieval_rank_histogram as native_rank_histogram
 
 __all__ = ["METRICS", "retrieval_metrics", "similarity_tile_rows", "compact_candidates"]
 
@@ -273,9 +274,9 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
                ks_values: torch.Tensor, compact: bool, chunk_bytes: Optional[int]) -> torch.Tensor:
     """Per-query values ``[R@K hits…, AP, AP@R, R-precision]`` (n, len(ks) + 3) fp64 of queries ts:ts+n.
 
-    ``tile``: their (n, G) fp32 similarities (overwritten). ``cls``: their class facts. The items are
-    keyed and counted in chunks of the ``chunk_bytes`` budget: pieces of the candidate list (compact), or
-    of rows (every item counted); the counts are integers, so the chunking changes nothing.
+    ``tile``: their (n, G) fp32 similarities (overwritten by the torch paths). ``cls``: their class facts.
+    The rank histogram comes from the native kernel on CPU (:func:`~metricloss.ops.native.retrieval_rank_histogram`)
+    or else from :func:`_torch_rank_histogram`: the same exact integers.
     """
     n, n_gallery = tile.shape
     device = tile.device
@@ -292,12 +293,51 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
     rel = _rank_keys(rel_values, row_ids.unsqueeze(1), members, index_bits, n_gallery)
     del rel_values
     rel = torch.where(valid, rel, row_ids.unsqueeze(1).bitwise_left_shift(row_shift).expand_as(rel))
-    rel = torch.sort(rel, dim=1).values.reshape(-1)
-    # 2. count the items: bin = row·(W + 1) + #{relevant keys of the row below the item's key}
-    #    = searchsorted position in `rel` (row·W + that count) + row
+    rel = torch.sort(rel, dim=1).values
+    # 2. count the items: hist[row, p] = #{counted items of the row with p relevant keys below theirs};
+    #    natively on CPU (one pass per row, no temporaries), else by torch
+    hist = native_rank_histogram(tile, rel, lowest, ts if problem.leave_one_out else None, index_bits)
+    if hist is None:
+        hist = _torch_rank_histogram(tile, ts, rel, lowest, problem.leave_one_out, index_bits, compact, chunk_bytes)
+    hist = hist.view(n, width + 1)
+    # above_i = #{items ranked above the relevant key at ascending slot i} = #{k : pos_k >= i + 1}
+    suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
+    rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
+    # 3. per query: the n-th best relevant item sits at ascending slot width − n
+    num_rel = cls.num_pos
+    slots = torch.arange(width, device=device)
+    is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
+    nth = (width - slots).unsqueeze(0).double()          # n for each slot (valid where is_rel)
+    prec = torch.where(is_rel, nth / rank, torch.zeros_like(rank))
+    within_r = is_rel & (rank <= num_rel.unsqueeze(1))
+    r_q = num_rel.clamp_min(1).double().unsqueeze(1)
+    # sums by cumsum: a sequential scan per row, the same order whatever the number of rows (a `sum` may
+    # reduce a (1, W) and an (n, W) tensor in different orders); exact for the integer counts anyway
+    ap = prec.cumsum(1)[:, -1:]
+    ap_r = torch.where(within_r, prec, torch.zeros_like(prec)).cumsum(1)[:, -1:]
+    return torch.cat([(rank[:, -1:] <= ks_values).double(), ap / r_q, ap_r / r_q,
+                      within_r.sum(1, keepdim=True) / r_q], dim=1)
+
+
+def _torch_rank_histogram(tile: torch.Tensor, ts: int, rel: torch.Tensor, lowest: torch.Tensor, leave_one_out: bool,
+                          index_bits: int, compact: bool, chunk_bytes: Optional[int]) -> torch.Tensor:
+    """The torch paths of the rank histogram of :func:`_rank_tile`: (n · (W + 1),) int64, flat.
+
+    ``tile`` (n, G) fp32 (overwritten), ``rel`` (n, W) int64 relevant keys, ascending per row, ``lowest``
+    (n, 1). The items are keyed and counted in chunks of the ``chunk_bytes`` budget: pieces of the
+    candidate list (compact), or of rows (every item counted); the counts are integers, so the chunking
+    changes nothing. Bin of an item = row·(W + 1) + #{relevant keys of the row below the item's key} =
+    its ``searchsorted`` position in the flattened ``rel`` (one sorted sequence: row·W + that count) + row.
+    """
+    n, n_gallery = tile.shape
+    device = tile.device
+    width = rel.shape[1]
+    rel = rel.reshape(-1)
+    row_shift = 32 + index_bits
+    row_ids = torch.arange(n, device=device)
     hist = torch.zeros(n * (width + 1), dtype=torch.int64, device=device)
     one = torch.ones(1, dtype=torch.int64, device=device)
-    if problem.leave_one_out:
+    if leave_one_out:
         tile[row_ids, row_ids + ts] = float("nan")  # the left-out query: NaN >= x is False, never counted
     if compact:
         flat = torch.nonzero((tile >= lowest).view(-1)).squeeze(1)           # only these can be above
@@ -317,30 +357,13 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
             e = min(s + step, n)
             sub = row_ids[s:e].unsqueeze(1)
             keys = _rank_keys(tile[s:e], sub, cols, index_bits, n_gallery)
-            if problem.leave_one_out:  # the padding key: placed below every relevant key, counted nowhere
+            if leave_one_out:  # the padding key: placed below every relevant key, counted nowhere
                 keys[row_ids[:e - s], row_ids[s:e] + ts] = row_ids[s:e].bitwise_left_shift(row_shift)
             bins = torch.searchsorted(rel, keys.view(-1)).view(e - s, n_gallery).add_(sub)
             del keys
             hist.index_add_(0, bins.view(-1), one.expand(bins.numel()))
             del bins
-    hist = hist.view(n, width + 1)
-    # above_i = #{items ranked above the relevant key at ascending slot i} = #{k : pos_k >= i + 1}
-    suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
-    rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
-    # 3. per query: the n-th best relevant item sits at ascending slot width − n
-    num_rel = cls.num_pos
-    slots = torch.arange(width, device=device)
-    is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
-    nth = (width - slots).unsqueeze(0).double()          # n for each slot (valid where is_rel)
-    prec = torch.where(is_rel, nth / rank, torch.zeros_like(rank))
-    within_r = is_rel & (rank <= num_rel.unsqueeze(1))
-    r_q = num_rel.clamp_min(1).double().unsqueeze(1)
-    # sums by cumsum: a sequential scan per row, the same order whatever the number of rows (a `sum` may
-    # reduce a (1, W) and an (n, W) tensor in different orders); exact for the integer counts anyway
-    ap = prec.cumsum(1)[:, -1:]
-    ap_r = torch.where(within_r, prec, torch.zeros_like(prec)).cumsum(1)[:, -1:]
-    return torch.cat([(rank[:, -1:] <= ks_values).double(), ap / r_q, ap_r / r_q,
-                      within_r.sum(1, keepdim=True) / r_q], dim=1)
+    return hist
 
 
 def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Tensor, chunk_bytes: Optional[int],

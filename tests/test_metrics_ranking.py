@@ -1,7 +1,10 @@
 """The chunked ranking of retrieval_metrics against the full-sort reference, its chunking invariance, and
 the label-dtype, non-finite and ``ks`` rules."""
 
+import contextlib
 import math
+import os
+import shutil
 from unittest import mock
 
 import pytest
@@ -14,6 +17,19 @@ from metricloss import metrics as M
 from metricloss.metrics import retrieval_metrics
 
 CHUNKS = [1, 64, 700, 5_000, 100_000, None]  # 1 row per chunk … every row in one chunk
+# how a tile is ranked on CPU: the native kernel, the torch candidate list, torch over every item (the
+# device path)
+PATHS = ["native", "compact", "every"]
+
+
+@contextlib.contextmanager
+def ranking_path(path):
+    """Rank with ``path`` (METRICLOSS_NATIVE=1, or =0 with the compact heuristic on or off)."""
+    if path == "native" and shutil.which("c++") is None and not os.environ.get("CI"):
+        pytest.skip("no C++ compiler: the native path cannot be built here")  # CI must build it
+    with mock.patch.dict(os.environ, {"METRICLOSS_NATIVE": "1" if path == "native" else "0"}), \
+            mock.patch.object(M, "compact_candidates", lambda device: path != "every"):
+        yield
 
 
 def dense_similarity(x, y, gallery=None, gallery_labels=None, metric="cosine"):
@@ -50,10 +66,9 @@ def tie_heavy(g, n, d, kind):
 @given(n=st.integers(1, 30), d=st.integers(1, 5), classes=st.integers(1, 7), seed=st.integers(0, 2**31 - 1),
        kind=st.sampled_from(["random", "duplicates", "integers"]), gallery=st.integers(0, 20),
        metric=st.sampled_from(["cosine", "euclidean"]), chunk=st.sampled_from(CHUNKS),
-       compact=st.booleans(), tile_bytes=st.sampled_from([1, 200, M.SIMILARITY_TILE_BYTES]),
+       path=st.sampled_from(PATHS), tile_bytes=st.sampled_from([1, 200, M.SIMILARITY_TILE_BYTES]),
        ks=st.sampled_from([(1, 2, 4, 8), (1,), (3, 50)]))
-def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, metric, chunk, compact, tile_bytes,
-                                          ks):
+def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, metric, chunk, path, tile_bytes, ks):
     g = torch.Generator().manual_seed(seed)
     x = tie_heavy(g, n, d, kind)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -61,8 +76,7 @@ def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, me
     if gallery:
         gal = torch.cat([tie_heavy(g, gallery, d, kind), x[: gallery // 2]])  # gallery rows that equal queries
         gal_y = torch.randint(0, classes, (gal.shape[0],), generator=g)
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile_bytes), \
-            mock.patch.object(M, "compact_candidates", lambda device: compact):
+    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile_bytes), ranking_path(path):
         got = retrieval_metrics(x, y, ks, gallery=gal, gallery_labels=gal_y, metric=metric, chunk_bytes=chunk)
         want = reference(x, y, ks, gal, gal_y, metric)
     assert_same(got, want)
@@ -70,8 +84,8 @@ def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, me
 
 def test_lone_queries_only_and_single_query():
     x = torch.randn(5, 3)
-    for compact in (True, False):
-        with mock.patch.object(M, "compact_candidates", lambda device: compact):
+    for path in PATHS:
+        with ranking_path(path):
             assert all(math.isnan(v) for v in retrieval_metrics(x, torch.arange(5)).values())
             one = retrieval_metrics(x[:1], torch.tensor([2]), gallery=x, gallery_labels=torch.tensor([0, 2, 2, 1, 2]))
             assert_same(one, reference(x[:1], torch.tensor([2]), gallery=x, gallery_labels=torch.tensor([0, 2, 2, 1, 2])))
@@ -200,8 +214,8 @@ def test_non_finite_embeddings_give_nan(where, value):
     else:
         gal[5, 0] = value
     kwargs = {"gallery": gal, "gallery_labels": gal_y} if where == "gallery" else {}
-    for compact in (True, False):
-        with mock.patch.object(M, "compact_candidates", lambda device: compact):
+    for path in PATHS:
+        with ranking_path(path):
             got = retrieval_metrics(x, y, **kwargs)
         assert all(math.isnan(v) for v in got.values()), got
     assert all(math.isnan(v) for v in R.retrieval_metrics(x, y, **kwargs).values())

@@ -15,7 +15,10 @@ sources and the torch version, so later processes only load it). Nothing is comp
 
 What runs natively: the preparation of each chunk's distance block (:func:`prepare_block`), the batch-all epilogue of the chunked triplet loss (:func:`batch_all_epilogue`) and
 the semi-hard negative selection for anchors with few positives (:func:`semi_hard_negatives`), on
-float32 and float64 CPU blocks. Everything else, and every other device or dtype, stays on torch.
+float32 and float64 CPU blocks (``csrc/triplet_epilogue.cpp``); the rank histogram of each float32
+similarity tile of :func:`~metricloss.metrics.retrieval_metrics` (:func:`retrieval_rank_histogram`,
+``csrc/retrieval_rank.cpp``). Both sources build into one extension. Everything else, and every other
+device or dtype, stays on torch.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 __all__ = ["ENV_VAR", "NativeBuildError", "batch_all_epilogue", "native_enabled", "native_library",
-           "prepare_block", "semi_hard_negatives"]
+           "prepare_block", "retrieval_rank_histogram", "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
-_SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "triplet_epilogue.cpp",)
+_SOURCES = tuple(Path(__file__).resolve().parent.parent / "csrc" / name
+                 for name in ("triplet_epilogue.cpp", "retrieval_rank.cpp"))
 _DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -191,3 +195,33 @@ def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
         u, a_slack.to(u.dtype).contiguous(), r_slack.to(u.dtype).contiguous(), members.contiguous(),
         in_class.contiguous(), None if self_cols is None else self_cols.to(torch.int64).contiguous(),
         -1 if own_start is None else int(own_start), distance == "euclidean")
+
+
+def retrieval_rank_histogram(tile: torch.Tensor, rel: torch.Tensor, lowest: torch.Tensor, own_start: Optional[int],
+                             index_bits: int) -> Optional[torch.Tensor]:
+    """The rank histogram of one similarity tile in one native pass per row, or None (use the torch path).
+
+    The same histogram as the torch paths of :func:`metricloss.metrics._rank_tile` (both count exactly the
+    same items at exactly the same positions): per row, every item with a similarity ``>= lowest[row]``
+    (the own column ``own_start + row`` skipped) gets the rank key
+    ``(row << (32 + index_bits)) | (order-preserving fp32 bits << index_bits) | (G − 1 − col)`` and is
+    placed among the row's relevant keys like ``torch.searchsorted(..., side="left")``.
+
+    Args:
+        tile: (n, G) float32 CPU similarities (read only).
+        rel: (n, W) int64 relevant keys of each row, ascending (padding ``row << (32 + index_bits)`` first).
+        lowest: (n, 1) or (n,) float32, the lowest relevant similarity of each row (+inf: count nothing).
+        own_start: leave-one-out, the tile starts at query ``own_start`` (own column of row i:
+            ``own_start + i``), else None.
+        index_bits: the bits of a gallery index, ``max(1, (G − 1).bit_length())``.
+
+    Returns:
+        (n, W + 1) int64 histogram ``hist[row, p]`` = #{counted items of the row with exactly p relevant
+        keys below theirs}, or None when the native path does not serve this tile (a non-float32 or
+        non-contiguous tile, or see :func:`native_enabled`).
+    """
+    if tile.dtype != torch.float32 or not tile.is_contiguous() or not native_enabled(tile):
+        return None
+    return torch.ops.metricloss_native.retrieval_rank_histogram(
+        tile, rel.contiguous(), lowest.reshape(-1).contiguous(), -1 if own_start is None else int(own_start),
+        int(index_bits))
