@@ -8,7 +8,10 @@ classes of 50 shuffled samples around random centres (overlapping clusters), lea
 Methods:
 
 * ``metricloss``: :func:`metricloss.retrieval_metrics` with its defaults: R@1/2/4/8, full-ranking mAP,
-  MAP@R, R-precision.
+  MAP@R, R-precision; each similarity tile ranked by the native CPU kernel (``csrc/retrieval_rank.cpp``,
+  built before the timed run). The JSON row's ``values["native"]`` is 1 when it served.
+* ``metricloss_torch``: the same with ``METRICLOSS_NATIVE=0``: the torch fallback (candidate list,
+  ``searchsorted``, ``index_add_``).
 * ``floor``: the bare cost of looking at every pair once: normalise, then ``z[s:e] @ z.T`` in chunks of
   :func:`metricloss.metrics.similarity_tile_rows` rows (the tile metricloss uses, about 128 MiB of
   similarities) and a row max. No metric comes out of it.
@@ -26,6 +29,7 @@ Usage:
     python benchmarks/metrics_speed.py                         # N = 10k and 50k, D = 512
     python benchmarks/metrics_speed.py --sizes 2000 --dim 64   # other sizes
     python benchmarks/metrics_speed.py --sizes 200000 --methods metricloss   # metricloss alone
+    python benchmarks/metrics_speed.py --threads 1                           # one thread per method
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.harness import measure  # noqa: E402
 
 SAMPLES_PER_CLASS = 50
-METHODS = ("floor", "metricloss", "pml_faiss_maxbin", "pml_faiss_all")
+METHODS = ("floor", "metricloss", "metricloss_torch", "pml_faiss_maxbin", "pml_faiss_all")
 NEEDS = {"pml_faiss_maxbin": ("pytorch_metric_learning", "faiss"), "pml_faiss_all": ("pytorch_metric_learning", "faiss")}
 
 
@@ -83,10 +87,27 @@ def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
             return step()
         return run
 
-    if method == "metricloss":
+    if method in ("metricloss", "metricloss_torch"):
         from metricloss.metrics import retrieval_metrics
+        from metricloss.ops import native
 
-        return timed(lambda: record(retrieval_metrics(emb, labels)))
+        # the switch is read at every call; "1" makes a failed build an error, not a silent torch run
+        setting = "1" if method == "metricloss" else "0"
+
+        def ours():
+            saved = os.environ.get(native.ENV_VAR)
+            os.environ[native.ENV_VAR] = setting
+            try:
+                values = retrieval_metrics(emb, labels)
+            finally:  # restored: the case also runs in-process (tests)
+                if saved is None:
+                    del os.environ[native.ENV_VAR]
+                else:
+                    os.environ[native.ENV_VAR] = saved
+            values["native"] = float(setting == "1" and native._state["loaded"])
+            return record(values)
+
+        return timed(ours)
     if method == "floor":
         from metricloss.metrics import similarity_tile_rows
 
