@@ -58,19 +58,28 @@ __all__ = ["METRICS", "retrieval_metrics", "similarity_tile_rows", "compact_cand
 METRICS = ("cosine", "euclidean")
 
 # Named heuristic: one similarity GEMM computes about this many bytes of fp32 similarities. Its shape
-# (rows × G) depends on the gallery size only, never on `chunk_bytes`, so the values do not either.
+# (rows × G) depends on the query and gallery sizes only, never on `chunk_bytes`, so the values do not either.
 SIMILARITY_TILE_BYTES = 128 << 20
+# Named heuristic: but at least this many query rows, within SIMILARITY_TILE_MAX_BYTES. Every GEMM call
+# streams the whole (G, D) gallery, so a thin tile runs it slowly: at G = 1M, D = 128, one thread, the
+# 33 rows of 128 MiB ran at about 70 GFLOP/s and 128 rows (512 MiB) at about 105 (benchmarks/metrics_speed.py
+# notes). Only galleries above 2**18 items (where 128 MiB holds fewer than 128 rows) get larger tiles.
+SIMILARITY_TILE_MIN_ROWS = 128
+SIMILARITY_TILE_MAX_BYTES = 512 << 20
 # Ranking temporaries per counted item (the budget of `chunk_bytes`): its flat index (8), row (8), column
 # (8), value (4), key (8) and position (8), some freed before the next exists.
 _BYTES_PER_ITEM = 40
 
 
 def similarity_tile_rows(n_query: int, n_gallery: int) -> int:
-    """Query rows of one similarity GEMM: :data:`SIMILARITY_TILE_BYTES` of fp32, at least 1, at most Q.
+    """Query rows of one similarity GEMM: :data:`SIMILARITY_TILE_BYTES` of fp32, but at least
+    :data:`SIMILARITY_TILE_MIN_ROWS` rows within :data:`SIMILARITY_TILE_MAX_BYTES`; at least 1, at most Q.
 
     Depends on the sizes only, so every ``chunk_bytes`` computes each similarity by the same GEMM call.
     """
-    return max(1, min(n_query, SIMILARITY_TILE_BYTES // (4 * max(n_gallery, 1))))
+    row_bytes = 4 * max(n_gallery, 1)
+    rows = max(SIMILARITY_TILE_BYTES // row_bytes, min(SIMILARITY_TILE_MIN_ROWS, SIMILARITY_TILE_MAX_BYTES // row_bytes))
+    return max(1, min(n_query, rows))
 
 
 def compact_candidates(device: torch.device) -> bool:
@@ -153,18 +162,24 @@ class _Problem:
             self.expand = g_unique.shape[0] < self.n_gallery
             if self.expand:  # no duplicates: no second (G, D) copy kept alive
                 g_ranked, self.g_inverse = g_unique, g_inverse
+        self._block: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
         if metric == "cosine":
             # unit rows: the similarity is the plain product, no augmented operands ((G, D) copies) needed
-            self._block: Callable[[int, int], torch.Tensor] = lambda s, e: torch.mm(q[s:e], g_ranked.T)
+            self._block = lambda s, e, out: torch.mm(q[s:e], g_ranked.T, out=out)
         else:
             # the Gram block is d²: smaller is closer, so similarity = −block
             gram = GramFactors(q, g_ranked, "squared_euclidean")
-            self._block = lambda s, e: gram.raw_block(s, e).neg_()
+            self._block = lambda s, e, out: gram.raw_block(s, e, out=out).neg_()
         self.tile_rows = similarity_tile_rows(self.n_query, self.n_gallery)
 
-    def similarity(self, s: int, e: int) -> torch.Tensor:
-        block = self._block(s, e)
-        return block[:, self.g_inverse] if self.expand else block
+    def similarity(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(e − s, G) fp32 similarities of queries s:e; written into ``out`` (a contiguous (e − s, G) fp32
+        buffer) if given: the ranking loop reuses one tile buffer, so that no tile pays a fresh allocation
+        and its page faults (a third of the time of a (33, 10**6) GEMM). The same values either way."""
+        if not self.expand:
+            return self._block(s, e, out)
+        block = self._block(s, e, None)
+        return torch.index_select(block, 1, self.g_inverse, out=out) if out is not None else block[:, self.g_inverse]
 
     def tiles(self) -> List[Tuple[int, int]]:
         """The (start, end) query ranges of the similarity GEMMs: fixed by Q and G alone."""
@@ -388,9 +403,10 @@ def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Ten
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("retrieval_metrics(progress=True) needs tqdm: pip install tqdm") from err
         tiles = tqdm(tiles, desc="retrieval metrics", unit="tile")
+    buffer = torch.empty((problem.tile_rows, n_gallery), dtype=torch.float32, device=device)  # one tile, reused
     for ts, te in tiles:
-        per_query[ts:te] = _rank_tile(problem.similarity(ts, te), ts, problem, index, cls[ts:te], width, ks_values,
-                                      compact, chunk_bytes)
+        per_query[ts:te] = _rank_tile(problem.similarity(ts, te, out=buffer[:te - ts]), ts, problem, index, cls[ts:te],
+                                      width, ks_values, compact, chunk_bytes)
     keep = (cls.num_pos > 0).double()
     totals = torch.cat([keep @ per_query, keep.sum().unsqueeze(0), finite.double().unsqueeze(0)])
     *sums, counted, all_finite = totals.tolist()  # the one read of the results

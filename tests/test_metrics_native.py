@@ -17,7 +17,7 @@ from metricloss import metrics as M
 from metricloss.metrics import retrieval_metrics
 from metricloss.ops import native
 
-from .test_metrics_ranking import CHUNKS, PATHS, assert_same, ranking_path, reference, tie_heavy
+from .test_metrics_ranking import CHUNKS, PATHS, assert_same, ranking_path, reference, tile_bytes_of, tie_heavy
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_native_metrics_equal_torch_paths_bitwise_and_the_reference(built, n, d,
         gal = torch.cat([tie_heavy(g, gallery, d, kind), x[: gallery // 2]])  # gallery rows that equal queries
         gal_y = torch.randint(0, classes, (gal.shape[0],), generator=g)
     results = {}
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile_bytes):
+    with tile_bytes_of(tile_bytes):
         for path in PATHS:
             with ranking_path(path):
                 results[path] = retrieval_metrics(x, y, ks, gallery=gal, gallery_labels=gal_y, metric=metric,
@@ -175,7 +175,7 @@ def test_native_serves_every_cpu_tile_by_default(built, monkeypatch, native_call
         if setup == "duplicate_gallery":
             bank[45:] = bank[:45]  # deduplicated before the GEMM, expanded back per tile
         kwargs = {"gallery": bank, "gallery_labels": torch.randint(0, 8, (90,), generator=g)}
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", 4 * 200 * 16):  # several tiles
+    with tile_bytes_of(4 * 200 * 16):  # several tiles
         got = retrieval_metrics(x, y, metric=metric, **kwargs)
         assert len(native_calls) > 1 and all(native_calls)
         monkeypatch.setenv(native.ENV_VAR, "0")
@@ -232,7 +232,7 @@ def test_failed_build_warns_once_naming_the_cause_and_runs_torch(monkeypatch, fr
     monkeypatch.setattr(native, "_build", failing_build)
     monkeypatch.delenv(native.ENV_VAR, raising=False)
     x, y = _case()
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", 4 * 80 * 16):  # 5 tiles: still one warning
+    with tile_bytes_of(4 * 80 * 16):  # 5 tiles: still one warning
         with pytest.warns(UserWarning, match="simulated: no C.. compiler") as record:
             got = retrieval_metrics(x, y)
         assert len([w for w in record if "native" in str(w.message)]) == 1

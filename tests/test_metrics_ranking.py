@@ -23,6 +23,13 @@ PATHS = ["native", "compact", "every"]
 
 
 @contextlib.contextmanager
+def tile_bytes_of(tile_bytes):
+    """Similarity tiles of about ``tile_bytes`` (no minimum row count): many tiles on small data."""
+    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile_bytes), mock.patch.object(M, "SIMILARITY_TILE_MIN_ROWS", 1):
+        yield
+
+
+@contextlib.contextmanager
 def ranking_path(path):
     """Rank with ``path`` (METRICLOSS_NATIVE=1, or =0 with the compact heuristic on or off)."""
     if path == "native" and shutil.which("c++") is None and not os.environ.get("CI"):
@@ -76,7 +83,7 @@ def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, me
     if gallery:
         gal = torch.cat([tie_heavy(g, gallery, d, kind), x[: gallery // 2]])  # gallery rows that equal queries
         gal_y = torch.randint(0, classes, (gal.shape[0],), generator=g)
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile_bytes), ranking_path(path):
+    with tile_bytes_of(tile_bytes), ranking_path(path):
         got = retrieval_metrics(x, y, ks, gallery=gal, gallery_labels=gal_y, metric=metric, chunk_bytes=chunk)
         want = reference(x, y, ks, gal, gal_y, metric)
     assert_same(got, want)
@@ -115,7 +122,7 @@ def test_results_bitwise_identical_for_every_chunk_budget(metric, with_gallery):
         else (None, None)
     results = []
     for tile in (M.SIMILARITY_TILE_BYTES, 16 << 10):  # one tile, and 14-20 tiles of 13-20 rows
-        with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile):
+        with tile_bytes_of(tile):
             per_tile = [retrieval_metrics(x, y, gallery=gal, gallery_labels=gal_y, metric=metric, chunk_bytes=c)
                         for c in (1, 20_000, None)]
         assert all(r == per_tile[0] for r in per_tile), per_tile   # bitwise: == on the Python floats
@@ -128,16 +135,41 @@ def test_similarity_gemm_shapes_do_not_depend_on_chunk_bytes():
     calls = []
     real = M._Problem.similarity
 
-    def spy(self, s, e):
+    def spy(self, s, e, out=None):
         calls[-1].append((s, e))
-        return real(self, s, e)
+        return real(self, s, e, out)
 
     x, y = torch.randn(300, 8), torch.randint(0, 10, (300,))
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", 4 * 300 * 64), mock.patch.object(M._Problem, "similarity", spy):
+    with tile_bytes_of(4 * 300 * 64), mock.patch.object(M._Problem, "similarity", spy):
         for chunk in (1, 5_000, None):
             calls.append([])
             retrieval_metrics(x, y, chunk_bytes=chunk)
     assert calls[0] == calls[1] == calls[2] == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 300)]
+
+
+def test_similarity_tile_rows_heuristic():
+    """128 MiB of fp32 rows, but at least 128 rows within 512 MiB (a thin GEMM streams the gallery per row
+    block), at most Q."""
+    assert M.similarity_tile_rows(50_000, 50_000) == (128 << 20) // (4 * 50_000)      # 671 rows, 128 MiB
+    assert M.similarity_tile_rows(10**6, 10**6) == 128                                 # 512 MiB
+    assert M.similarity_tile_rows(10**6, 2 * 10**6) == (512 << 20) // (4 * 2 * 10**6)  # 67 rows, 512 MiB
+    assert M.similarity_tile_rows(10, 10**6) == 10 and M.similarity_tile_rows(5, 0) == 5
+    assert M.similarity_tile_rows(10**6, 10**9) == 1
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_similarity_into_a_reused_buffer_is_bitwise_the_same(metric, duplicates):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 33, generator=g)
+    if duplicates:
+        x[35:] = x[:35]
+    problem, _, _ = M._prepare(x, torch.zeros(70, dtype=torch.int64), (1,), None, None, metric, None, "test")
+    assert problem.expand == duplicates
+    buffer = torch.full((30, 70), float("nan"))
+    for s, e in [(0, 30), (30, 60), (60, 70)]:
+        got = problem.similarity(s, e, out=buffer[:e - s])
+        assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, problem.similarity(s, e))
 
 
 def test_host_reads_do_not_grow_with_the_number_of_chunks():
