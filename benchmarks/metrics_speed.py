@@ -30,6 +30,8 @@ Usage:
     python benchmarks/metrics_speed.py --sizes 2000 --dim 64   # other sizes
     python benchmarks/metrics_speed.py --sizes 200000 --methods metricloss   # metricloss alone
     python benchmarks/metrics_speed.py --threads 1                           # one thread per method
+    python benchmarks/metrics_speed.py --sizes 1000000 --dim 128 --methods metricloss --threads 1 \
+        --progress-log /tmp/metrics-1m.progress                              # long: watch the tqdm bar there
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def make_data(n: int, d: int, seed: int = 0):
     return emb, labels
 
 
-def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
-    """A zero-argument step running ``method`` on n × d data; it writes its metric values to ``out``."""
+def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2, progress_log: str = ""):
+    """A zero-argument step running ``method`` on n × d data; it writes its metric values to ``out``.
+
+    ``progress_log``: metricloss methods show their tqdm progress bar in this file (the harness captures
+    the child's stderr until it ends), for runs that take long."""
     import torch
 
     emb, labels = make_data(n, d)
@@ -97,9 +102,14 @@ def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
         def ours():
             saved = os.environ.get(native.ENV_VAR)
             os.environ[native.ENV_VAR] = setting
+            log = open(progress_log, "w", buffering=1) if progress_log else None
+            stderr, sys.stderr = sys.stderr, (log or sys.stderr)  # tqdm writes to sys.stderr
             try:
-                values = retrieval_metrics(emb, labels)
-            finally:  # restored: the case also runs in-process (tests)
+                values = retrieval_metrics(emb, labels, progress=bool(progress_log))
+            finally:
+                sys.stderr = stderr
+                if log is not None:
+                    log.close()  # restored: the case also runs in-process (tests)
                 if saved is None:
                     del os.environ[native.ENV_VAR]
                 else:
@@ -155,6 +165,7 @@ def main() -> None:
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each child")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds before a child is killed")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--progress-log", default="", help="metricloss methods write their tqdm progress bar here")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +180,8 @@ def main() -> None:
                 else:
                     out = os.path.join(tmp, f"{method}-{n}.json")
                     res = measure("benchmarks.metrics_speed:case",
-                                  {"method": method, "n": n, "d": args.dim, "out": out, "threads": args.threads},
+                                  {"method": method, "n": n, "d": args.dim, "out": out, "threads": args.threads,
+                                   "progress_log": args.progress_log if method.startswith("metricloss") else ""},
                                   warmup_params={"method": method, "n": 1000, "d": args.dim,
                                                  "threads": args.threads},
                                   repeats=1, warmup=0, threads=args.threads, mem_limit_gb=args.mem_limit_gb,

@@ -51,14 +51,16 @@ def test_pml_all_is_skipped_where_the_dense_array_does_not_fit(tmp_path):
     assert "GiB" in p.stdout or "needs" in p.stdout
 
 
-def test_case_values_are_finite_and_not_trivial():
+def test_case_values_are_finite_and_not_trivial(tmp_path):
     sys.path.insert(0, ROOT)
     from benchmarks.metrics_speed import case
 
     values = case("metricloss", n=400, d=16)()
     assert all(math.isfinite(v) for v in values.values())
     assert 0.05 < values["mAP"] < 1.0 and values["cpu_s"] >= 0
-    torch_values = case("metricloss_torch", n=400, d=16)()
+    log = tmp_path / "progress.log"
+    torch_values = case("metricloss_torch", n=400, d=16, progress_log=str(log))()
+    assert "retrieval metrics" in log.read_text() and "1/1" in log.read_text()  # the tqdm bar went there
     assert torch_values["native"] == 0.0 and torch_values["mAP"] == values["mAP"]
     assert os.environ.get("METRICLOSS_NATIVE") == ENV_BEFORE  # the case restores the switch
     assert math.isfinite(case("floor", n=300, d=8)()["mean row max"])
