@@ -25,15 +25,25 @@ among them by one 1-D ``searchsorted`` (O(log R) per item), and a ``bincount`` o
 for each relevant item, the number of items above it: its exact rank.
 
 Only the items scored at least as high as the query's lowest relevant item can be above any relevant
-item, so on CPU only those are keyed and counted (found by one comparison pass and ``nonzero``, which on
-a CPU is no device sync). On other devices every item is counted (no data-dependent shape, no sync in
-the loop). Both give the same ranks (tested).
+item, so on CPU only those are keyed and counted. Three paths give the same ranks (tested, bitwise):
+
+* CPU, native (the default): one C++ pass per query row over its similarities
+  (``metricloss/csrc/retrieval_rank.cpp``, :func:`metricloss.ops.native.retrieval_rank_histogram`, threads
+  over rows): the left-out column skipped, each item at or above the lowest relevant one keyed as above and
+  placed among the row's sorted relevant keys by a binary search (``searchsorted``'s semantics), counted in
+  the (n, R + 1) histogram in place. No temporary the size of the tile, no candidate list.
+* CPU, torch (``METRICLOSS_NATIVE=0``, or the extension did not build: one warning names the cause): the
+  candidates are found by one comparison pass and ``nonzero`` (on a CPU no device sync), keyed, placed by a
+  1-D ``searchsorted`` and counted by ``index_add_``, in pieces of ``chunk_bytes``.
+* Other devices: every item is keyed and counted (no data-dependent shape, no sync in the loop), in row
+  pieces of ``chunk_bytes``.
 
 Determinism: the similarities are computed by one GEMM per *similarity tile* of
-:func:`similarity_tile_rows` query rows, a shape fixed by the query and gallery sizes alone; the ranks
-are exact integer logic, and per-query values are summed in a fixed order. So the results are bitwise
-identical for every ``chunk_bytes`` (a GEMM of another shape may round differently, which would move
-near-ties between chunkings; ``chunk_bytes`` only sets how many rows of a tile are ranked at once).
+:func:`similarity_tile_rows` query rows, a shape fixed by the query and gallery sizes alone (into one
+reused tile buffer); the ranks are exact integer logic, and per-query values are summed in a fixed
+order. So the results are bitwise identical for every ``chunk_bytes`` and for the native and torch paths
+(a GEMM of another shape may round differently, which would move near-ties between chunkings;
+``chunk_bytes`` only sets how many items of a tile the torch paths rank at once).
 
 Non-finite embeddings (NaN or ±Inf in ``embeddings`` or ``gallery``) make every metric NaN, as the losses
 return NaN: a corrupted embedding must not look like a plausible score.
@@ -236,12 +246,13 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         gallery, gallery_labels: optional (G, D), (G,) gallery. Without it the queries are their own
             gallery, each query left out of its own ranking (leave-one-out).
         metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
-        chunk_bytes: memory budget of the ranking temporaries of one piece of a tile (default 64 MiB, or
-            ``METRICLOSS_CHUNK_BYTES``). The results do not depend on it (bitwise): the similarities are
-            computed in tiles of :func:`similarity_tile_rows` rows (about 128 MiB of fp32), a shape set by
-            Q and G alone; a tile is ranked in pieces of the budget. Peak memory O(rows · G), never (Q, G): one tile,
-            its candidate list (on CPU; 8 bytes per candidate, usually a few % of the tile's items)
-            and one piece.
+        chunk_bytes: memory budget of the torch paths' ranking temporaries of one piece of a tile
+            (default 64 MiB, or ``METRICLOSS_CHUNK_BYTES``); the native CPU kernel needs none. The results
+            do not depend on it (bitwise): the similarities are computed in tiles of
+            :func:`similarity_tile_rows` rows (about 128 MiB of fp32; at least 128 rows, within 512 MiB, for
+            galleries above 2**18 items), a shape set by Q and G alone; a tile is ranked in pieces of the
+            budget. Peak memory O(rows · G), never (Q, G): one tile, plus on the torch CPU path its
+            candidate list (8 bytes per candidate, usually a few % of the tile's items) and one piece.
         progress: show a tqdm progress bar over the similarity tiles (needs ``tqdm``).
 
     Returns:
@@ -250,9 +261,11 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         ``embeddings`` or ``gallery`` holds a NaN or ±Inf (checked on the device, read with the results:
         no extra sync).
 
-    Cost: one GEMM per tile, O(Q·G·D) time, plus O(log R) per counted item. Three host reads per call
-    (whether the gallery may hold duplicate rows, the largest class size, and the results), whatever the
-    number of chunks.
+    Cost: one GEMM per tile, O(Q·G·D) time, plus one pass over the tile and O(log R) per counted item.
+    On CPU the ranking runs in the native kernel (``metricloss/csrc/retrieval_rank.cpp``, built on first
+    use; ``METRICLOSS_NATIVE=0`` or a failed build runs the torch path, with the same results: see
+    :mod:`metricloss.ops.native`). Three host reads per call (whether the gallery may hold duplicate rows,
+    the largest class size, and the results), whatever the number of chunks.
     """
     problem, ks, finite = _prepare(embeddings, labels, ks, gallery, gallery_labels, metric, chunk_bytes,
                                    "retrieval_metrics")

@@ -82,7 +82,7 @@ def tiles(draw):
     return tile, members, valid, own_start
 
 
-def _histograms(tile, members, valid, own_start):
+def _histograms(tile, members, valid, own_start, chunks=(1, None)):
     """(native, torch compact, torch every-item) histograms of one tile, with the keys of _rank_tile."""
     n, g_size = tile.shape
     index_bits = max(1, (g_size - 1).bit_length())
@@ -95,7 +95,7 @@ def _histograms(tile, members, valid, own_start):
     got = native.retrieval_rank_histogram(tile.clone(), rel, lowest, own_start, index_bits)
     ts = 0 if own_start is None else own_start
     compact, every = ([M._torch_rank_histogram(tile.clone(), ts, rel, lowest, own_start is not None, index_bits,
-                                               is_compact, chunk).view(n, -1) for chunk in (1, None)]
+                                               is_compact, chunk).view(n, -1) for chunk in chunks]
                       for is_compact in (True, False))
     return got, compact, every
 
@@ -186,7 +186,7 @@ def test_native_serves_every_cpu_tile_by_default(built, monkeypatch, native_call
 def test_native_declines_other_tiles(built, monkeypatch):
     """Only contiguous float32 CPU tiles are native (the metrics always rank fp32)."""
     monkeypatch.setenv(native.ENV_VAR, "1")
-    rel, lowest = torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1)
+    rel, lowest = torch.arange(2).bitwise_left_shift(34).unsqueeze(1), torch.full((2, 1), float("inf"))  # lone rows
     assert native.retrieval_rank_histogram(torch.zeros(2, 3, dtype=torch.float64), rel, lowest, None, 2) is None
     assert native.retrieval_rank_histogram(torch.zeros(3, 2).T, rel, lowest, None, 2) is None
     assert native.retrieval_rank_histogram(torch.zeros(2, 3), rel, lowest, None, 2).shape == (2, 2)
@@ -201,6 +201,35 @@ def test_native_op_refuses_bad_operands(built):
         op(tile, rel.int(), lowest, -1, 2)
     with pytest.raises(RuntimeError, match="do not fit in int64"):
         op(tile, rel, lowest, -1, 1)  # G − 1 = 2 needs 2 index bits
+    real = M._rank_keys(torch.tensor([[0.5]]), torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64),
+                        2, 3)
+    with pytest.raises(RuntimeError, match="lowest must be the lowest relevant similarity"):
+        op(torch.zeros(1, 3), real, torch.tensor([0.75]), -1, 2)  # a relevant key below `lowest`
+
+
+@pytest.mark.parametrize("kind", ["random", "integers", "signed_zeros", "clustered"])
+@pytest.mark.parametrize("g_size", [5_000, 70_000])
+def test_native_histogram_on_wide_tiles(built, monkeypatch, kind, g_size):
+    """Galleries wide enough for many buckets per row (up to the 16384 of the heuristic), with ties,
+    ±0.0, many relevant keys in one bucket (clustered) and an own column."""
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    gen = torch.Generator().manual_seed(g_size)
+    n = 6
+    tile = torch.randn(n, g_size, generator=gen)
+    if kind == "integers":
+        tile = tile.mul_(3).round_()
+    elif kind == "signed_zeros":
+        tile = torch.where(tile > 0, torch.zeros_like(tile), torch.full_like(tile, -0.0))
+    elif kind == "clustered":
+        tile[:, : g_size // 2] = 0.25 + torch.randint(0, 3, (n, g_size // 2), generator=gen) * 1e-7
+    width = 40
+    members = torch.stack([torch.randperm(g_size, generator=gen)[:width] for _ in range(n)])
+    valid = torch.ones(n, width, dtype=torch.bool)
+    valid[0, ::2] = False       # padding in one row
+    valid[1] = False            # a lone row
+    got, compact, every = _histograms(tile, members, valid, 17, chunks=(None,))
+    assert all(torch.equal(got, want) for want in compact)
+    assert all(torch.equal(_rank_bins(got, valid), _rank_bins(want, valid)) for want in every)
 
 
 # ---- the fallback and the switch ------------------------------------------------------------------------
