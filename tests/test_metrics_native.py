@@ -207,11 +207,12 @@ def test_native_op_refuses_bad_operands(built):
         op(torch.zeros(1, 3), real, torch.tensor([0.75]), -1, 2)  # a relevant key below `lowest`
 
 
-@pytest.mark.parametrize("kind", ["random", "integers", "signed_zeros", "clustered"])
+@pytest.mark.parametrize("kind", ["random", "integers", "signed_zeros", "clustered", "sparse", "switching"])
 @pytest.mark.parametrize("g_size", [5_000, 70_000])
 def test_native_histogram_on_wide_tiles(built, monkeypatch, kind, g_size):
-    """Galleries wide enough for many buckets per row (up to the 16384 of the heuristic), with ties,
-    ±0.0, many relevant keys in one bucket (clustered) and an own column."""
+    """Galleries wide enough for many buckets per row (up to the 16384 of the heuristic) and many column
+    chunks, with ties, ±0.0, many relevant keys in one bucket (clustered), few or many items above the
+    lowest relevant one, or both in turn (the two counting loops), and an own column."""
     monkeypatch.setenv(native.ENV_VAR, "1")
     gen = torch.Generator().manual_seed(g_size)
     n = 6
@@ -224,6 +225,10 @@ def test_native_histogram_on_wide_tiles(built, monkeypatch, kind, g_size):
         tile[:, : g_size // 2] = 0.25 + torch.randint(0, 3, (n, g_size // 2), generator=gen) * 1e-7
     width = 40
     members = torch.stack([torch.randperm(g_size, generator=gen)[:width] for _ in range(n)])
+    if kind == "switching":  # with the boost below: dense candidates in some column ranges, none in others
+        tile[:, (torch.arange(g_size) // 3000) % 2 == 1] -= 4.0
+    if kind in ("sparse", "switching"):  # relevant items far above the rest: few candidates (the branchy count)
+        tile.scatter_add_(1, members, torch.full(members.shape, 6.0))
     valid = torch.ones(n, width, dtype=torch.bool)
     valid[0, ::2] = False       # padding in one row
     valid[1] = False            # a lone row

@@ -33,7 +33,9 @@ namespace {
 // fewer items into the buckets that need exact placement, but cost a per-row fill and sum), columns per
 // vectorised chunk, and interleaved count tables (consecutive items often fall into one bucket; separate
 // tables keep their increments from waiting on each other).
-constexpr int64_t kMinBuckets = 256, kMaxBuckets = 16384, kChunk = 2048, kLanes = 4;
+// After a chunk with fewer than one item in kSparse above the row's lowest relevant one, the next chunk is
+// counted with a branch per item (rarely taken, so well predicted), after a denser one without branches.
+constexpr int64_t kMinBuckets = 256, kMaxBuckets = 16384, kChunk = 2048, kLanes = 4, kSparse = 8;
 
 int64_t bucket_count(int64_t g) {
   int64_t t = kMinBuckets;
@@ -52,16 +54,19 @@ inline uint32_t order_bits32(float v) {
 
 // Bucket of each item of a chunk: min((bits - low_bits) >> shift, T) for items >= low (T: above every
 // relevant key), `skip` for the others (NaN >= x is false, as in the torch path). No branches, so the
-// compiler vectorises it.
-void bucket_chunk(const float* __restrict values, int64_t len, float low, uint32_t low_bits, int shift,
-                  uint32_t top, uint32_t skip, uint32_t* __restrict out) {
+// compiler vectorises it. Returns the number of items >= low.
+int64_t bucket_chunk(const float* __restrict values, int64_t len, float low, uint32_t low_bits, int shift,
+                     uint32_t top, uint32_t skip, uint32_t* __restrict out) {
+  uint32_t kept = 0;
   for (int64_t t = 0; t < len; ++t) {
     const float x = values[t];
     uint32_t b = (order_bits32(x) - low_bits) >> shift;
     b = b < top ? b : top;
     const uint32_t keep = 0u - static_cast<uint32_t>(x >= low);
     out[t] = (b & keep) | (skip & ~keep);
+    kept -= keep;  // keep is 0 or 0xFFFFFFFF (-1)
   }
+  return kept;
 }
 
 void rank_rows(const float* tile, const int64_t* rel, const float* lowest, int64_t own_start, int64_t n,
@@ -121,16 +126,32 @@ void rank_rows(const float* tile, const int64_t* rel, const float* lowest, int64
       for (int64_t b = 1; b <= n_buckets; ++b) start[b] += start[b - 1];
       // 1. every item's bucket, counted; the items of buckets that hold a key listed for step 2
       int64_t n_exact = 0;
+      bool sparse = true;  // the previous chunk had few items >= low: the next one likely too
       for (int64_t c0 = 0; c0 < g; c0 += kChunk) {
         const int64_t len = std::min(kChunk, g - c0);
-        bucket_chunk(row + c0, len, low, low_bits, shift, static_cast<uint32_t>(n_buckets),
-                     static_cast<uint32_t>(skip), chunk_buckets.data());
-        for (int64_t t = 0; t < len; ++t) {
-          const uint32_t b = chunk_buckets[t];
-          ++counts[(t & (kLanes - 1)) * stride + b];
-          exact[n_exact] = static_cast<int32_t>(c0 + t);
-          n_exact += mixed[b];
+        int64_t kept = 0;
+        if (sparse) {  // a rarely taken branch per item, well predicted, and no pass for the skipped items
+          const float* values = row + c0;
+          for (int64_t t = 0; t < len; ++t) {
+            const float x = values[t];
+            if (!(x >= low)) continue;
+            ++kept;
+            uint32_t b = (order_bits32(x) - low_bits) >> shift;
+            b = b < static_cast<uint32_t>(n_buckets) ? b : static_cast<uint32_t>(n_buckets);
+            ++counts[b];
+            if (mixed[b]) exact[n_exact++] = static_cast<int32_t>(c0 + t);
+          }
+        } else {  // many, unpredictable: the buckets by a vectorised pass, then counted without branches
+          kept = bucket_chunk(row + c0, len, low, low_bits, shift, static_cast<uint32_t>(n_buckets),
+                              static_cast<uint32_t>(skip), chunk_buckets.data());
+          for (int64_t t = 0; t < len; ++t) {
+            const uint32_t b = chunk_buckets[t];
+            ++counts[(t & (kLanes - 1)) * stride + b];
+            exact[n_exact] = static_cast<int32_t>(c0 + t);
+            n_exact += mixed[b];
+          }
         }
+        sparse = kept * kSparse < len;
       }
       // 2. those placed by their keys among the bucket's few keys; the left-out own column skipped
       for (int64_t q = 0; q < n_exact; ++q) {
