@@ -27,11 +27,14 @@ for each relevant item, the number of items above it: its exact rank.
 Only the items scored at least as high as the query's lowest relevant item can be above any relevant
 item, so on CPU only those are keyed and counted. Three paths give the same ranks (tested, bitwise):
 
-* CPU, native (the default): one C++ pass per query row over its similarities
+* CPU, native (the default): about one C++ pass per query row over its similarities
   (``metricloss/csrc/retrieval_rank.cpp``, :func:`metricloss.ops.native.retrieval_rank_histogram`, threads
-  over rows): the left-out column skipped, each item at or above the lowest relevant one keyed as above and
-  placed among the row's sorted relevant keys by a binary search (``searchsorted``'s semantics), counted in
-  the (n, R + 1) histogram in place. No temporary the size of the tile, no candidate list.
+  over rows) gives the same (n, R + 1) histogram of positions among the row's sorted relevant keys. The
+  order bits of the items at or above the lowest relevant one are split into up to 16384 equal buckets;
+  a bucket that holds no relevant key lies between two consecutive relevant keys, so its items share one
+  position and are only counted (a branch-free, vectorised pass where such items are many, a branch per
+  item where they are few); the items of the few buckets that hold a relevant key are keyed as above and
+  placed exactly. The left-out column is skipped. No temporary the size of the tile.
 * CPU, torch (``METRICLOSS_NATIVE=0``, or the extension did not build: one warning names the cause): the
   candidates are found by one comparison pass and ``nonzero`` (on a CPU no device sync), keyed, placed by a
   1-D ``searchsorted`` and counted by ``index_add_``, in pieces of ``chunk_bytes``.

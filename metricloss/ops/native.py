@@ -203,14 +203,17 @@ def retrieval_rank_histogram(tile: torch.Tensor, rel: torch.Tensor, lowest: torc
 
     The same histogram as the torch paths of :func:`metricloss.metrics._rank_tile` (both count exactly the
     same items at exactly the same positions): per row, every item with a similarity ``>= lowest[row]``
-    (the own column ``own_start + row`` skipped) gets the rank key
-    ``(row << (32 + index_bits)) | (order-preserving fp32 bits << index_bits) | (G − 1 − col)`` and is
-    placed among the row's relevant keys like ``torch.searchsorted(..., side="left")``.
+    (the own column ``own_start + row`` skipped) is counted at the position that its rank key
+    ``(row << (32 + index_bits)) | (order-preserving fp32 bits << index_bits) | (G − 1 − col)`` has among
+    the row's relevant keys (``torch.searchsorted(..., side="left")``). How: the items are bucketed by
+    their order bits, a bucket without a relevant key counted at its one position, the items of the others
+    placed exactly (see ``csrc/retrieval_rank.cpp``); about one pass over the row, no tile-sized temporary.
 
     Args:
         tile: (n, G) float32 CPU similarities (read only).
         rel: (n, W) int64 relevant keys of each row, ascending (padding ``row << (32 + index_bits)`` first).
-        lowest: (n, 1) or (n,) float32, the lowest relevant similarity of each row (+inf: count nothing).
+        lowest: (n, 1) or (n,) float32, the lowest relevant similarity of each row (+inf for a row without
+            relevant keys; a row whose relevant keys lie below it raises ``RuntimeError``).
         own_start: leave-one-out, the tile starts at query ``own_start`` (own column of row i:
             ``own_start + i``), else None.
         index_bits: the bits of a gallery index, ``max(1, (G − 1).bit_length())``.
