@@ -8,10 +8,13 @@ classes of 50 shuffled samples around random centres (overlapping clusters), lea
 Methods:
 
 * ``metricloss``: :func:`metricloss.retrieval_metrics` with its defaults: R@1/2/4/8, full-ranking mAP,
-  MAP@R, R-precision.
+  MAP@R, R-precision; each similarity tile ranked by the native CPU kernel (``csrc/retrieval_rank.cpp``,
+  built before the timed run). The JSON row's ``values["native"]`` is 1 when it served.
+* ``metricloss_torch``: the same with ``METRICLOSS_NATIVE=0``: the torch fallback (candidate list,
+  ``searchsorted``, ``index_add_``).
 * ``floor``: the bare cost of looking at every pair once: normalise, then ``z[s:e] @ z.T`` in chunks of
   :func:`metricloss.metrics.similarity_tile_rows` rows (the tile metricloss uses, about 128 MiB of
-  similarities) and a row max. No metric comes out of it.
+  similarities, into one reused buffer) and a row max. No metric comes out of it.
 * ``pml_faiss_maxbin``: pytorch-metric-learning's ``AccuracyCalculator`` with its default faiss k-NN on the
   normalised embeddings (L2 order = cosine order), ``k="max_bin_count"``: precision@1, R-precision,
   MAP@R (no full mAP: only the top 49 neighbours are retrieved).
@@ -26,6 +29,9 @@ Usage:
     python benchmarks/metrics_speed.py                         # N = 10k and 50k, D = 512
     python benchmarks/metrics_speed.py --sizes 2000 --dim 64   # other sizes
     python benchmarks/metrics_speed.py --sizes 200000 --methods metricloss   # metricloss alone
+    python benchmarks/metrics_speed.py --threads 1                           # one thread per method
+    python benchmarks/metrics_speed.py --sizes 1000000 --dim 128 --methods metricloss --threads 1 \
+        --progress-log /tmp/metrics-1m.progress                              # long: watch the tqdm bar there
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.harness import measure  # noqa: E402
 
 SAMPLES_PER_CLASS = 50
-METHODS = ("floor", "metricloss", "pml_faiss_maxbin", "pml_faiss_all")
+METHODS = ("floor", "metricloss", "metricloss_torch", "pml_faiss_maxbin", "pml_faiss_all")
 NEEDS = {"pml_faiss_maxbin": ("pytorch_metric_learning", "faiss"), "pml_faiss_all": ("pytorch_metric_learning", "faiss")}
 
 
@@ -61,8 +67,11 @@ def make_data(n: int, d: int, seed: int = 0):
     return emb, labels
 
 
-def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
-    """A zero-argument step running ``method`` on n × d data; it writes its metric values to ``out``."""
+def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2, progress_log: str = ""):
+    """A zero-argument step running ``method`` on n × d data; it writes its metric values to ``out``.
+
+    ``progress_log``: metricloss methods show their tqdm progress bar in this file (the harness captures
+    the child's stderr until it ends), for runs that take long."""
     import torch
 
     emb, labels = make_data(n, d)
@@ -83,19 +92,41 @@ def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2):
             return step()
         return run
 
-    if method == "metricloss":
+    if method in ("metricloss", "metricloss_torch"):
         from metricloss.metrics import retrieval_metrics
+        from metricloss.ops import native
 
-        return timed(lambda: record(retrieval_metrics(emb, labels)))
+        # the switch is read at every call; "1" makes a failed build an error, not a silent torch run
+        setting = "1" if method == "metricloss" else "0"
+
+        def ours():
+            saved = os.environ.get(native.ENV_VAR)
+            os.environ[native.ENV_VAR] = setting
+            log = open(progress_log, "w", buffering=1) if progress_log else None
+            stderr, sys.stderr = sys.stderr, (log or sys.stderr)  # tqdm writes to sys.stderr
+            try:
+                values = retrieval_metrics(emb, labels, progress=bool(progress_log))
+            finally:
+                sys.stderr = stderr
+                if log is not None:
+                    log.close()  # restored: the case also runs in-process (tests)
+                if saved is None:
+                    del os.environ[native.ENV_VAR]
+                else:
+                    os.environ[native.ENV_VAR] = saved
+            values["native"] = float(setting == "1" and native._state["loaded"])
+            return record(values)
+
+        return timed(ours)
     if method == "floor":
         from metricloss.metrics import similarity_tile_rows
 
         def floor():
             z = torch.nn.functional.normalize(emb, dim=1)
             rows = similarity_tile_rows(n, n)
-            best = torch.empty(n)
+            best, tile = torch.empty(n), torch.empty(rows, n)  # one tile buffer, reused (as metricloss does)
             for s in range(0, n, rows):
-                best[s:s + rows] = torch.mm(z[s:s + rows], z.T).amax(1)
+                best[s:s + rows] = torch.mm(z[s:s + rows], z.T, out=tile[:min(rows, n - s)]).amax(1)
             return record({"mean row max": best.mean()})
 
         return timed(floor)
@@ -134,6 +165,7 @@ def main() -> None:
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each child")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds before a child is killed")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--progress-log", default="", help="metricloss methods write their tqdm progress bar here")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +180,8 @@ def main() -> None:
                 else:
                     out = os.path.join(tmp, f"{method}-{n}.json")
                     res = measure("benchmarks.metrics_speed:case",
-                                  {"method": method, "n": n, "d": args.dim, "out": out, "threads": args.threads},
+                                  {"method": method, "n": n, "d": args.dim, "out": out, "threads": args.threads,
+                                   "progress_log": args.progress_log if method.startswith("metricloss") else ""},
                                   warmup_params={"method": method, "n": 1000, "d": args.dim,
                                                  "threads": args.threads},
                                   repeats=1, warmup=0, threads=args.threads, mem_limit_gb=args.mem_limit_gb,

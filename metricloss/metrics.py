@@ -25,15 +25,28 @@ among them by one 1-D ``searchsorted`` (O(log R) per item), and a ``bincount`` o
 for each relevant item, the number of items above it: its exact rank.
 
 Only the items scored at least as high as the query's lowest relevant item can be above any relevant
-item, so on CPU only those are keyed and counted (found by one comparison pass and ``nonzero``, which on
-a CPU is no device sync). On other devices every item is counted (no data-dependent shape, no sync in
-the loop). Both give the same ranks (tested).
+item, so on CPU only those are keyed and counted. Three paths give the same ranks (tested, bitwise):
+
+* CPU, native (the default): about one C++ pass per query row over its similarities
+  (``metricloss/csrc/retrieval_rank.cpp``, :func:`metricloss.ops.native.retrieval_rank_histogram`, threads
+  over rows) gives the same (n, R + 1) histogram of positions among the row's sorted relevant keys. The
+  order bits of the items at or above the lowest relevant one are split into up to 16384 equal buckets;
+  a bucket that holds no relevant key lies between two consecutive relevant keys, so its items share one
+  position and are only counted (a branch-free, vectorised pass where such items are many, a branch per
+  item where they are few); the items of the few buckets that hold a relevant key are keyed as above and
+  placed exactly. The left-out column is skipped. No temporary the size of the tile.
+* CPU, torch (``METRICLOSS_NATIVE=0``, or the extension did not build: one warning names the cause): the
+  candidates are found by one comparison pass and ``nonzero`` (on a CPU no device sync), keyed, placed by a
+  1-D ``searchsorted`` and counted by ``index_add_``, in pieces of ``chunk_bytes``.
+* Other devices: every item is keyed and counted (no data-dependent shape, no sync in the loop), in row
+  pieces of ``chunk_bytes``.
 
 Determinism: the similarities are computed by one GEMM per *similarity tile* of
-:func:`similarity_tile_rows` query rows, a shape fixed by the query and gallery sizes alone; the ranks
-are exact integer logic, and per-query values are summed in a fixed order. So the results are bitwise
-identical for every ``chunk_bytes`` (a GEMM of another shape may round differently, which would move
-near-ties between chunkings; ``chunk_bytes`` only sets how many rows of a tile are ranked at once).
+:func:`similarity_tile_rows` query rows, a shape fixed by the query and gallery sizes alone (into one
+reused tile buffer); the ranks are exact integer logic, and per-query values are summed in a fixed
+order. So the results are bitwise identical for every ``chunk_bytes`` and for the native and torch paths
+(a GEMM of another shape may round differently, which would move near-ties between chunkings;
+``chunk_bytes`` only sets how many items of a tile the torch paths rank at once).
 
 Non-finite embeddings (NaN or ±Inf in ``embeddings`` or ``gallery``) make every metric NaN, as the losses
 return NaN: a corrupted embedding must not look like a plausible score.
@@ -51,25 +64,35 @@ from . import _checks as C
 from .ops.distance import GramFactors, may_have_duplicate_rows
 from .ops.labels import ClassIndex
 from .ops.mining import rows_per_chunk
+from .ops.native import retrieval_rank_histogram as native_rank_histogram
 
 __all__ = ["METRICS", "retrieval_metrics", "similarity_tile_rows", "compact_candidates"]
 
 METRICS = ("cosine", "euclidean")
 
 # Named heuristic: one similarity GEMM computes about this many bytes of fp32 similarities. Its shape
-# (rows × G) depends on the gallery size only, never on `chunk_bytes`, so the values do not either.
+# (rows × G) depends on the query and gallery sizes only, never on `chunk_bytes`, so the values do not either.
 SIMILARITY_TILE_BYTES = 128 << 20
+# Named heuristic: but at least this many query rows, within SIMILARITY_TILE_MAX_BYTES. Every GEMM call
+# streams the whole (G, D) gallery, so a thin tile runs it slowly: at G = 1M, D = 128, one thread, the
+# 33 rows of 128 MiB ran at about 70 GFLOP/s and 128 rows (512 MiB) at about 105 (benchmarks/metrics_speed.py
+# notes). Only galleries above 2**18 items (where 128 MiB holds fewer than 128 rows) get larger tiles.
+SIMILARITY_TILE_MIN_ROWS = 128
+SIMILARITY_TILE_MAX_BYTES = 512 << 20
 # Ranking temporaries per counted item (the budget of `chunk_bytes`): its flat index (8), row (8), column
 # (8), value (4), key (8) and position (8), some freed before the next exists.
 _BYTES_PER_ITEM = 40
 
 
 def similarity_tile_rows(n_query: int, n_gallery: int) -> int:
-    """Query rows of one similarity GEMM: :data:`SIMILARITY_TILE_BYTES` of fp32, at least 1, at most Q.
+    """Query rows of one similarity GEMM: :data:`SIMILARITY_TILE_BYTES` of fp32, but at least
+    :data:`SIMILARITY_TILE_MIN_ROWS` rows within :data:`SIMILARITY_TILE_MAX_BYTES`; at least 1, at most Q.
 
     Depends on the sizes only, so every ``chunk_bytes`` computes each similarity by the same GEMM call.
     """
-    return max(1, min(n_query, SIMILARITY_TILE_BYTES // (4 * max(n_gallery, 1))))
+    row_bytes = 4 * max(n_gallery, 1)
+    rows = max(SIMILARITY_TILE_BYTES // row_bytes, min(SIMILARITY_TILE_MIN_ROWS, SIMILARITY_TILE_MAX_BYTES // row_bytes))
+    return max(1, min(n_query, rows))
 
 
 def compact_candidates(device: torch.device) -> bool:
@@ -129,18 +152,24 @@ class _Problem:
             self.expand = g_unique.shape[0] < self.n_gallery
             if self.expand:  # no duplicates: no second (G, D) copy kept alive
                 g_ranked, self.g_inverse = g_unique, g_inverse
+        self._block: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
         if metric == "cosine":
             # unit rows: the similarity is the plain product, no augmented operands ((G, D) copies) needed
-            self._block: Callable[[int, int], torch.Tensor] = lambda s, e: torch.mm(q[s:e], g_ranked.T)
+            self._block = lambda s, e, out: torch.mm(q[s:e], g_ranked.T, out=out)
         else:
             # the Gram block is d²: smaller is closer, so similarity = −block
             gram = GramFactors(q, g_ranked, "squared_euclidean")
-            self._block = lambda s, e: gram.raw_block(s, e).neg_()
+            self._block = lambda s, e, out: gram.raw_block(s, e, out=out).neg_()
         self.tile_rows = similarity_tile_rows(self.n_query, self.n_gallery)
 
-    def similarity(self, s: int, e: int) -> torch.Tensor:
-        block = self._block(s, e)
-        return block[:, self.g_inverse] if self.expand else block
+    def similarity(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(e − s, G) fp32 similarities of queries s:e; written into ``out`` (a contiguous (e − s, G) fp32
+        buffer) if given: the ranking loop reuses one tile buffer, so that no tile pays a fresh allocation
+        and its page faults (a third of the time of a (33, 10**6) GEMM). The same values either way."""
+        if not self.expand:
+            return self._block(s, e, out)
+        block = self._block(s, e, None)
+        return torch.index_select(block, 1, self.g_inverse, out=out) if out is not None else block[:, self.g_inverse]
 
     def tiles(self) -> List[Tuple[int, int]]:
         """The (start, end) query ranges of the similarity GEMMs: fixed by Q and G alone."""
@@ -197,12 +226,13 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         gallery, gallery_labels: optional (G, D), (G,) gallery. Without it the queries are their own
             gallery, each query left out of its own ranking (leave-one-out).
         metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
-        chunk_bytes: memory budget of the ranking temporaries of one piece of a tile (default 64 MiB, or
-            ``METRICLOSS_CHUNK_BYTES``). The results do not depend on it (bitwise): the similarities are
-            computed in tiles of :func:`similarity_tile_rows` rows (about 128 MiB of fp32), a shape set by
-            Q and G alone; a tile is ranked in pieces of the budget. Peak memory O(rows · G), never (Q, G): one tile,
-            its candidate list (on CPU; 8 bytes per candidate, usually a few % of the tile's items)
-            and one piece.
+        chunk_bytes: memory budget of the torch paths' ranking temporaries of one piece of a tile
+            (default 64 MiB, or ``METRICLOSS_CHUNK_BYTES``); the native CPU kernel needs none. The results
+            do not depend on it (bitwise): the similarities are computed in tiles of
+            :func:`similarity_tile_rows` rows (about 128 MiB of fp32; at least 128 rows, within 512 MiB, for
+            galleries above 2**18 items), a shape set by Q and G alone; a tile is ranked in pieces of the
+            budget. Peak memory O(rows · G), never (Q, G): one tile, plus on the torch CPU path its
+            candidate list (8 bytes per candidate, usually a few % of the tile's items) and one piece.
         progress: show a tqdm progress bar over the similarity tiles (needs ``tqdm``).
 
     Returns:
@@ -211,9 +241,11 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         ``embeddings`` or ``gallery`` holds a NaN or ±Inf (checked on the device, read with the results:
         no extra sync).
 
-    Cost: one GEMM per tile, O(Q·G·D) time, plus O(log R) per counted item. Three host reads per call
-    (whether the gallery may hold duplicate rows, the largest class size, and the results), whatever the
-    number of chunks.
+    Cost: one GEMM per tile, O(Q·G·D) time, plus one pass over the tile and O(log R) per counted item.
+    On CPU the ranking runs in the native kernel (``metricloss/csrc/retrieval_rank.cpp``, built on first
+    use; ``METRICLOSS_NATIVE=0`` or a failed build runs the torch path, with the same results: see
+    :mod:`metricloss.ops.native`). Three host reads per call (whether the gallery may hold duplicate rows,
+    the largest class size, and the results), whatever the number of chunks.
     """
     problem, ks, finite = _prepare(embeddings, labels, ks, gallery, gallery_labels, metric, chunk_bytes,
                                    "retrieval_metrics")
@@ -250,9 +282,9 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
                ks_values: torch.Tensor, compact: bool, chunk_bytes: Optional[int]) -> torch.Tensor:
     """Per-query values ``[R@K hits…, AP, AP@R, R-precision]`` (n, len(ks) + 3) fp64 of queries ts:ts+n.
 
-    ``tile``: their (n, G) fp32 similarities (overwritten). ``cls``: their class facts. The items are
-    keyed and counted in chunks of the ``chunk_bytes`` budget: pieces of the candidate list (compact), or
-    of rows (every item counted); the counts are integers, so the chunking changes nothing.
+    ``tile``: their (n, G) fp32 similarities (overwritten by the torch paths). ``cls``: their class facts.
+    The rank histogram comes from the native kernel on CPU (:func:`~metricloss.ops.native.retrieval_rank_histogram`)
+    or else from :func:`_torch_rank_histogram`: the same exact integers.
     """
     n, n_gallery = tile.shape
     device = tile.device
@@ -269,12 +301,51 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
     rel = _rank_keys(rel_values, row_ids.unsqueeze(1), members, index_bits, n_gallery)
     del rel_values
     rel = torch.where(valid, rel, row_ids.unsqueeze(1).bitwise_left_shift(row_shift).expand_as(rel))
-    rel = torch.sort(rel, dim=1).values.reshape(-1)
-    # 2. count the items: bin = row·(W + 1) + #{relevant keys of the row below the item's key}
-    #    = searchsorted position in `rel` (row·W + that count) + row
+    rel = torch.sort(rel, dim=1).values
+    # 2. count the items: hist[row, p] = #{counted items of the row with p relevant keys below theirs};
+    #    natively on CPU (one pass per row, no temporaries), else by torch
+    hist = native_rank_histogram(tile, rel, lowest, ts if problem.leave_one_out else None, index_bits)
+    if hist is None:
+        hist = _torch_rank_histogram(tile, ts, rel, lowest, problem.leave_one_out, index_bits, compact, chunk_bytes)
+    hist = hist.view(n, width + 1)
+    # above_i = #{items ranked above the relevant key at ascending slot i} = #{k : pos_k >= i + 1}
+    suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
+    rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
+    # 3. per query: the n-th best relevant item sits at ascending slot width − n
+    num_rel = cls.num_pos
+    slots = torch.arange(width, device=device)
+    is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
+    nth = (width - slots).unsqueeze(0).double()          # n for each slot (valid where is_rel)
+    prec = torch.where(is_rel, nth / rank, torch.zeros_like(rank))
+    within_r = is_rel & (rank <= num_rel.unsqueeze(1))
+    r_q = num_rel.clamp_min(1).double().unsqueeze(1)
+    # sums by cumsum: a sequential scan per row, the same order whatever the number of rows (a `sum` may
+    # reduce a (1, W) and an (n, W) tensor in different orders); exact for the integer counts anyway
+    ap = prec.cumsum(1)[:, -1:]
+    ap_r = torch.where(within_r, prec, torch.zeros_like(prec)).cumsum(1)[:, -1:]
+    return torch.cat([(rank[:, -1:] <= ks_values).double(), ap / r_q, ap_r / r_q,
+                      within_r.sum(1, keepdim=True) / r_q], dim=1)
+
+
+def _torch_rank_histogram(tile: torch.Tensor, ts: int, rel: torch.Tensor, lowest: torch.Tensor, leave_one_out: bool,
+                          index_bits: int, compact: bool, chunk_bytes: Optional[int]) -> torch.Tensor:
+    """The torch paths of the rank histogram of :func:`_rank_tile`: (n · (W + 1),) int64, flat.
+
+    ``tile`` (n, G) fp32 (overwritten), ``rel`` (n, W) int64 relevant keys, ascending per row, ``lowest``
+    (n, 1). The items are keyed and counted in chunks of the ``chunk_bytes`` budget: pieces of the
+    candidate list (compact), or of rows (every item counted); the counts are integers, so the chunking
+    changes nothing. Bin of an item = row·(W + 1) + #{relevant keys of the row below the item's key} =
+    its ``searchsorted`` position in the flattened ``rel`` (one sorted sequence: row·W + that count) + row.
+    """
+    n, n_gallery = tile.shape
+    device = tile.device
+    width = rel.shape[1]
+    rel = rel.reshape(-1)
+    row_shift = 32 + index_bits
+    row_ids = torch.arange(n, device=device)
     hist = torch.zeros(n * (width + 1), dtype=torch.int64, device=device)
     one = torch.ones(1, dtype=torch.int64, device=device)
-    if problem.leave_one_out:
+    if leave_one_out:
         tile[row_ids, row_ids + ts] = float("nan")  # the left-out query: NaN >= x is False, never counted
     if compact:
         flat = torch.nonzero((tile >= lowest).view(-1)).squeeze(1)           # only these can be above
@@ -294,30 +365,13 @@ def _rank_tile(tile: torch.Tensor, ts: int, problem: _Problem, index: ClassIndex
             e = min(s + step, n)
             sub = row_ids[s:e].unsqueeze(1)
             keys = _rank_keys(tile[s:e], sub, cols, index_bits, n_gallery)
-            if problem.leave_one_out:  # the padding key: placed below every relevant key, counted nowhere
+            if leave_one_out:  # the padding key: placed below every relevant key, counted nowhere
                 keys[row_ids[:e - s], row_ids[s:e] + ts] = row_ids[s:e].bitwise_left_shift(row_shift)
             bins = torch.searchsorted(rel, keys.view(-1)).view(e - s, n_gallery).add_(sub)
             del keys
             hist.index_add_(0, bins.view(-1), one.expand(bins.numel()))
             del bins
-    hist = hist.view(n, width + 1)
-    # above_i = #{items ranked above the relevant key at ascending slot i} = #{k : pos_k >= i + 1}
-    suffix = hist.flip(1).cumsum(1).flip(1)             # suffix[b] = Σ_{b' >= b} hist[b']
-    rank = (suffix[:, 1:] + 1).double()                  # rank of the relevant key at ascending slot i
-    # 3. per query: the n-th best relevant item sits at ascending slot width − n
-    num_rel = cls.num_pos
-    slots = torch.arange(width, device=device)
-    is_rel = slots.unsqueeze(0) >= (width - num_rel).unsqueeze(1)
-    nth = (width - slots).unsqueeze(0).double()          # n for each slot (valid where is_rel)
-    prec = torch.where(is_rel, nth / rank, torch.zeros_like(rank))
-    within_r = is_rel & (rank <= num_rel.unsqueeze(1))
-    r_q = num_rel.clamp_min(1).double().unsqueeze(1)
-    # sums by cumsum: a sequential scan per row, the same order whatever the number of rows (a `sum` may
-    # reduce a (1, W) and an (n, W) tensor in different orders); exact for the integer counts anyway
-    ap = prec.cumsum(1)[:, -1:]
-    ap_r = torch.where(within_r, prec, torch.zeros_like(prec)).cumsum(1)[:, -1:]
-    return torch.cat([(rank[:, -1:] <= ks_values).double(), ap / r_q, ap_r / r_q,
-                      within_r.sum(1, keepdim=True) / r_q], dim=1)
+    return hist
 
 
 def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Tensor, chunk_bytes: Optional[int],
@@ -342,9 +396,10 @@ def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Ten
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("retrieval_metrics(progress=True) needs tqdm: pip install tqdm") from err
         tiles = tqdm(tiles, desc="retrieval metrics", unit="tile")
+    buffer = torch.empty((problem.tile_rows, n_gallery), dtype=torch.float32, device=device)  # one tile, reused
     for ts, te in tiles:
-        per_query[ts:te] = _rank_tile(problem.similarity(ts, te), ts, problem, index, cls[ts:te], width, ks_values,
-                                      compact, chunk_bytes)
+        per_query[ts:te] = _rank_tile(problem.similarity(ts, te, out=buffer[:te - ts]), ts, problem, index, cls[ts:te],
+                                      width, ks_values, compact, chunk_bytes)
     keep = (cls.num_pos > 0).double()
     totals = torch.cat([keep @ per_query, keep.sum().unsqueeze(0), finite.double().unsqueeze(0)])
     *sums, counted, all_finite = totals.tolist()  # the one read of the results

@@ -1,7 +1,10 @@
 """The chunked ranking of retrieval_metrics against the full-sort reference, its chunking invariance, and
 the label-dtype, non-finite and ``ks`` rules."""
 
+import contextlib
 import math
+import os
+import shutil
 from unittest import mock
 
 import pytest
@@ -14,6 +17,26 @@ from metricloss import metrics as M
 from metricloss.metrics import retrieval_metrics
 
 CHUNKS = [1, 64, 700, 5_000, 100_000, None]  # 1 row per chunk … every row in one chunk
+# how a tile is ranked on CPU: the native kernel, the torch candidate list, torch over every item (the
+# device path)
+PATHS = ["native", "compact", "every"]
+
+
+@contextlib.contextmanager
+def tile_bytes_of(tile_bytes):
+    """Similarity tiles of about ``tile_bytes`` (no minimum row count): many tiles on small data."""
+    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile_bytes), mock.patch.object(M, "SIMILARITY_TILE_MIN_ROWS", 1):
+        yield
+
+
+@contextlib.contextmanager
+def ranking_path(path):
+    """Rank with ``path`` (METRICLOSS_NATIVE=1, or =0 with the compact heuristic on or off)."""
+    if path == "native" and shutil.which("c++") is None and not os.environ.get("CI"):
+        pytest.skip("no C++ compiler: the native path cannot be built here")  # CI must build it
+    with mock.patch.dict(os.environ, {"METRICLOSS_NATIVE": "1" if path == "native" else "0"}), \
+            mock.patch.object(M, "compact_candidates", lambda device: path != "every"):
+        yield
 
 
 def dense_similarity(x, y, gallery=None, gallery_labels=None, metric="cosine"):
@@ -50,10 +73,9 @@ def tie_heavy(g, n, d, kind):
 @given(n=st.integers(1, 30), d=st.integers(1, 5), classes=st.integers(1, 7), seed=st.integers(0, 2**31 - 1),
        kind=st.sampled_from(["random", "duplicates", "integers"]), gallery=st.integers(0, 20),
        metric=st.sampled_from(["cosine", "euclidean"]), chunk=st.sampled_from(CHUNKS),
-       compact=st.booleans(), tile_bytes=st.sampled_from([1, 200, M.SIMILARITY_TILE_BYTES]),
+       path=st.sampled_from(PATHS), tile_bytes=st.sampled_from([1, 200, M.SIMILARITY_TILE_BYTES]),
        ks=st.sampled_from([(1, 2, 4, 8), (1,), (3, 50)]))
-def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, metric, chunk, compact, tile_bytes,
-                                          ks):
+def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, metric, chunk, path, tile_bytes, ks):
     g = torch.Generator().manual_seed(seed)
     x = tie_heavy(g, n, d, kind)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -61,8 +83,7 @@ def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, me
     if gallery:
         gal = torch.cat([tie_heavy(g, gallery, d, kind), x[: gallery // 2]])  # gallery rows that equal queries
         gal_y = torch.randint(0, classes, (gal.shape[0],), generator=g)
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile_bytes), \
-            mock.patch.object(M, "compact_candidates", lambda device: compact):
+    with tile_bytes_of(tile_bytes), ranking_path(path):
         got = retrieval_metrics(x, y, ks, gallery=gal, gallery_labels=gal_y, metric=metric, chunk_bytes=chunk)
         want = reference(x, y, ks, gal, gal_y, metric)
     assert_same(got, want)
@@ -70,8 +91,8 @@ def test_chunked_ranking_equals_full_sort(n, d, classes, seed, kind, gallery, me
 
 def test_lone_queries_only_and_single_query():
     x = torch.randn(5, 3)
-    for compact in (True, False):
-        with mock.patch.object(M, "compact_candidates", lambda device: compact):
+    for path in PATHS:
+        with ranking_path(path):
             assert all(math.isnan(v) for v in retrieval_metrics(x, torch.arange(5)).values())
             one = retrieval_metrics(x[:1], torch.tensor([2]), gallery=x, gallery_labels=torch.tensor([0, 2, 2, 1, 2]))
             assert_same(one, reference(x[:1], torch.tensor([2]), gallery=x, gallery_labels=torch.tensor([0, 2, 2, 1, 2])))
@@ -101,7 +122,7 @@ def test_results_bitwise_identical_for_every_chunk_budget(metric, with_gallery):
         else (None, None)
     results = []
     for tile in (M.SIMILARITY_TILE_BYTES, 16 << 10):  # one tile, and 14-20 tiles of 13-20 rows
-        with mock.patch.object(M, "SIMILARITY_TILE_BYTES", tile):
+        with tile_bytes_of(tile):
             per_tile = [retrieval_metrics(x, y, gallery=gal, gallery_labels=gal_y, metric=metric, chunk_bytes=c)
                         for c in (1, 20_000, None)]
         assert all(r == per_tile[0] for r in per_tile), per_tile   # bitwise: == on the Python floats
@@ -114,16 +135,41 @@ def test_similarity_gemm_shapes_do_not_depend_on_chunk_bytes():
     calls = []
     real = M._Problem.similarity
 
-    def spy(self, s, e):
+    def spy(self, s, e, out=None):
         calls[-1].append((s, e))
-        return real(self, s, e)
+        return real(self, s, e, out)
 
     x, y = torch.randn(300, 8), torch.randint(0, 10, (300,))
-    with mock.patch.object(M, "SIMILARITY_TILE_BYTES", 4 * 300 * 64), mock.patch.object(M._Problem, "similarity", spy):
+    with tile_bytes_of(4 * 300 * 64), mock.patch.object(M._Problem, "similarity", spy):
         for chunk in (1, 5_000, None):
             calls.append([])
             retrieval_metrics(x, y, chunk_bytes=chunk)
     assert calls[0] == calls[1] == calls[2] == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 300)]
+
+
+def test_similarity_tile_rows_heuristic():
+    """128 MiB of fp32 rows, but at least 128 rows within 512 MiB (a thin GEMM streams the gallery per row
+    block), at most Q."""
+    assert M.similarity_tile_rows(50_000, 50_000) == (128 << 20) // (4 * 50_000)      # 671 rows, 128 MiB
+    assert M.similarity_tile_rows(10**6, 10**6) == 128                                 # 512 MiB
+    assert M.similarity_tile_rows(10**6, 2 * 10**6) == (512 << 20) // (4 * 2 * 10**6)  # 67 rows, 512 MiB
+    assert M.similarity_tile_rows(10, 10**6) == 10 and M.similarity_tile_rows(5, 0) == 5
+    assert M.similarity_tile_rows(10**6, 10**9) == 1
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_similarity_into_a_reused_buffer_is_bitwise_the_same(metric, duplicates):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 33, generator=g)
+    if duplicates:
+        x[35:] = x[:35]
+    problem, _, _ = M._prepare(x, torch.zeros(70, dtype=torch.int64), (1,), None, None, metric, None, "test")
+    assert problem.expand == duplicates
+    buffer = torch.full((30, 70), float("nan"))
+    for s, e in [(0, 30), (30, 60), (60, 70)]:
+        got = problem.similarity(s, e, out=buffer[:e - s])
+        assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, problem.similarity(s, e))
 
 
 def test_host_reads_do_not_grow_with_the_number_of_chunks():
@@ -200,8 +246,8 @@ def test_non_finite_embeddings_give_nan(where, value):
     else:
         gal[5, 0] = value
     kwargs = {"gallery": gal, "gallery_labels": gal_y} if where == "gallery" else {}
-    for compact in (True, False):
-        with mock.patch.object(M, "compact_candidates", lambda device: compact):
+    for path in PATHS:
+        with ranking_path(path):
             got = retrieval_metrics(x, y, **kwargs)
         assert all(math.isnan(v) for v in got.values()), got
     assert all(math.isnan(v) for v in R.retrieval_metrics(x, y, **kwargs).values())

@@ -21,8 +21,10 @@ test, √) and its epilogue while the tile is in cache (:func:`batch_all_fused`:
 the weight block of the GEMM gradient; :func:`semi_hard_fused`: the negative selection, for anchors with
 few positives). The unfused pieces (:func:`prepare_block`, :func:`batch_all_epilogue`,
 :func:`semi_hard_negatives`) serve the chunks the fused ops do not: duplicate reference rows (read
-through a column map) and the exact redo pass. Everything else, and every other device or dtype, stays
-on torch.
+through a column map) and the exact redo pass (``csrc/triplet_epilogue.cpp``). And the rank histogram
+of each float32 similarity tile of :func:`~metricloss.metrics.retrieval_metrics`
+(:func:`retrieval_rank_histogram`, ``csrc/retrieval_rank.cpp``). Both sources build into one extension.
+Everything else, and every other device or dtype, stays on torch.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from typing import Optional, Tuple, Union
 import torch
 
 __all__ = ["ENV_VAR", "FUSED_TILE_ROWS", "NativeBuildError", "batch_all_epilogue", "batch_all_fused",
-           "fused_tile_rows", "native_enabled", "native_library", "prepare_block", "semi_hard_fused", "semi_hard_negatives"]
+           "fused_tile_rows", "native_enabled", "native_library", "prepare_block", "retrieval_rank_histogram",
+           "semi_hard_fused", "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
-_SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "triplet_epilogue.cpp",)
+_SOURCES = tuple(Path(__file__).resolve().parent.parent / "csrc" / name
+                 for name in ("triplet_epilogue.cpp", "retrieval_rank.cpp"))
 _DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 
 # Named heuristic: the fused ops compute a chunk's Gram block in tiles of this many anchor rows and reduce
@@ -279,3 +283,36 @@ def batch_all_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: t
         distance == "euclidean", d_ap_exact.to(dtype).contiguous(), 0.0 if soft else float(margin), soft,
         _DISTANCE_KINDS[distance], bool(sorted_thresholds), weights,
         fused_tile_rows(r_factors.shape[0], a_factors.element_size()))
+
+
+def retrieval_rank_histogram(tile: torch.Tensor, rel: torch.Tensor, lowest: torch.Tensor, own_start: Optional[int],
+                             index_bits: int) -> Optional[torch.Tensor]:
+    """The rank histogram of one similarity tile in one native pass per row, or None (use the torch path).
+
+    The same histogram as the torch paths of :func:`metricloss.metrics._rank_tile` (both count exactly the
+    same items at exactly the same positions): per row, every item with a similarity ``>= lowest[row]``
+    (the own column ``own_start + row`` skipped) is counted at the position that its rank key
+    ``(row << (32 + index_bits)) | (order-preserving fp32 bits << index_bits) | (G − 1 − col)`` has among
+    the row's relevant keys (``torch.searchsorted(..., side="left")``). How: the items are bucketed by
+    their order bits, a bucket without a relevant key counted at its one position, the items of the others
+    placed exactly (see ``csrc/retrieval_rank.cpp``); about one pass over the row, no tile-sized temporary.
+
+    Args:
+        tile: (n, G) float32 CPU similarities (read only).
+        rel: (n, W) int64 relevant keys of each row, ascending (padding ``row << (32 + index_bits)`` first).
+        lowest: (n, 1) or (n,) float32, the lowest relevant similarity of each row (+inf for a row without
+            relevant keys; a row whose relevant keys lie below it raises ``RuntimeError``).
+        own_start: leave-one-out, the tile starts at query ``own_start`` (own column of row i:
+            ``own_start + i``), else None.
+        index_bits: the bits of a gallery index, ``max(1, (G − 1).bit_length())``.
+
+    Returns:
+        (n, W + 1) int64 histogram ``hist[row, p]`` = #{counted items of the row with exactly p relevant
+        keys below theirs}, or None when the native path does not serve this tile (a non-float32 or
+        non-contiguous tile, or see :func:`native_enabled`).
+    """
+    if tile.dtype != torch.float32 or not tile.is_contiguous() or not native_enabled(tile):
+        return None
+    return torch.ops.metricloss_native.retrieval_rank_histogram(
+        tile, rel.contiguous(), lowest.reshape(-1).contiguous(), -1 if own_start is None else int(own_start),
+        int(index_bits))
