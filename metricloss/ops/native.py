@@ -29,6 +29,7 @@ Everything else, and every other device or dtype, stays on torch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -62,9 +63,14 @@ class NativeBuildError(RuntimeError):
 
 
 def _extension_name() -> str:
-    # one build per torch version: an extension built against another torch's headers must not be loaded
+    """One build per torch version and per source text: an extension built against another torch's headers
+    must not be loaded, and two installs (or checkouts) with different sources sharing one
+    ``TORCH_EXTENSIONS_DIR`` must not rebuild over each other's build directory."""
     tag = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
-    return f"metricloss_native_{tag}"
+    digest = hashlib.sha256()
+    for path in _SOURCES:
+        digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
+    return f"metricloss_native_{tag}_{digest.hexdigest()[:12]}"
 
 
 def _build() -> None:

@@ -289,3 +289,16 @@ def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self
     assert len(served) > 1 and all(served)
     assert_native_matches_torch(monkeypatch, mining, x, y, ref, dict(margin=0.2, reduction="none",
                                                                      chunk_bytes=10_000))
+
+
+def test_extension_name_follows_torch_version_and_sources(monkeypatch, tmp_path):
+    """Builds of different sources (another install or checkout) never share a build directory."""
+    name = native._extension_name()
+    assert name.startswith("metricloss_native_") and name == native._extension_name()
+    src = tmp_path / "triplet_epilogue.cpp"
+    src.write_text("// other sources\n")
+    monkeypatch.setattr(native, "_SOURCES", (src,))
+    other = native._extension_name()
+    assert other != name
+    src.write_text("// changed again\n")
+    assert native._extension_name() != other
