@@ -22,3 +22,30 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The native extension, built here (CI must build it: a runner without a compiler fails, not skips)."""
+    import shutil
+    from unittest import mock
+
+    from metricloss.ops import native
+
+    if shutil.which("c++") is None and not os.environ.get("CI"):
+        pytest.skip("no C++ compiler: the native path cannot be built here")
+    with mock.patch.dict(os.environ, {native.ENV_VAR: "1"}):
+        assert native.native_library()
+    return True
+
+
+@pytest.fixture
+def fresh_state():
+    """A process that has not tried the native build yet (restored afterwards)."""
+    from metricloss.ops import native
+
+    saved = dict(native._state)
+    native._state.update(loaded=False, error=None, warned=False)
+    yield native._state
+    native._state.clear()
+    native._state.update(saved)

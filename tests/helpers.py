@@ -96,3 +96,19 @@ def assert_row_normalised_losses_match(loss: Callable, want_loss: Callable, x: t
         row_norm = t.norm(dim=1, keepdim=True).clamp_min(1e-12)
         got_grad, want_grad = got_grad * row_norm, want_grad * row_norm
         torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=atol * max(1.0, want_grad.abs().max().item()))
+
+
+def record_served(monkeypatch, module, names) -> list:
+    """Wrap each native driver ``module.<name>`` (one that returns None when the native path does not
+    serve a call) so that every call appends whether it served; returns that list."""
+    served = []
+    for name in names:
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            served.append(out is not None)
+            return out
+
+        monkeypatch.setattr(module, name, spy)
+    return served

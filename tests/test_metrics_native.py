@@ -4,7 +4,6 @@ the METRICLOSS_NATIVE switch."""
 
 import math
 import os
-import shutil
 import warnings
 from unittest import mock
 
@@ -17,42 +16,14 @@ from metricloss import metrics as M
 from metricloss.metrics import retrieval_metrics
 from metricloss.ops import native
 
+from .helpers import record_served
 from .test_metrics_ranking import CHUNKS, PATHS, assert_same, ranking_path, reference, tile_bytes_of, tie_heavy
-
-
-@pytest.fixture(scope="module")
-def built():
-    """The extension, built here (CI must build it: a runner without a compiler fails, not skips)."""
-    if shutil.which("c++") is None and not os.environ.get("CI"):
-        pytest.skip("no C++ compiler: the native path cannot be built here")
-    with mock.patch.dict(os.environ, {native.ENV_VAR: "1"}):
-        assert native.native_library()
-    return True
-
-
-@pytest.fixture
-def fresh_state():
-    """A process that has not tried the build yet (restored afterwards)."""
-    saved = dict(native._state)
-    native._state.update(loaded=False, error=None, warned=False)
-    yield native._state
-    native._state.clear()
-    native._state.update(saved)
 
 
 @pytest.fixture
 def native_calls(monkeypatch):
     """Records, per similarity tile, whether the native rank histogram served it."""
-    calls = []
-    real = M.native_rank_histogram
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(M, "native_rank_histogram", spy)
-    return calls
+    return record_served(monkeypatch, M, ("native_rank_histogram",))
 
 
 # ---- the histogram itself: native vs both torch paths, on hand-made tiles ---------------------------------

@@ -384,6 +384,33 @@ at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& bound, const at::
 // pass per row: clamp at 0; redo_i = min over the row's negatives (own class and own column hidden) of
 // u_ij - r_slack_j < a_slack_i; then the own column (own_start >= 0: column own_start + i) to 0 and the
 // square root for the Euclidean distance.
+// One pass over a raw row: clamp at 0, write it back (SQRT: its square root), and return the smallest
+// slack v - r_slack_j of the clamped entries (the cancellation test; NaN and +inf cells never count).
+template <typename T, bool SQRT>
+inline T prepare_pass(T* row, int64_t m, const T* r_slack) {
+  T lowest = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : lowest)
+  for (int64_t j = 0; j < m; ++j) {
+    const T v = row[j] < T(0) ? T(0) : row[j];
+    const T slack = v - r_slack[j];
+    lowest = slack < lowest ? slack : lowest;
+    row[j] = SQRT ? std::sqrt(v) : v;
+  }
+  return lowest;
+}
+
+// The small-entry test of each positive's own Gram entry, on the clamped raw entry before the row is
+// prepared: u_ap < a_slack_i + r_slack_p (the own cell +inf: never small), as the unfused path takes it.
+template <typename T>
+inline void small_positive_entries(const T* row, const int64_t* mem, int64_t width, int64_t own_col, T a_slack_i,
+                                   const T* r_slack, char* small) {
+  for (int64_t k = 0; k < width; ++k) {
+    T v = row[mem[k]] < T(0) ? T(0) : row[mem[k]];
+    if (own_col >= 0 && mem[k] == own_col) v = std::numeric_limits<T>::infinity();
+    small[k] = v < a_slack_i + r_slack[mem[k]];
+  }
+}
+
 template <typename T>
 inline bool prepare_row(T* row, int64_t m, T a_slack_i, const T* r_slack, const int64_t* mem, const bool* inc,
                         int64_t width, int64_t self_col, int64_t own_col, bool take_sqrt,
@@ -401,24 +428,7 @@ inline bool prepare_row(T* row, int64_t m, T a_slack_i, const T* r_slack, const 
     if (inc[k]) hide(mem[k]);
   if (self_col >= 0) hide(self_col);
   // clamp, the small-entry test (a vectorised min reduction) and the square root, in one pass
-  T lowest = inf;
-  if (take_sqrt) {
-#pragma omp simd reduction(min : lowest)
-    for (int64_t j = 0; j < m; ++j) {
-      const T v = row[j] < T(0) ? T(0) : row[j];
-      const T slack = v - r_slack[j];
-      lowest = slack < lowest ? slack : lowest;
-      row[j] = std::sqrt(v);
-    }
-  } else {
-#pragma omp simd reduction(min : lowest)
-    for (int64_t j = 0; j < m; ++j) {
-      const T v = row[j] < T(0) ? T(0) : row[j];
-      const T slack = v - r_slack[j];
-      lowest = slack < lowest ? slack : lowest;
-      row[j] = v;
-    }
-  }
+  const T lowest = take_sqrt ? prepare_pass<T, true>(row, m, r_slack) : prepare_pass<T, false>(row, m, r_slack);
   for (size_t h = 0; h < hidden_col.size(); ++h) {
     const T v = hidden_val[h] < T(0) ? T(0) : hidden_val[h];
     row[hidden_col[h]] = take_sqrt ? std::sqrt(v) : v;
@@ -470,6 +480,51 @@ at::Tensor prepare_block(at::Tensor u, const at::Tensor& a_slack, const at::Tens
 }
 
 
+// The operand checks both fused ops share; returns the own-column pointer (or nullptr).
+const int64_t* check_fused_operands(const char* op, const at::Tensor& a_factors, const at::Tensor& r_factors,
+                                    const at::Tensor& a_slack, const at::Tensor& r_slack, const at::Tensor& members,
+                                    const at::Tensor& in_class, const c10::optional<at::Tensor>& self_cols,
+                                    int64_t own_start, const at::Tensor& d_ap_exact, int64_t tile_rows) {
+  TORCH_CHECK(a_factors.device().is_cpu() && a_factors.dim() == 2 && r_factors.dim() == 2 &&
+                  a_factors.size(1) == r_factors.size(1) && a_factors.scalar_type() == r_factors.scalar_type(),
+              op, ": a_factors (c, K) and r_factors (M, K) CPU tensors of one dtype");
+  const int64_t c = a_factors.size(0), m = r_factors.size(0), width = members.size(1);
+  TORCH_CHECK(tile_rows >= 1, op, ": tile_rows must be >= 1");
+  TORCH_CHECK(a_slack.is_contiguous() && a_slack.numel() == c && a_slack.scalar_type() == a_factors.scalar_type() &&
+                  r_slack.is_contiguous() && r_slack.numel() == m && r_slack.scalar_type() == a_factors.scalar_type(),
+              op, ": a_slack (c,) and r_slack (M,) contiguous, of the factors' dtype");
+  TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
+                  in_class.is_contiguous() && in_class.scalar_type() == at::kBool && in_class.size(0) == c &&
+                  in_class.size(1) == width,
+              op, ": members (c, W) int64 and in_class (c, W) bool, contiguous");
+  TORCH_CHECK(d_ap_exact.is_contiguous() && d_ap_exact.scalar_type() == a_factors.scalar_type() &&
+                  d_ap_exact.size(0) == c && d_ap_exact.size(1) == width,
+              op, ": d_ap_exact must be contiguous (c, W) of the factors' dtype");
+  TORCH_CHECK(own_start < 0 || own_start + c <= m, op, ": own columns out of range");
+  if (!self_cols.has_value()) return nullptr;
+  TORCH_CHECK(self_cols->is_contiguous() && self_cols->scalar_type() == at::kLong && self_cols->numel() == c, op,
+              ": self_cols must be contiguous (c,) int64");
+  return self_cols->data_ptr<int64_t>();
+}
+
+// The Gram block of a fused chunk, one GEMM a_factors[s:s+t] @ r_factors.T per tile of at most `tile_rows`
+// rows, each handed to fn(tile, s, t) before the next is computed. The tiles are the rows s:s+t of `block`
+// when it is given ((c, M)), else one reused (tile_rows, M) buffer.
+template <typename F>
+void for_each_gram_tile(const at::Tensor& a_factors, const at::Tensor& r_factors,
+                        const c10::optional<at::Tensor>& block, int64_t tile_rows, F&& fn) {
+  const int64_t c = a_factors.size(0);
+  const int64_t rows = std::min(tile_rows, std::max<int64_t>(c, 1));
+  const at::Tensor buffer = block.has_value() ? *block : at::empty({rows, r_factors.size(0)}, a_factors.options());
+  const at::Tensor r_t = r_factors.t();
+  for (int64_t s = 0; s < c; s += rows) {
+    const int64_t t = std::min(rows, c - s);
+    at::Tensor tile = buffer.narrow(0, block.has_value() ? s : 0, t);
+    at::mm_out(tile, a_factors.narrow(0, s, t), r_t);
+    fn(tile, s, t);
+  }
+}
+
 // Semi-hard, fused (metricloss/ops/triplet.py::_BlockTripletPlan, the native fused path): the chunk's Gram
 // block is computed here by one GEMM per tile of `tile_rows` anchors (sized by the caller to stay in
 // cache), and each row is then prepared and searched while it is still in cache, in two passes:
@@ -488,64 +543,34 @@ at::Tensor prepare_block(at::Tensor u, const at::Tensor& a_slack, const at::Tens
 // it. The own class and the own column stay hidden (as NaN) throughout. The result equals prepare_block,
 // the gather of d_ap and semi_hard_select run one after the other (tested against them).
 
-template <typename T, bool kPrepare>
-inline void slot_group_pass(T* row, int64_t m, const T* r_slack, bool take_sqrt, const T* b, T* best, T& far,
-                            T& lowest) {
+template <typename T, bool PREPARE, bool SQRT>
+inline void slot_group_pass(T* row, int64_t m, const T* r_slack, const T* b, T* best, T& far, T& lowest) {
   const T inf = std::numeric_limits<T>::infinity();
-  T b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
+  const T b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
   T m0 = inf, m1 = inf, m2 = inf, m3 = inf, fa = -inf, lo = inf;
-  if (kPrepare) {
-    if (take_sqrt) {
 #pragma omp simd reduction(min : m0, m1, m2, m3, lo) reduction(max : fa)
-      for (int64_t j = 0; j < m; ++j) {
-        const T v = row[j] < T(0) ? T(0) : row[j];
-        const T slack = v - r_slack[j];
-        lo = slack < lo ? slack : lo;
-        const T d = std::sqrt(v);
-        row[j] = d;
-        fa = d > fa ? d : fa;  // hidden cells are NaN: never above
-        const T c0 = d > b0 ? d : inf;
-        m0 = c0 < m0 ? c0 : m0;
-        const T c1 = d > b1 ? d : inf;
-        m1 = c1 < m1 ? c1 : m1;
-        const T c2 = d > b2 ? d : inf;
-        m2 = c2 < m2 ? c2 : m2;
-        const T c3 = d > b3 ? d : inf;
-        m3 = c3 < m3 ? c3 : m3;
-      }
-    } else {
-#pragma omp simd reduction(min : m0, m1, m2, m3, lo) reduction(max : fa)
-      for (int64_t j = 0; j < m; ++j) {
-        const T d = row[j] < T(0) ? T(0) : row[j];
-        const T slack = d - r_slack[j];
-        lo = slack < lo ? slack : lo;
-        row[j] = d;
-        fa = d > fa ? d : fa;  // hidden cells are NaN: never above
-        const T c0 = d > b0 ? d : inf;
-        m0 = c0 < m0 ? c0 : m0;
-        const T c1 = d > b1 ? d : inf;
-        m1 = c1 < m1 ? c1 : m1;
-        const T c2 = d > b2 ? d : inf;
-        m2 = c2 < m2 ? c2 : m2;
-        const T c3 = d > b3 ? d : inf;
-        m3 = c3 < m3 ? c3 : m3;
-      }
+  for (int64_t j = 0; j < m; ++j) {
+    T d = row[j];
+    if (PREPARE) {  // clamp, the cancellation slack, √, the farthest (hidden cells are NaN: never above)
+      const T v = d < T(0) ? T(0) : d;
+      const T slack = v - r_slack[j];
+      lo = slack < lo ? slack : lo;
+      d = SQRT ? std::sqrt(v) : v;
+      row[j] = d;
+      fa = d > fa ? d : fa;
     }
+    const T c0 = d > b0 ? d : inf;
+    m0 = c0 < m0 ? c0 : m0;
+    const T c1 = d > b1 ? d : inf;
+    m1 = c1 < m1 ? c1 : m1;
+    const T c2 = d > b2 ? d : inf;
+    m2 = c2 < m2 ? c2 : m2;
+    const T c3 = d > b3 ? d : inf;
+    m3 = c3 < m3 ? c3 : m3;
+  }
+  if (PREPARE) {
     far = fa;
     lowest = lo;
-  } else {
-#pragma omp simd reduction(min : m0, m1, m2, m3)
-    for (int64_t j = 0; j < m; ++j) {
-      const T d = row[j];
-      const T c0 = d > b0 ? d : inf;
-      m0 = c0 < m0 ? c0 : m0;
-      const T c1 = d > b1 ? d : inf;
-      m1 = c1 < m1 ? c1 : m1;
-      const T c2 = d > b2 ? d : inf;
-      m2 = c2 < m2 ? c2 : m2;
-      const T c3 = d > b3 ? d : inf;
-      m3 = c3 < m3 ? c3 : m3;
-    }
   }
   best[0] = m0;
   best[1] = m1;
@@ -601,6 +626,7 @@ void semi_hard_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t w
   at::parallel_for(0, t, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> bound(padded), best(padded), lim(padded);
     std::vector<int64_t> found(padded);
+    std::vector<char> small(width);
     for (int64_t ii = begin; ii < end; ++ii) {
       const int64_t i = row0 + ii;
       T* row = tile + ii * m;
@@ -611,15 +637,14 @@ void semi_hard_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t w
       // 1. the bounds, from the raw entries before the pass overwrites them: the block's d_ap is the
       //    clamped (square-rooted) entry, 0 in the own column; small entries take the exact d_ap.
       //    Padding slots (and the group's spare ones) get +inf: nothing is beyond it.
+      small_positive_entries(row, mem, width, own_col, a_slack[i], r_slack, small.data());
       for (int64_t k = 0; k < padded; ++k) bound[k] = inf;
       for (int64_t k = 0; k < width; ++k) {
         if (!inc[k]) continue;
         const int64_t col = mem[k];
         const T v = row[col] < T(0) ? T(0) : row[col];
-        const bool is_own = own_col >= 0 && col == own_col;
-        const bool small = !is_own && v < a_slack[i] + r_slack[col];
-        T d = is_own ? T(0) : (take_sqrt ? std::sqrt(v) : v);
-        if (small) d = d_ap_exact[i * width + k];
+        T d = own_col >= 0 && col == own_col ? T(0) : (take_sqrt ? std::sqrt(v) : v);
+        if (small[k]) d = d_ap_exact[i * width + k];
         const T b = d * scale;
         bound[k] = cosine ? b + offset : b;
       }
@@ -630,12 +655,13 @@ void semi_hard_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t w
         if (inc[k]) row[mem[k]] = nan;
       if (self_col >= 0) row[self_col] = nan;
       T far = -inf, lowest = inf;
-      slot_group_pass<T, true>(row, m, r_slack, take_sqrt, bound.data(), best.data(), far, lowest);
-      for (int64_t g = 1; g < groups; ++g) {
-        T unused_far = -inf, unused_low = inf;
-        slot_group_pass<T, false>(row, m, r_slack, take_sqrt, bound.data() + g * kSlotGroup,
-                                  best.data() + g * kSlotGroup, unused_far, unused_low);
-      }
+      if (take_sqrt)
+        slot_group_pass<T, true, true>(row, m, r_slack, bound.data(), best.data(), far, lowest);
+      else
+        slot_group_pass<T, true, false>(row, m, r_slack, bound.data(), best.data(), far, lowest);
+      for (int64_t g = 1; g < groups; ++g)  // further slots, over the prepared row
+        slot_group_pass<T, false, false>(row, m, r_slack, bound.data() + g * kSlotGroup,
+                                         best.data() + g * kSlotGroup, far, lowest);
       redo[i] = lowest < a_slack[i];
       // 3. the first indices: of the farthest value, and per slot beyond its bound within its tie limit
       for (int64_t k = 0; k < width; ++k) {
@@ -673,37 +699,12 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_fused(const at::Tensor& a_factors, 
                                                    const c10::optional<at::Tensor>& self_cols, int64_t own_start,
                                                    bool take_sqrt, const at::Tensor& d_ap_exact, double rtol,
                                                    bool cosine, int64_t tile_rows) {
-  TORCH_CHECK(a_factors.device().is_cpu() && a_factors.dim() == 2 && r_factors.dim() == 2 &&
-                  a_factors.size(1) == r_factors.size(1) && a_factors.scalar_type() == r_factors.scalar_type(),
-              "semi_hard_fused: a_factors (c, K) and r_factors (M, K) CPU tensors of one dtype");
+  const int64_t* self_ptr = check_fused_operands("semi_hard_fused", a_factors, r_factors, a_slack, r_slack, members,
+                                                  in_class, self_cols, own_start, d_ap_exact, tile_rows);
   const int64_t c = a_factors.size(0), m = r_factors.size(0), width = members.size(1);
-  TORCH_CHECK(tile_rows >= 1, "semi_hard_fused: tile_rows must be >= 1");
-  TORCH_CHECK(a_slack.is_contiguous() && a_slack.numel() == c && a_slack.scalar_type() == a_factors.scalar_type() &&
-                  r_slack.is_contiguous() && r_slack.numel() == m && r_slack.scalar_type() == a_factors.scalar_type(),
-              "semi_hard_fused: a_slack (c,) and r_slack (M,) contiguous, of the factors' dtype");
-  TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
-                  in_class.is_contiguous() && in_class.scalar_type() == at::kBool && in_class.size(0) == c &&
-                  in_class.size(1) == width,
-              "semi_hard_fused: members (c, W) int64 and in_class (c, W) bool, contiguous");
-  TORCH_CHECK(d_ap_exact.is_contiguous() && d_ap_exact.scalar_type() == a_factors.scalar_type() &&
-                  d_ap_exact.size(0) == c && d_ap_exact.size(1) == width,
-              "semi_hard_fused: d_ap_exact must be contiguous (c, W) of the factors' dtype");
-  TORCH_CHECK(own_start < 0 || own_start + c <= m, "semi_hard_fused: own columns out of range");
-  const int64_t* self_ptr = nullptr;
-  if (self_cols.has_value()) {
-    TORCH_CHECK(self_cols->is_contiguous() && self_cols->scalar_type() == at::kLong && self_cols->numel() == c,
-                "semi_hard_fused: self_cols must be contiguous (c,) int64");
-    self_ptr = self_cols->data_ptr<int64_t>();
-  }
   auto out = at::empty({c, width}, members.options());
   auto redo = at::empty({c}, members.options().dtype(at::kBool));
-  const int64_t rows = std::min(tile_rows, std::max<int64_t>(c, 1));
-  auto buffer = at::empty({rows, m}, a_factors.options());
-  const at::Tensor r_t = r_factors.t();
-  for (int64_t s = 0; s < c; s += rows) {
-    const int64_t t = std::min(rows, c - s);
-    at::Tensor tile = buffer.narrow(0, 0, t);
-    at::mm_out(tile, a_factors.narrow(0, s, t), r_t);
+  for_each_gram_tile(a_factors, r_factors, c10::nullopt, tile_rows, [&](at::Tensor& tile, int64_t s, int64_t t) {
     AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "semi_hard_fused", [&] {
       semi_hard_fused_rows<scalar_t>(tile.data_ptr<scalar_t>(), s, t, m, width, a_slack.data_ptr<scalar_t>(),
                                      r_slack.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
@@ -711,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_fused(const at::Tensor& a_factors, 
                                      d_ap_exact.data_ptr<scalar_t>(), rtol, cosine, out.data_ptr<int64_t>(),
                                      redo.data_ptr<bool>());
     });
-  }
+  });
   return {out, redo};
 }
 
@@ -730,7 +731,6 @@ void batch_all_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t w
                           const int64_t* self_cols, int64_t own_start, bool take_sqrt, const T* d_ap_exact, T margin,
                           bool soft, int64_t kind, bool sorted, bool want_weights, T* sums, int64_t* nonzero,
                           bool* redo) {
-  const T inf = std::numeric_limits<T>::infinity();
   at::parallel_for(0, t, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> hidden_col;
     std::vector<T> hidden_val;
@@ -744,12 +744,8 @@ void batch_all_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t w
       const bool* inc = in_class + i * width;
       const int64_t own_col = own_start >= 0 ? own_start + i : -1;
       const int64_t self_col = self_cols != nullptr ? self_cols[i] : int64_t(-1);
-      // 1. the positives' small-entry test on their clamped raw entries (own cell +inf: never small)
-      for (int64_t k = 0; k < width; ++k) {
-        T v = row[mem[k]] < T(0) ? T(0) : row[mem[k]];
-        if (own_col >= 0 && mem[k] == own_col) v = inf;
-        small[k] = v < a_slack[i] + r_slack[mem[k]];
-      }
+      // 1. the positives' small-entry test on their raw entries
+      small_positive_entries(row, mem, width, own_col, a_slack[i], r_slack, small.data());
       // 2. the row as distances, and its cancellation test
       redo[i] = prepare_row(row, m, a_slack[i], r_slack, mem, inc, width, self_col, own_col, take_sqrt, hidden_col,
                             hidden_val);
@@ -767,30 +763,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_fused(
     const c10::optional<at::Tensor>& self_cols, int64_t own_start, bool take_sqrt, const at::Tensor& d_ap_exact,
     double margin, bool soft, int64_t distance, bool sorted, const c10::optional<at::Tensor>& weights,
     int64_t tile_rows) {
-  TORCH_CHECK(a_factors.device().is_cpu() && a_factors.dim() == 2 && r_factors.dim() == 2 &&
-                  a_factors.size(1) == r_factors.size(1) && a_factors.scalar_type() == r_factors.scalar_type(),
-              "batch_all_fused: a_factors (c, K) and r_factors (M, K) CPU tensors of one dtype");
+  const int64_t* self_ptr = check_fused_operands("batch_all_fused", a_factors, r_factors, a_slack, r_slack, members,
+                                                  in_class, self_cols, own_start, d_ap_exact, tile_rows);
   const int64_t c = a_factors.size(0), m = r_factors.size(0), width = members.size(1);
-  TORCH_CHECK(tile_rows >= 1, "batch_all_fused: tile_rows must be >= 1");
   TORCH_CHECK(distance >= 0 && distance <= 2, "batch_all_fused: unknown distance kind");
-  TORCH_CHECK(a_slack.is_contiguous() && a_slack.numel() == c && a_slack.scalar_type() == a_factors.scalar_type() &&
-                  r_slack.is_contiguous() && r_slack.numel() == m && r_slack.scalar_type() == a_factors.scalar_type(),
-              "batch_all_fused: a_slack (c,) and r_slack (M,) contiguous, of the factors' dtype");
-  TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
-                  in_class.is_contiguous() && in_class.scalar_type() == at::kBool && in_class.size(0) == c &&
-                  in_class.size(1) == width && valid.is_contiguous() && valid.scalar_type() == at::kBool &&
-                  valid.size(0) == c && valid.size(1) == width,
-              "batch_all_fused: members (c, W) int64, in_class and valid (c, W) bool, contiguous");
-  TORCH_CHECK(d_ap_exact.is_contiguous() && d_ap_exact.scalar_type() == a_factors.scalar_type() &&
-                  d_ap_exact.size(0) == c && d_ap_exact.size(1) == width,
-              "batch_all_fused: d_ap_exact must be contiguous (c, W) of the factors' dtype");
-  TORCH_CHECK(own_start < 0 || own_start + c <= m, "batch_all_fused: own columns out of range");
-  const int64_t* self_ptr = nullptr;
-  if (self_cols.has_value()) {
-    TORCH_CHECK(self_cols->is_contiguous() && self_cols->scalar_type() == at::kLong && self_cols->numel() == c,
-                "batch_all_fused: self_cols must be contiguous (c,) int64");
-    self_ptr = self_cols->data_ptr<int64_t>();
-  }
+  TORCH_CHECK(valid.is_contiguous() && valid.scalar_type() == at::kBool && valid.size(0) == c && valid.size(1) == width,
+              "batch_all_fused: valid must be contiguous (c, W) bool");
   const bool want_weights = weights.has_value();
   if (want_weights)
     TORCH_CHECK(weights->is_contiguous() && weights->scalar_type() == a_factors.scalar_type() &&
@@ -799,13 +777,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_fused(
   auto sums = at::empty({c}, a_factors.options());
   auto nonzero = at::empty({c}, members.options());
   auto redo = at::empty({c}, members.options().dtype(at::kBool));
-  const int64_t rows = std::min(tile_rows, std::max<int64_t>(c, 1));
-  at::Tensor buffer = want_weights ? *weights : at::empty({rows, m}, a_factors.options());
-  const at::Tensor r_t = r_factors.t();
-  for (int64_t s = 0; s < c; s += rows) {
-    const int64_t t = std::min(rows, c - s);
-    at::Tensor tile = want_weights ? buffer.narrow(0, s, t) : buffer.narrow(0, 0, t);
-    at::mm_out(tile, a_factors.narrow(0, s, t), r_t);
+  for_each_gram_tile(a_factors, r_factors, weights, tile_rows, [&](at::Tensor& tile, int64_t s, int64_t t) {
     AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "batch_all_fused", [&] {
       batch_all_fused_rows<scalar_t>(tile.data_ptr<scalar_t>(), s, t, m, width, a_slack.data_ptr<scalar_t>(),
                                      r_slack.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
@@ -814,7 +786,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_fused(
                                      distance, sorted, want_weights, sums.data_ptr<scalar_t>(),
                                      nonzero.data_ptr<int64_t>(), redo.data_ptr<bool>());
     });
-  }
+  });
   return {sums, nonzero, redo};
 }
 

@@ -1,8 +1,6 @@
 """The native (C++) batch-all epilogue and semi-hard selection: same losses, counts and gradients as the
 torch path; the build fallback (a failed build warns once and runs torch) and the METRICLOSS_NATIVE switch."""
 
-import os
-import shutil
 import warnings
 
 import pytest
@@ -14,7 +12,7 @@ import metricloss.functional as MF
 from metricloss.ops import native
 from metricloss.ops import triplet as triplet_ops
 
-from ..helpers import duplicate_rows, label_pattern
+from ..helpers import duplicate_rows, label_pattern, record_served
 
 MININGS = ["batch_all", "semi_hard"]
 DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
@@ -31,48 +29,11 @@ def _labels(pattern, n, g, num_classes):
     return label_pattern(pattern, n, g, num_classes=num_classes)
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The extension, built here (CI must build it: a runner without a compiler fails, not skips)."""
-    if shutil.which("c++") is None and not os.environ.get("CI"):
-        pytest.skip("no C++ compiler: the native path cannot be built here")
-    old = os.environ.get(native.ENV_VAR)
-    os.environ[native.ENV_VAR] = "1"
-    try:
-        assert native.native_library()
-    finally:
-        if old is None:
-            del os.environ[native.ENV_VAR]
-        else:
-            os.environ[native.ENV_VAR] = old
-    return True
-
-
-@pytest.fixture
-def fresh_state(monkeypatch):
-    """A process that has not tried the build yet (restored afterwards)."""
-    saved = dict(native._state)
-    native._state.update(loaded=False, error=None, warned=False)
-    yield native._state
-    native._state.clear()
-    native._state.update(saved)
-
-
 @pytest.fixture
 def native_calls(monkeypatch):
     """Records, per chunk, whether the native batch-all epilogue / semi-hard selection (fused or not) served it."""
-    calls = []
-    for name in ("native_batch_all_epilogue", "native_semi_hard_negatives", "native_semi_hard_fused",
-                 "native_batch_all_fused"):
-        real = getattr(triplet_ops, name)
-
-        def spy(*args, _real=real, **kwargs):
-            out = _real(*args, **kwargs)
-            calls.append(out is not None)
-            return out
-
-        monkeypatch.setattr(triplet_ops, name, spy)
-    return calls
+    return record_served(monkeypatch, triplet_ops, ("native_batch_all_epilogue", "native_semi_hard_negatives",
+                                                    "native_semi_hard_fused", "native_batch_all_fused"))
 
 
 def _run(monkeypatch, setting, mining, x, y, ref, kwargs, upstream):
@@ -268,16 +229,8 @@ def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self
     """The block preparation (clamp, cancellation test, √) is native for every first-pass chunk (semi-hard:
     inside the fused op); a near duplicate across classes makes a redo anchor, whose exact pass stays on
     torch; same results."""
-    served = []
-    for name in ("native_prepare_block", "native_semi_hard_fused", "native_batch_all_fused"):
-        real = getattr(triplet_ops, name)
-
-        def spy(*args, _real=real, **kwargs):
-            out = _real(*args, **kwargs)
-            served.append(out is not None)
-            return out
-
-        monkeypatch.setattr(triplet_ops, name, spy)
+    served = record_served(monkeypatch, triplet_ops, ("native_prepare_block", "native_semi_hard_fused",
+                                                      "native_batch_all_fused"))
     monkeypatch.delenv(native.ENV_VAR, raising=False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(60, 6, generator=g, dtype=torch.float64)
