@@ -41,7 +41,6 @@ __all__ = [
     "squared_norms",
     "safe_sqrt",
     "paired_distance",
-    "paired_distance_grad",
     "may_have_duplicate_rows",
     "canonical_columns",
     "GramFactors",
@@ -121,23 +120,6 @@ def paired_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Te
         # one fused reduction (no squared temporary); its gradient at a == b is 0, the subgradient
         return torch.linalg.vector_norm(diff, dim=-1)
     return torch.linalg.vecdot(diff, diff, dim=-1)
-
-
-def paired_distance_grad(a: torch.Tensor, b: torch.Tensor, distance: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """∂d(a, b)/∂a and ∂d(a, b)/∂b for matching rows, from the difference (no autograd), shape (..., D) each.
-
-    Euclidean: ±(a − b)/‖a − b‖ (0 where a = b, the subgradient); squared: ±2(a − b); cosine on unit rows
-    (d = 1 − a·b): −b and −a. Broadcasts like ``a - b``.
-    """
-    if distance == "cosine":
-        return (-b).expand(torch.broadcast_shapes(a.shape, b.shape)), (-a).expand(torch.broadcast_shapes(a.shape,
-                                                                                                     b.shape))
-    diff = a - b
-    if distance == "squared_euclidean":
-        return 2.0 * diff, -2.0 * diff
-    norm = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-    unit = torch.where(norm > 0, diff / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(diff))
-    return unit, -unit
 
 
 _HASH_ROWS = 8192  # rows hashed at once: an (8192, D) int64 temporary
