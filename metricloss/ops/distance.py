@@ -27,6 +27,7 @@ autograd graph of size N×M.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -202,21 +203,33 @@ class GramFactors:
         self.self_ref = r is a  # anchor i is reference i: its diagonal is 0 by definition
         self.a_sq = squared_norms(a)
         self.r_sq = self.a_sq if r is a else squared_norms(r)
-        ones_a = torch.ones_like(self.a_sq).unsqueeze(1)
-        ones_r = torch.ones_like(self.r_sq).unsqueeze(1)
         if distance == "cosine":
-            self.A = torch.cat([a, ones_a], dim=1)
-            self.R = torch.cat([-r, ones_r], dim=1)
             self.a_slack = torch.full_like(self.a_sq, REFINE_RATIO)
             self.r_slack = torch.zeros_like(self.r_sq)
         else:
-            self.A = torch.cat([a, self.a_sq.unsqueeze(1), ones_a], dim=1)
-            self.R = torch.cat([-2.0 * r, ones_r, self.r_sq.unsqueeze(1)], dim=1)
             self.a_slack = REFINE_RATIO * self.a_sq
             self.r_slack = REFINE_RATIO * self.r_sq
         # the older per-row bound REFINE_RATIO·(‖a_i‖² + max_j ‖r_j‖²), kept for callers that refine by row
         self.refine_thresh = self.a_slack + (self.r_slack.max() if r.shape[0] else 0.0)
         self.canon = canonical_columns(r.detach()) if canonical else None
+
+    # The factors are built on first use (O((N + M)·D) copies): a caller that only needs the norms and
+    # slacks (the native self-pair op) never builds them.
+    @functools.cached_property
+    def A(self) -> torch.Tensor:
+        """(N, K) left GEMM factor: [a, ‖a‖², 1] (cosine: [a, 1])."""
+        ones = torch.ones_like(self.a_sq).unsqueeze(1)
+        if self.distance == "cosine":
+            return torch.cat([self.a, ones], dim=1)
+        return torch.cat([self.a, self.a_sq.unsqueeze(1), ones], dim=1)
+
+    @functools.cached_property
+    def R(self) -> torch.Tensor:
+        """(M, K) right GEMM factor: [−2r, 1, ‖r‖²] (cosine: [−r, 1])."""
+        ones = torch.ones_like(self.r_sq).unsqueeze(1)
+        if self.distance == "cosine":
+            return torch.cat([-self.r, ones], dim=1)
+        return torch.cat([-2.0 * self.r, ones, self.r_sq.unsqueeze(1)], dim=1)
 
     def raw_block(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(e − s, M) unclamped d² (or cosine d) of anchors s:e (see :meth:`raw_rows`)."""

@@ -38,7 +38,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["ENV_VAR", "FUSED_TILE_ROWS", "NativeBuildError", "batch_all_epilogue", "batch_all_fused",
+__all__ = ["ENV_VAR", "FUSED_TILE_ROWS", "SELF_PAIR_COLUMN_BLOCK", "NativeBuildError", "batch_all_epilogue",
+           "batch_all_fused", "batch_all_self",
            "fused_tile_rows", "native_enabled", "native_library", "prepare_block", "retrieval_rank_histogram",
            "semi_hard_fused", "semi_hard_negatives"]
 
@@ -52,6 +53,17 @@ _DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 # @ (130 × 16384): 47 GMAC/s at t = 16, 79 at 64, 89 at 128, 91 at 256); 128 rows gave the fastest
 # semi-hard and batch-all steps at N = 4096 and 16384 (a tile of 2–8 MiB, in L2 or a large L3).
 FUSED_TILE_ROWS = 128
+# Named heuristic: columns of a self-pair panel (:func:`batch_all_self`) that one thread takes at a time. The
+# block's per-column sums and packed counts (a few KiB) stay in L1 while its t rows stream past, and a
+# packed 8-bit count field holds at most this many cells of a row (so at most 255).
+SELF_PAIR_COLUMN_BLOCK = 128
+# The widest build of the self-pair cell loop it may run, where the CPU has it: 0 the baseline build, 1 AVX2,
+# 2 AVX-512 (the default: the widest the CPU has). Same counts, values up to summation order; a switch for
+# tests (tests/ops/test_native.py compares them) and for ruling a build out.
+SELF_PAIR_MAX_ISA = 2
+# The most positive slots the self-pair op takes (3 packed groups of 4; the chunked path's threshold-
+# sorting heuristic takes over above 12).
+SELF_PAIR_MAX_SLOTS = 12
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
@@ -84,7 +96,7 @@ def _build() -> None:
         raise NativeBuildError("ninja is not installed (pip install ninja)")
     try:
         cpp_extension.load(name=_extension_name(), sources=[str(p) for p in _SOURCES],
-                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # compiler missing, compile or link error, unloadable library
         text = str(exc).strip().splitlines()
@@ -289,6 +301,48 @@ def batch_all_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: t
         distance == "euclidean", d_ap_exact.to(dtype).contiguous(), 0.0 if soft else float(margin), soft,
         _DISTANCE_KINDS[distance], bool(sorted_thresholds), weights,
         fused_tile_rows(r_factors.shape[0], a_factors.element_size()))
+
+
+def batch_all_self(x: torch.Tensor, sq_norms: torch.Tensor, slack: torch.Tensor, class_ids: torch.Tensor,
+                   members: torch.Tensor, valid: torch.Tensor, d_ap: torch.Tensor, margin: float, distance: str,
+                   row_scale: Optional[torch.Tensor], want_grad: bool,
+                   tile_rows: int) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """Batch-all over the batch itself (the reference set is the batch), every unordered pair once, in one
+    native op; or None (use the chunked path).
+
+    The same losses, counts and gradients as the chunked path with exact anchor-positive distances
+    (:class:`~metricloss.ops.triplet._BlockTripletPlan`): the distance block is symmetric, so the op walks
+    panels of ``tile_rows`` anchors against the columns at or after the panel only, and one cell (i, j)
+    serves anchor i (negative j) and anchor j (negative i). That halves the block GEMM and the two
+    gradient GEMMs (1.5 GEMMs of N × N × D in all instead of 3). Each view keeps the Gram value the chunked
+    path computes for it (bitwise, where the BLAS sums each dot product in index order), its own small-entry
+    refinement and its own weight. Design: docs/kernels.md §8.
+
+    Args:
+        x: (N, D) prepared embeddings, float32/float64 CPU, contiguous.
+        sq_norms: (N,) their squared norms, the ones inside the Gram factors
+            (:class:`~metricloss.ops.distance.GramFactors` ``a_sq``); slack: (N,) ``a_slack``.
+        class_ids: (N,) a class id per row in x's dtype (exact integers: float32 holds them below 2**24).
+        members: (N, W) int64 positive table, valid: (N, W) bool the slots that form triplets, W <= 12.
+        d_ap: (N, W) exact anchor-positive distances; margin: a float (no soft margin); distance: its name.
+        row_scale: optional (N,) upstream gradient per anchor (``reduction="none"``), or None (all ones).
+        want_grad: also return the gradient w.r.t. ``x`` of Σ_i row_scale_i · loss_i.
+        tile_rows: anchors per panel, 1 to 255.
+
+    Returns:
+        (per-anchor sums (N,), nonzero counts (N,) int64, gradient (N, D) or None), or None when the native
+        path does not serve the call (see :func:`native_enabled`).
+    """
+    width = members.shape[1]
+    if width == 0 or width > SELF_PAIR_MAX_SLOTS or x.shape[0] == 0 or not native_enabled(x):
+        return None
+    dtype = x.dtype
+    sums, nonzero, grad = torch.ops.metricloss_native.batch_all_self(
+        x.contiguous(), sq_norms.to(dtype).contiguous(), slack.to(dtype).contiguous(), class_ids.to(dtype).contiguous(),
+        members.contiguous(), valid.contiguous(), d_ap.to(dtype).contiguous(), float(margin), _DISTANCE_KINDS[distance],
+        None if row_scale is None else row_scale.to(dtype).contiguous(), bool(want_grad), int(tile_rows),
+        SELF_PAIR_COLUMN_BLOCK, int(SELF_PAIR_MAX_ISA))
+    return sums, nonzero, (grad if want_grad else None)
 
 
 def retrieval_rank_histogram(tile: torch.Tensor, rel: torch.Tensor, lowest: torch.Tensor, own_start: Optional[int],

@@ -42,7 +42,8 @@ from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_cla
                      semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
 from .native import batch_all_fused as native_batch_all_fused
-from .native import ENV_VAR, native_enabled
+from .native import batch_all_self as native_batch_all_self
+from .native import ENV_VAR, fused_tile_rows, native_enabled
 from .native import prepare_block as native_prepare_block
 from .native import semi_hard_fused as native_semi_hard_fused
 from .native import semi_hard_negatives as native_semi_hard_negatives
@@ -328,7 +329,15 @@ class _BlockTripletPlan:
         self.index = ClassIndex(ref_labels)
         self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
         self.width = max(self.index.max_count - (1 if self_ref else 0), 0)
-        self.gram = GramFactors(a, r, distance, canonical=True)
+        # CPU, batch-all over the batch itself with 1 to 12 positives and a hard margin: the whole call in
+        # one native op over the upper triangle of the block, each unordered pair once for both its anchors
+        # (:func:`~metricloss.ops.native.batch_all_self`). It refines small entries in place (no redo) and
+        # needs no canonical columns: duplicate rows get bitwise equal Gram values from the same products
+        # (see :func:`_self_positive_distances`) and exact zeros from the refinement.
+        self.self_pairs = (mining == "batch_all" and self_ref and margin != "soft" and 0 < self.width
+                           and not use_sorted_batch_all(self.width) and _exact_class_ids(a.shape[0], a.dtype)
+                           and native_enabled(a))
+        self.gram = GramFactors(a, r, distance, canonical=not self.self_pairs)
         m, elem = r.shape[0], a.element_size()
         # dist, slack, neg, the weight block and one temporary per element, plus bool/int scratch
         per_ref = 5 * elem + 2 + (16 if (mining == "batch_all" and use_sorted_batch_all(self.width)) else 0)
@@ -344,15 +353,17 @@ class _BlockTripletPlan:
         # :func:`~metricloss.ops.native.semi_hard_fused` for few positives). A chunk then holds only the
         # weight block of the gradient (batch-all) or nothing (semi-hard) per reference: far larger
         # chunks (one for a whole batch, typically for semi-hard), so fewer, larger GEMMs and torch ops.
-        self.fused = (self.width > 0 and m > 0 and self.gram.canon is None
-                      and (mining == "batch_all" or not use_sorted_semi_hard(self.width))
-                      and native_enabled(self.gram.A))
+        self.fused = self.self_pairs or (self.width > 0 and m > 0 and self.gram.canon is None
+                                         and (mining == "batch_all" or not use_sorted_semi_hard(self.width))
+                                         and native_enabled(a))
         self.rows = self.exact_rows
         if self.fused:
             self.rows = rows_per_chunk(m, elem if mining == "batch_all" else 1, chunk_bytes, bytes_per_row=per_row)
             if mining == "batch_all":
                 self.rows = min(self.rows, max(1, BATCH_ALL_WEIGHT_BYTES // max(1, m * elem)))
             self.fused_weights = _Scratch(min(self.rows, a.shape[0]), m, a.dtype, a.device)
+        if self.self_pairs:
+            self.self_pair_rows = min(fused_tile_rows(m, elem), 255, max(1, self.rows))
         # number of valid terms: triplets (batch-all) or (anchor, positive) pairs (semi-hard)
         valid_pos = self.cls.num_pos * (self.cls.num_neg > 0)
         self.num_terms = (valid_pos * self.cls.num_neg).sum() if mining == "batch_all" else valid_pos.sum()
@@ -470,6 +481,83 @@ class _BlockTripletPlan:
         return sums, nonzero, grad, redo
 
 
+def _exact_class_ids(n: int, dtype: torch.dtype) -> bool:
+    """Whether class ids below ``n`` are exact in ``dtype`` (the self-pair op compares them as floats)."""
+    return n < (1 << 24 if dtype == torch.float32 else 1 << 53)
+
+
+# Rows per block of the band GEMM of :func:`_self_positive_distances` (its columns: these plus the class
+# width on either side); small blocks keep the band's flops low, one batched GEMM keeps the calls few.
+_BAND_ROWS = 32
+
+
+def _self_positive_distances(plan: _BlockTripletPlan, a: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """(N, W) anchor-positive distances of a batch against itself, bitwise those of the chunked path: the Gram
+    entry of each (anchor, positive), clamped and √'d, or the exact distance from the rows where it is small
+    (u < a_slack_i + r_slack_p), as :meth:`_BlockTripletPlan._finish_chunk` takes them.
+
+    The Gram entries come from one batched GEMM over a band around the diagonal of the class-sorted batch (a
+    class's rows are consecutive there, so an anchor's positives lie within ``width`` rows of it):
+    O(N·(B + 2W)·D) for blocks of B = :data:`_BAND_ROWS` rows, about 1% of one N×N×D GEMM. Each entry is
+    ((a_i·(−2a_p)) + ‖a_i‖²) + ‖a_p‖² (cosine: a_i·(−a_p) + 1), the chunked path's factor product up to the
+    order of its last two terms (exact where the BLAS sums a dot product in index order; see
+    :func:`native_batch_all_self`). One device read (whether any entry is small).
+    """
+    n, width, dim = a.shape[0], members.shape[1], a.shape[1]
+    gram = plan.gram
+    order, inverse = plan.index.order, plan.index.inverse
+    step = _BAND_ROWS
+    blocks = (n + step - 1) // step
+    pad = blocks * step - n
+    # the sorted rows in blocks (zero rows pad the last), and the right factor −2a (cosine −a) of the sorted
+    # rows with `width` zero rows before and after, so that every block's band is one strided window
+    rows = a.new_empty(blocks * step, dim)
+    ordered = torch.index_select(a, 0, order, out=rows[:n])
+    rows[n:].zero_()
+    padded = a.new_empty(n + 2 * width + pad, dim)
+    padded[:width].zero_()
+    padded[width + n:].zero_()
+    if plan.distance == "cosine":
+        torch.neg(ordered, out=padded[width:width + n])
+    else:
+        torch.mul(ordered, -2.0, out=padded[width:width + n])
+    rows = rows.view(blocks, step, dim)
+    cols = padded.as_strided((blocks, step + 2 * width, dim), (step * dim, dim, 1))
+    band = torch.bmm(rows, cols.transpose(1, 2)).view(blocks * step, step + 2 * width)[:n]
+    # sorted row q holds column c for sorted position q − (q mod B) − W + c
+    offset = inverse[members] - (inverse - inverse % step).unsqueeze(1) + width
+    g = band[inverse.unsqueeze(1), offset.clamp_(0, step + 2 * width - 1)]  # padding slots: any in-band entry
+    if plan.distance == "cosine":
+        u = (g + 1.0).clamp_min_(0)
+    else:
+        u = ((g + gram.a_sq.unsqueeze(1)) + gram.a_sq[members]).clamp_min_(0)
+    small = u < gram.a_slack.unsqueeze(1) + gram.r_slack[members]
+    d = u.sqrt_() if plan.distance == "euclidean" else u
+    if bool(small.any()):
+        i, k = small.nonzero(as_tuple=True)
+        d[i, k] = paired_distance(a[i], a[members[i, k]], plan.distance)
+    return d
+
+
+def _run_self_pairs(plan: _BlockTripletPlan, a: torch.Tensor, want_grad: bool,
+                    row_scale: Optional[torch.Tensor]):
+    """The whole batch-all call over the batch itself in one native op (:func:`native_batch_all_self`):
+    returns as :func:`_run_chunks`, with the reference gradient folded into the anchors' (None for ``r``:
+    ``a`` and ``r`` are one tensor)."""
+    n = a.shape[0]
+    cls = plan.cls
+    members, in_class = plan.index.positive_table(cls, plan.width)
+    valid = in_class & (cls.num_neg > 0).unsqueeze(1)
+    d_ap = _self_positive_distances(plan, a, members)
+    out = native_batch_all_self(a, plan.gram.a_sq, plan.gram.a_slack, cls.start, members, valid, d_ap,
+                                plan.margin, plan.distance, row_scale, want_grad, plan.self_pair_rows)
+    if out is None:
+        raise RuntimeError("metricloss: the native batch-all path was switched off during a call "
+                           f"({ENV_VAR} changed?); set it before the loss runs")
+    sums, nonzero, grad = out
+    return sums, nonzero.sum(), grad, None
+
+
 def _run_chunks(plan: _BlockTripletPlan, a: torch.Tensor, r: torch.Tensor, want_grad: bool,
                 row_scale: Optional[torch.Tensor] = None):
     """Walk the anchor chunks: per-anchor sums (N,), the nonzero count () and, with ``want_grad``, the
@@ -479,6 +567,8 @@ def _run_chunks(plan: _BlockTripletPlan, a: torch.Tensor, r: torch.Tensor, want_
     (their gradient contributions masked out) and redone after it, with exact refinement: one device
     read for the whole call (``nonzero`` of the marks), plus one per redo chunk when there are any.
     """
+    if plan.self_pairs:
+        return _run_self_pairs(plan, a, want_grad, row_scale)
     n = a.shape[0]
     sums = torch.empty(n, dtype=a.dtype, device=a.device)
     nonzero = torch.zeros(n, dtype=torch.int64, device=a.device)
@@ -534,9 +624,11 @@ def _refuse_double_backward(grads: Tuple[torch.Tensor, ...], inputs: Tuple[torch
     if not torch.is_grad_enabled():
         return grads
     # An exact zero that depends on the Function's inputs (the sum of an empty slice) puts the error on
-    # every path from these gradients back to the inputs: a second derivative must pass it.
+    # every path from these gradients back to the inputs: a second derivative must pass it. None stays None.
     link = sum(t[:0].sum() for t in inputs if t.requires_grad)
-    return torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE, len(grads))(*[g + link for g in grads])
+    present = [g + link for g in grads if g is not None]
+    out = iter(torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE, len(present))(*present))
+    return tuple(None if g is None else next(out) for g in grads)
 
 
 class BlockTripletLoss(torch.autograd.Function):
@@ -561,6 +653,8 @@ class BlockTripletLoss(torch.autograd.Function):
         sums, nonzero, grad_a, grad_r = _run_chunks(plan, a, r, precompute)
         if not precompute:
             grad_a, grad_r = a.new_empty(0), r.new_empty(0)
+        elif grad_r is None:  # folded into grad_a (a is r): a 1-D empty marker, never r's shape
+            grad_r = r.new_empty(0)
         return sums, plan.num_terms, nonzero, grad_a, grad_r
 
     @staticmethod
@@ -579,7 +673,8 @@ class BlockTripletLoss(torch.autograd.Function):
             return (None,) * 11
         if ctx.grad_mode == "uniform" or (ctx.grad_mode == "check" and bool((grad_sums == grad_sums[0]).all())):
             g = grad_sums[0]
-            grads = _refuse_double_backward((grad_a * g, grad_r * g), (a, r))
+            folded = grad_r.shape != r.shape
+            grads = _refuse_double_backward((grad_a * g, None if folded else grad_r * g), (a, r))
         else:
             self_ref, mining, margin, distance, chunk_bytes = ctx.options
             with torch.no_grad():

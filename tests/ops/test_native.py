@@ -33,7 +33,8 @@ def _labels(pattern, n, g, num_classes):
 def native_calls(monkeypatch):
     """Records, per chunk, whether the native batch-all epilogue / semi-hard selection (fused or not) served it."""
     return record_served(monkeypatch, triplet_ops, ("native_batch_all_epilogue", "native_semi_hard_negatives",
-                                                    "native_semi_hard_fused", "native_batch_all_fused"))
+                                                    "native_semi_hard_fused", "native_batch_all_fused",
+                                                    "native_batch_all_self"))
 
 
 def _run(monkeypatch, setting, mining, x, y, ref, kwargs, upstream):
@@ -102,13 +103,16 @@ def test_native_matches_torch_fp32(built, mining, case):
 @pytest.mark.parametrize("margin", [0.2, "soft"])
 def test_native_serves_every_chunk_by_default(built, monkeypatch, native_calls, mining, pattern, served, margin):
     """Unset switch, CPU float: the native path runs for every chunk (semi-hard with many positives keeps
-    the torch sort), with the same result as torch."""
+    the torch sort; batch-all over the batch with a hard margin is one self-pair call), with the same
+    result as torch."""
     monkeypatch.delenv(native.ENV_VAR, raising=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 8, generator=g, dtype=torch.float64)
     y = label_pattern(pattern, 96, g)
     MF.triplet_loss(x.requires_grad_(), y, mining=mining, margin=margin, chunk_bytes=20_000).backward()
-    assert len(native_calls) > 1 and all(c == served for c in native_calls)
+    one_call = mining == "batch_all" and margin != "soft" and pattern == "pk3"
+    assert len(native_calls) == 1 if one_call else len(native_calls) > 1
+    assert all(c == served for c in native_calls)
     assert_native_matches_torch(monkeypatch, mining, x, y, (None, None),
                                 dict(margin=margin, reduction="mean", chunk_bytes=20_000))
 
@@ -228,9 +232,9 @@ def test_sources_ship_inside_the_package():
 def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self_ref):
     """The block preparation (clamp, cancellation test, √) is native for every first-pass chunk (semi-hard:
     inside the fused op); a near duplicate across classes makes a redo anchor, whose exact pass stays on
-    torch; same results."""
+    torch (batch-all over the batch: one self-pair call, which refines the entry in place); same results."""
     served = record_served(monkeypatch, triplet_ops, ("native_prepare_block", "native_semi_hard_fused",
-                                                      "native_batch_all_fused"))
+                                                      "native_batch_all_fused", "native_batch_all_self"))
     monkeypatch.delenv(native.ENV_VAR, raising=False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(60, 6, generator=g, dtype=torch.float64)
@@ -239,9 +243,13 @@ def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self
     x[j] = x[0] + 1e-9  # a cancellation-prone negative entry
     ref = (None, None) if self_ref else (x[:40].clone(), y[:40].clone())
     MF.triplet_loss(x.clone().requires_grad_(), y, *ref, mining=mining, chunk_bytes=10_000).backward()
-    assert len(served) > 1 and all(served)
-    assert_native_matches_torch(monkeypatch, mining, x, y, ref, dict(margin=0.2, reduction="none",
-                                                                     chunk_bytes=10_000))
+    self_pairs = self_ref and mining == "batch_all"
+    assert (len(served) == 1 if self_pairs else len(served) > 1) and all(served)
+    kwargs = dict(margin=0.2, reduction="none", chunk_bytes=10_000)
+    if self_pairs:  # weights ~1e9 on the near pair: both gradients carry ~1e-7 of cancellation
+        _assert_self_pairs_as_good_as_torch(monkeypatch, x, y, kwargs)
+    else:
+        assert_native_matches_torch(monkeypatch, mining, x, y, ref, kwargs)
 
 
 def test_extension_name_follows_torch_version_and_sources(monkeypatch, tmp_path):
@@ -255,3 +263,138 @@ def test_extension_name_follows_torch_version_and_sources(monkeypatch, tmp_path)
     assert other != name
     src.write_text("// changed again\n")
     assert native._extension_name() != other
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch-all over the batch itself: the self-pair op (each unordered pair once, for both its anchors)
+# ----------------------------------------------------------------------------------------------------
+
+def _class_labels(n, size, g):
+    """Shuffled labels of classes of ``size`` (the last one shorter)."""
+    return (torch.arange(n) // size)[torch.randperm(n, generator=g)]
+
+
+@pytest.mark.parametrize("size", [3, 5, 9, 13])  # 2, 4, 8, 12 positives: 1, 1, 2 and 3 packed slot groups
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_self_pairs_match_torch_over_panels_blocks_and_small_entries(built, monkeypatch, size, distance, dtype):
+    """Panels of 8 anchors and column blocks of 8 (diagonal, full and short blocks), near-duplicates inside
+    and across classes (small entries: refined in place by the scalar cell loop), every reduction (per-anchor
+    upstream gradients with "none"): the torch path's losses, counts and gradients, one native call each."""
+    monkeypatch.setattr(native, "FUSED_TILE_ROWS", 8)
+    monkeypatch.setattr(native, "SELF_PAIR_COLUMN_BLOCK", 8)
+    served = record_served(monkeypatch, triplet_ops, ("native_batch_all_self",))
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(61, 6, generator=g, dtype=dtype)
+    y = _class_labels(61, size, g)
+    # near-duplicates (small entries: d² < 2⁻⁶(‖x_i‖² + ‖x_j‖²)), not so near that their gradient weights
+    # (1/d) make both paths' rounding exceed the tolerance
+    x[:4] = x[0] + 1e-2 * torch.randn(4, 6, generator=g, dtype=dtype)
+    other = int((y != y[0]).nonzero()[0])
+    x[other] = x[0] + 0.05  # a small negative entry in both views
+    for reduction in REDUCTIONS:
+        for margin in (0.0, 0.2):
+            kwargs = dict(margin=margin, reduction=reduction, distance=distance)
+            if dtype == torch.float64:
+                assert_native_matches_torch(monkeypatch, "batch_all", x, y, (None, None), kwargs)
+            else:
+                _assert_self_pairs_as_good_as_torch(monkeypatch, x, y, kwargs)
+    assert served and all(served)
+
+
+def _assert_self_pairs_as_good_as_torch(monkeypatch, x, y, kwargs):
+    """Batch-all over the batch: losses, counts and per-anchor sums as :func:`assert_native_matches_torch`;
+    the gradient no farther from the dense reference's (fp64 autograd through the exact pair differences)
+    than the torch path's. Both paths form Σ_j s_ij·x_i − Σ_j s_ij·x_j, a cancellation whose rounding grows
+    with the weights 1/d of the nearest pairs, but group it differently, so near-duplicate rows or fp32 put
+    them farther apart than summation order alone."""
+    from metricloss import reference
+
+    upstream = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    want = _run(monkeypatch, "0", "batch_all", x, y, (None, None), kwargs, upstream)
+    got = _run(monkeypatch, "1", "batch_all", x, y, (None, None), kwargs, upstream)
+    tol = dict(rtol=1e-12, atol=1e-12) if x.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[3], want[3], **tol)
+    x64 = x.detach().double().requires_grad_()
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("reduction", "chunk_bytes")}
+    terms = reference.triplet_loss_terms(x64, y, mining="batch_all", **ref_kwargs)
+    scale = upstream.double() if kwargs.get("reduction") == "none" else None
+    loss = (terms.per_anchor * scale).sum() if scale is not None else terms.reduce(kwargs.get("reduction", "mean"))
+    (exact,) = torch.autograd.grad(loss, x64)
+    err_native = (got[4][0].double() - exact).abs().max().item()
+    err_torch = (want[4][0].double() - exact).abs().max().item()
+    floor = (1e-12 if x.dtype == torch.float64 else 1e-6) * exact.abs().max().item()
+    assert err_native <= 4 * err_torch + floor, (err_native, err_torch)
+
+
+@pytest.mark.parametrize("case", ["soft", "references", "many_positives", "duplicates", "semi_hard"])
+def test_self_pairs_serve_only_their_case(built, monkeypatch, case):
+    """The self-pair op takes batch-all over the batch itself with a hard margin and 1 to 12 positives per
+    anchor (duplicate rows included: they tie exactly there too); every other call keeps the chunked path
+    (same results as torch)."""
+    served = record_served(monkeypatch, triplet_ops, ("native_batch_all_self",))
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(80, 5, generator=g, dtype=torch.float64)
+    y = _class_labels(80, 20 if case == "many_positives" else 4, g)
+    if case == "duplicates":
+        x = duplicate_rows(x, g, count=2)
+    ref = (x[:30].clone(), y[:30].clone()) if case == "references" else (None, None)
+    kwargs = dict(margin="soft" if case == "soft" else 0.2, reduction="mean")
+    mining = "semi_hard" if case == "semi_hard" else "batch_all"
+    MF.triplet_loss(x.clone().requires_grad_(), y, *ref, mining=mining, **kwargs).backward()
+    assert served == ([True] if case == "duplicates" else [])
+    served.clear()
+    MF.triplet_loss(x.clone().requires_grad_(), y, mining="batch_all", margin=0.2).backward()
+    assert served == ([] if case == "many_positives" else [True])
+    assert_native_matches_torch(monkeypatch, mining, x, y, ref, kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_self_pairs_builds_agree(built, monkeypatch, dtype):
+    """The baseline, AVX2 and AVX-512 builds of the cell loop (those this CPU runs; a wider setting than the
+    CPU falls back to its widest): equal counts, values up to summation order."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 16, generator=g, dtype=dtype)
+    y = _class_labels(300, 4, g)
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    out = []
+    for isa in (0, 1, 2):
+        monkeypatch.setattr(native, "SELF_PAIR_MAX_ISA", isa)
+        xx = x.clone().requires_grad_()
+        terms = MF.triplet_loss_terms(xx, y, mining="batch_all", margin=0.3)
+        terms.per_anchor.sum().backward()
+        out.append((terms.per_anchor.detach(), terms.num_nonzero, xx.grad))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for other in out[1:]:
+        torch.testing.assert_close(other[0], out[0][0], **tol)
+        assert torch.equal(other[1], out[0][1])
+        torch.testing.assert_close(other[2], out[0][2], **tol)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="a property of MKL's GEMM (dot products summed "
+                                                                  "in index order)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d", [(61, 6), (300, 17), (1000, 128)])
+def test_self_pair_gram_values_are_the_chunked_paths_bitwise(dtype, n, d):
+    """The self-pair op's two values of a cell, (G + ‖x_i‖²) + ‖x_j‖² and (G + ‖x_j‖²) + ‖x_i‖² from
+    G = x_I·(−2x)ᵀ over panels (cosine: G + 1, G = x·(−x)ᵀ), are bitwise the chunked path's Gram entries
+    (i, j) and (j, i): so both paths compare the same distances with the same thresholds."""
+    from metricloss.ops.distance import GramFactors
+
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n), dtype=dtype)
+    gram = GramFactors(x, x, "euclidean")
+    full = torch.mm(gram.A, gram.R.T)
+    right = -2.0 * x
+    for s in range(0, n, 128):
+        e = min(n, s + 128)
+        block = torch.mm(x[s:e], right[s:].T)
+        ni, nj = gram.a_sq[s:e].unsqueeze(1), gram.a_sq[s:].unsqueeze(0)
+        assert torch.equal((block + ni) + nj, full[s:e, s:])
+        assert torch.equal(((block + nj) + ni).T, full[s:, s:e])
+    unit = torch.nn.functional.normalize(x, dim=1)  # cosine: factors [x, 1] and [−x, 1], one value G + 1
+    full = torch.mm(GramFactors(unit, unit, "cosine").A, GramFactors(unit, unit, "cosine").R.T)
+    block = torch.mm(unit, (-unit).T) + 1.0
+    assert torch.equal(block, full) and torch.equal(block.T, full)

@@ -55,3 +55,17 @@ def test_mask_nonfinite():
     assert mask_nonfinite(loss, torch.ones(3)).item() == 1.0
     assert torch.isnan(mask_nonfinite(loss, torch.tensor([1.0, float("inf")])))
     assert torch.isnan(mask_nonfinite(loss, torch.ones(2), torch.tensor([float("nan")])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_mask_nonfinite_sees_every_kind_of_nonfinite_value(dtype):
+    """NaN, +Inf and -Inf anywhere in a (N, D) input (the min/max pass), in any float dtype; empty and
+    integer inputs are finite."""
+    loss = torch.tensor(2.0)
+    x = torch.randn(64, 8).to(dtype)
+    assert mask_nonfinite(loss, x).item() == 2.0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[37, 5] = bad
+        assert torch.isnan(mask_nonfinite(loss, x, y))
+    assert mask_nonfinite(loss, torch.empty(0, 8, dtype=dtype), torch.arange(5)).item() == 2.0
