@@ -828,6 +828,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_fused(
 // one add per cell per 4 slots instead of four; a field counts at most col_block (row) or t (column)
 // cells before it is flushed, so both are bounded by the field width (checked by the op).
 
+// The fewest rows of a panel GEMM: the BLAS computes a GEMM of very few rows with another kernel, whose
+// rounding differs from the wide one's (MKL: 1 to 5 rows), and every cell's Gram value must be the
+// chunked path's. The driver passes panels of at least this many rows; a short last panel is merged.
+constexpr int64_t kMinPanelRows = 32;
+
 template <typename T>
 struct PackedCounts;
 template <>
@@ -1165,7 +1170,8 @@ void self_pair_panels(const SelfPairArgs<T>& A, const at::Tensor& x, at::Tensor&
   constexpr int kSlots = 4 * GROUPS;
   // the block GEMM's right factor: −2x (cosine −x), the chunked path's R = [−2x, 1, ‖x‖²] without its tail
   const at::Tensor right = KIND == kCosine ? x.neg() : x.mul(-2.0);
-  at::Tensor buffer = at::empty({std::min(tile_rows, n) * n}, x.options());
+  const int64_t max_rows = std::min(tile_rows + kMinPanelRows - 1, n);
+  at::Tensor buffer = at::empty({max_rows * n}, x.options());
   const int threads = at::get_num_threads();
   std::vector<SelfPairScratch<T>> scratch(threads);
   for (auto& sc : scratch) {
@@ -1175,13 +1181,15 @@ void self_pair_panels(const SelfPairArgs<T>& A, const at::Tensor& x, at::Tensor&
     sc.rowws.resize(col_block);
     sc.cpack.resize(GROUPS * col_block);
     sc.rowpk.resize(GROUPS * col_block);
-    sc.row_sum.resize(tile_rows);
-    sc.row_ws.resize(tile_rows);
-    sc.row_cnt.resize(tile_rows * kSlots);
+    sc.row_sum.resize(max_rows);
+    sc.row_ws.resize(max_rows);
+    sc.row_cnt.resize(max_rows * kSlots);
   }
   const int64_t isa = std::min(max_isa, cpu_isa());
-  for (int64_t s = 0; s < n; s += tile_rows) {
-    const int64_t t = std::min(tile_rows, n - s), mp = n - s;
+  for (int64_t s = 0, t = 0; s < n; s += t) {
+    // a last panel shorter than kMinPanelRows joins this one
+    t = n - s < tile_rows + kMinPanelRows ? n - s : tile_rows;
+    const int64_t mp = n - s;
     at::Tensor panel = buffer.narrow(0, 0, t * mp).view({t, mp});
     at::mm_out(panel, x.narrow(0, s, t), right.narrow(0, s, mp).t());  // 1. G
     for (auto& sc : scratch) {
@@ -1245,9 +1253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_self(
               "batch_all_self: d_ap must be contiguous (N, W) of x's dtype");
   TORCH_CHECK(width >= 1 && width <= 12, "batch_all_self: 1 to 12 positive slots");
   TORCH_CHECK(distance >= 0 && distance <= 2, "batch_all_self: unknown distance kind");
-  const int field_max = x.scalar_type() == at::kFloat ? 255 : 65535;
-  TORCH_CHECK(tile_rows >= 1 && tile_rows <= field_max && col_block >= 1 && col_block <= field_max,
-              "batch_all_self: tile_rows and col_block must be in [1, ", field_max, "]");
+  const int64_t field_max = x.scalar_type() == at::kFloat ? 255 : 65535;
+  TORCH_CHECK(tile_rows >= kMinPanelRows && tile_rows + kMinPanelRows - 1 <= field_max && col_block >= 1 &&
+                  col_block <= field_max,
+              "batch_all_self: tile_rows must be in [", kMinPanelRows, ", ", field_max - kMinPanelRows + 1,
+              "] and col_block in [1, ", field_max, "]");
+  TORCH_CHECK(n >= kMinPanelRows, "batch_all_self: at least ", kMinPanelRows, " rows");
   if (scale.has_value()) TORCH_CHECK(vec_ok(*scale), "batch_all_self: scale must be contiguous (N,) of x's dtype");
   const int groups = static_cast<int>((width + 3) / 4);
   const int64_t slots = 4 * groups;

@@ -27,7 +27,6 @@ autograd graph of size N×M.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -201,6 +200,8 @@ class GramFactors:
     def __init__(self, a: torch.Tensor, r: torch.Tensor, distance: str, canonical: bool = False):
         self.a, self.r, self.distance = a, r, distance
         self.self_ref = r is a  # anchor i is reference i: its diagonal is 0 by definition
+        self._A: Optional[torch.Tensor] = None
+        self._R: Optional[torch.Tensor] = None
         self.a_sq = squared_norms(a)
         self.r_sq = self.a_sq if r is a else squared_norms(r)
         if distance == "cosine":
@@ -214,22 +215,25 @@ class GramFactors:
         self.canon = canonical_columns(r.detach()) if canonical else None
 
     # The factors are built on first use (O((N + M)·D) copies): a caller that only needs the norms and
-    # slacks (the native self-pair op) never builds them.
-    @functools.cached_property
+    # slacks (the native self-pair op) never builds them. Plain attributes, not functools.cached_property,
+    # whose lock (Python 3.11) torch.compile cannot trace.
+    @property
     def A(self) -> torch.Tensor:
         """(N, K) left GEMM factor: [a, ‖a‖², 1] (cosine: [a, 1])."""
-        ones = torch.ones_like(self.a_sq).unsqueeze(1)
-        if self.distance == "cosine":
-            return torch.cat([self.a, ones], dim=1)
-        return torch.cat([self.a, self.a_sq.unsqueeze(1), ones], dim=1)
+        if self._A is None:
+            ones = torch.ones_like(self.a_sq).unsqueeze(1)
+            parts = [self.a, ones] if self.distance == "cosine" else [self.a, self.a_sq.unsqueeze(1), ones]
+            self._A = torch.cat(parts, dim=1)
+        return self._A
 
-    @functools.cached_property
+    @property
     def R(self) -> torch.Tensor:
         """(M, K) right GEMM factor: [−2r, 1, ‖r‖²] (cosine: [−r, 1])."""
-        ones = torch.ones_like(self.r_sq).unsqueeze(1)
-        if self.distance == "cosine":
-            return torch.cat([-self.r, ones], dim=1)
-        return torch.cat([-2.0 * self.r, ones, self.r_sq.unsqueeze(1)], dim=1)
+        if self._R is None:
+            ones = torch.ones_like(self.r_sq).unsqueeze(1)
+            parts = [-self.r, ones] if self.distance == "cosine" else [-2.0 * self.r, ones, self.r_sq.unsqueeze(1)]
+            self._R = torch.cat(parts, dim=1)
+        return self._R
 
     def raw_block(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(e − s, M) unclamped d² (or cosine d) of anchors s:e (see :meth:`raw_rows`)."""

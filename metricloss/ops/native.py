@@ -327,7 +327,8 @@ def batch_all_self(x: torch.Tensor, sq_norms: torch.Tensor, slack: torch.Tensor,
         d_ap: (N, W) exact anchor-positive distances; margin: a float (no soft margin); distance: its name.
         row_scale: optional (N,) upstream gradient per anchor (``reduction="none"``), or None (all ones).
         want_grad: also return the gradient w.r.t. ``x`` of Σ_i row_scale_i · loss_i.
-        tile_rows: anchors per panel, 1 to 255.
+        tile_rows: anchors per panel, 32 to 224 (the op merges a last panel of fewer than 32 rows into the one
+            before it: the BLAS rounds GEMMs of very few rows differently). N must be at least 32.
 
     Returns:
         (per-anchor sums (N,), nonzero counts (N,) int64, gradient (N, D) or None), or None when the native

@@ -335,8 +335,8 @@ class _BlockTripletPlan:
         # needs no canonical columns: duplicate rows get bitwise equal Gram values from the same products
         # (see :func:`_self_positive_distances`) and exact zeros from the refinement.
         self.self_pairs = (mining == "batch_all" and self_ref and margin != "soft" and 0 < self.width
-                           and not use_sorted_batch_all(self.width) and _exact_class_ids(a.shape[0], a.dtype)
-                           and native_enabled(a))
+                           and not use_sorted_batch_all(self.width) and _SELF_PAIR_MIN_ROWS <= a.shape[0]
+                           and _exact_class_ids(a.shape[0], a.dtype) and native_enabled(a))
         self.gram = GramFactors(a, r, distance, canonical=not self.self_pairs)
         m, elem = r.shape[0], a.element_size()
         # dist, slack, neg, the weight block and one temporary per element, plus bool/int scratch
@@ -363,7 +363,11 @@ class _BlockTripletPlan:
                 self.rows = min(self.rows, max(1, BATCH_ALL_WEIGHT_BYTES // max(1, m * elem)))
             self.fused_weights = _Scratch(min(self.rows, a.shape[0]), m, a.dtype, a.device)
         if self.self_pairs:
-            self.self_pair_rows = min(fused_tile_rows(m, elem), 255, max(1, self.rows))
+            # panels of at least _SELF_PAIR_MIN_ROWS rows (the op merges a short last one into the one
+            # before): the BLAS computes a GEMM of very few rows with another kernel, whose rounding would
+            # differ from the band's (measured with MKL: 1 to 5 rows)
+            self.self_pair_rows = max(_SELF_PAIR_MIN_ROWS, min(fused_tile_rows(m, elem), _SELF_PAIR_MAX_ROWS,
+                                                               self.rows))
         # number of valid terms: triplets (batch-all) or (anchor, positive) pairs (semi-hard)
         valid_pos = self.cls.num_pos * (self.cls.num_neg > 0)
         self.num_terms = (valid_pos * self.cls.num_neg).sum() if mining == "batch_all" else valid_pos.sum()
@@ -485,6 +489,11 @@ def _exact_class_ids(n: int, dtype: torch.dtype) -> bool:
     """Whether class ids below ``n`` are exact in ``dtype`` (the self-pair op compares them as floats)."""
     return n < (1 << 24 if dtype == torch.float32 else 1 << 53)
 
+
+# Rows of a self-pair panel: at least this many (a batch of fewer rows keeps the chunked ops), at most
+# so many that the op's packed 8-bit column counts hold a panel with a merged short last one (224 + 31).
+_SELF_PAIR_MIN_ROWS = 32
+_SELF_PAIR_MAX_ROWS = 224
 
 # Rows per block of the band GEMM of :func:`_self_positive_distances` (its columns: these plus the class
 # width on either side); small blocks keep the band's flops low, one batched GEMM keeps the calls few.
@@ -627,7 +636,8 @@ def _refuse_double_backward(grads: Tuple[torch.Tensor, ...], inputs: Tuple[torch
     # every path from these gradients back to the inputs: a second derivative must pass it. None stays None.
     link = sum(t[:0].sum() for t in inputs if t.requires_grad)
     present = [g + link for g in grads if g is not None]
-    out = iter(torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE, len(present))(*present))
+    delayed = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MESSAGE, len(present))(*present)
+    out = iter(delayed if isinstance(delayed, (tuple, list)) else (delayed,))
     return tuple(None if g is None else next(out) for g in grads)
 
 

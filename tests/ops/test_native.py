@@ -278,15 +278,16 @@ def _class_labels(n, size, g):
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_self_pairs_match_torch_over_panels_blocks_and_small_entries(built, monkeypatch, size, distance, dtype):
-    """Panels of 8 anchors and column blocks of 8 (diagonal, full and short blocks), near-duplicates inside
-    and across classes (small entries: refined in place by the scalar cell loop), every reduction (per-anchor
-    upstream gradients with "none"): the torch path's losses, counts and gradients, one native call each."""
-    monkeypatch.setattr(native, "FUSED_TILE_ROWS", 8)
+    """Panels of 32 anchors (the last two merged: 150 = 32 + 32 + 32 + 54) and column blocks of 8 (diagonal,
+    full and short blocks), near-duplicates inside and across classes (small entries: refined in place by
+    the scalar cell loop), every reduction (per-anchor upstream gradients with "none"): the torch path's
+    losses, counts and gradients, one native call each."""
+    monkeypatch.setattr(native, "FUSED_TILE_ROWS", 8)  # below the op's 32-row minimum: 32-row panels
     monkeypatch.setattr(native, "SELF_PAIR_COLUMN_BLOCK", 8)
     served = record_served(monkeypatch, triplet_ops, ("native_batch_all_self",))
     g = torch.Generator().manual_seed(size)
-    x = torch.randn(61, 6, generator=g, dtype=dtype)
-    y = _class_labels(61, size, g)
+    x = torch.randn(150, 6, generator=g, dtype=dtype)
+    y = _class_labels(150, size, g)
     # near-duplicates (small entries: d² < 2⁻⁶(‖x_i‖² + ‖x_j‖²)), not so near that their gradient weights
     # (1/d) make both paths' rounding exceed the tolerance
     x[:4] = x[0] + 1e-2 * torch.randn(4, 6, generator=g, dtype=dtype)
@@ -380,8 +381,10 @@ def test_self_pairs_builds_agree(built, monkeypatch, dtype):
 @pytest.mark.parametrize("n,d", [(61, 6), (300, 17), (1000, 128)])
 def test_self_pair_gram_values_are_the_chunked_paths_bitwise(dtype, n, d):
     """The self-pair op's two values of a cell, (G + ‖x_i‖²) + ‖x_j‖² and (G + ‖x_j‖²) + ‖x_i‖² from
-    G = x_I·(−2x)ᵀ over panels (cosine: G + 1, G = x·(−x)ᵀ), are bitwise the chunked path's Gram entries
-    (i, j) and (j, i): so both paths compare the same distances with the same thresholds."""
+    G = x_I·(−2x)ᵀ over panels (cosine: G + 1, G = x·(−x)ᵀ), and the band GEMM of the positives' entries,
+    are bitwise the chunked path's Gram entries (i, j) and (j, i): so both paths compare the same distances
+    with the same thresholds. (MKL rounds GEMMs of 1 to 5 rows differently: the op's panels have at
+    least 32.)"""
     from metricloss.ops.distance import GramFactors
 
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(n), dtype=dtype)
@@ -394,6 +397,12 @@ def test_self_pair_gram_values_are_the_chunked_paths_bitwise(dtype, n, d):
         ni, nj = gram.a_sq[s:e].unsqueeze(1), gram.a_sq[s:].unsqueeze(0)
         assert torch.equal((block + ni) + nj, full[s:e, s:])
         assert torch.equal(((block + nj) + ni).T, full[s:, s:e])
+    # the positives' entries come from a batched GEMM over 32-row blocks of a band (triplet_ops._BAND_ROWS)
+    step, width = triplet_ops._BAND_ROWS, 3
+    for s in range(0, n - step + 1, step):
+        lo, hi = max(0, s - width), min(n, s + step + width)
+        band = torch.bmm(x[s:s + step].unsqueeze(0), right[lo:hi].T.unsqueeze(0))[0]
+        assert torch.equal(band, torch.mm(x, right.T)[s:s + step, lo:hi])
     unit = torch.nn.functional.normalize(x, dim=1)  # cosine: factors [x, 1] and [−x, 1], one value G + 1
     full = torch.mm(GramFactors(unit, unit, "cosine").A, GramFactors(unit, unit, "cosine").R.T)
     block = torch.mm(unit, (-unit).T) + 1.0
