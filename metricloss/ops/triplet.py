@@ -299,8 +299,17 @@ class PairChunkGrad:
         scaled = rows.mul_(h.unsqueeze(-1))                    # h·e (cosine: w·r) per pair
         if distance != "cosine":
             grad_r.index_add_(0, idx.reshape(-1), scaled.view(-1, scaled.shape[-1]))
-        # grad_a = −Σ_g Σ_k h_gik rows_gik
-        return scaled.sum((0, 2)).neg_()
+        # grad_a = −Σ_g Σ_k h_gik rows_gik: for few pairs per anchor as adds of (c, D) slices (measured 0.6 ms
+        # against 3.0 ms for one strided sum((0, 2)) at (2, 2048, 3, 128), 2 threads)
+        groups, width = scaled.shape[0], scaled.shape[2]
+        if groups * width > 16 or groups * width == 0:
+            return scaled.sum(0).sum(1).neg_()
+        out = scaled[0, :, 0].clone()
+        for g in range(groups):
+            for k in range(width):
+                if g or k:
+                    out.add_(scaled[g, :, k])
+        return out.neg_()
 
 
 class _Scratch:
