@@ -21,9 +21,11 @@ test, √) and its epilogue while the tile is in cache (:func:`batch_all_fused`:
 the weight block of the GEMM gradient; :func:`semi_hard_fused`: the negative selection, for anchors with
 few positives). The unfused pieces (:func:`prepare_block`, :func:`batch_all_epilogue`,
 :func:`semi_hard_negatives`) serve the chunks the fused ops do not: duplicate reference rows (read
-through a column map) and the exact redo pass (``csrc/triplet_epilogue.cpp``). And the rank histogram
+through a column map) and the exact redo pass (``csrc/triplet_epilogue.cpp``). Batch-all over the batch
+itself runs as one op that takes each unordered pair once (:func:`batch_all_self`,
+``csrc/batch_all_self.cpp``). And the rank histogram
 of each float32 similarity tile of :func:`~metricloss.metrics.retrieval_metrics`
-(:func:`retrieval_rank_histogram`, ``csrc/retrieval_rank.cpp``). Both sources build into one extension.
+(:func:`retrieval_rank_histogram`, ``csrc/retrieval_rank.cpp``). The sources build into one extension.
 Everything else, and every other device or dtype, stays on torch.
 """
 
@@ -44,8 +46,10 @@ __all__ = ["ENV_VAR", "FUSED_TILE_ROWS", "SELF_PAIR_COLUMN_BLOCK", "NativeBuildE
            "semi_hard_fused", "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
-_SOURCES = tuple(Path(__file__).resolve().parent.parent / "csrc" / name
-                 for name in ("triplet_epilogue.cpp", "retrieval_rank.cpp"))
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# compiled (ninja builds them in parallel) and, with the header they share, hashed into the build's name
+_SOURCES = tuple(_CSRC / name for name in ("triplet_epilogue.cpp", "batch_all_self.cpp", "retrieval_rank.cpp"))
+_HEADERS = (_CSRC / "triplet_common.h",)
 _DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 
 # Named heuristic: the fused ops compute a chunk's Gram block in tiles of this many anchor rows and reduce
@@ -80,7 +84,7 @@ def _extension_name() -> str:
     ``TORCH_EXTENSIONS_DIR`` must not rebuild over each other's build directory."""
     tag = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
     digest = hashlib.sha256()
-    for path in _SOURCES:
+    for path in _SOURCES + _HEADERS:
         digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
     return f"metricloss_native_{tag}_{digest.hexdigest()[:12]}"
 
@@ -89,7 +93,7 @@ def _build() -> None:
     """Compile (or load the cached build of) the extension; registers ``torch.ops.metricloss_native``."""
     from torch.utils import cpp_extension
 
-    missing = [str(p) for p in _SOURCES if not p.is_file()]
+    missing = [str(p) for p in _SOURCES + _HEADERS if not p.is_file()]
     if missing:
         raise NativeBuildError(f"the native sources are missing: {', '.join(missing)}")
     if not cpp_extension.is_ninja_available():

@@ -224,7 +224,7 @@ def test_bad_switch_value_is_refused(monkeypatch):
 def test_sources_ship_inside_the_package():
     """The wheel carries the sources (pyproject package-data); the build reads them from the package."""
     assert all(p.is_file() and p.parent.name == "csrc" and p.parent.parent.name == "metricloss"
-               for p in native._SOURCES)
+               for p in native._SOURCES + native._HEADERS)
 
 
 @pytest.mark.parametrize("mining", MININGS)
@@ -262,7 +262,12 @@ def test_extension_name_follows_torch_version_and_sources(monkeypatch, tmp_path)
     other = native._extension_name()
     assert other != name
     src.write_text("// changed again\n")
-    assert native._extension_name() != other
+    again = native._extension_name()
+    assert again != other
+    header = tmp_path / "triplet_common.h"  # the shared header is part of the sources
+    header.write_text("// a header\n")
+    monkeypatch.setattr(native, "_HEADERS", (header,))
+    assert native._extension_name() != again
 
 
 # ----------------------------------------------------------------------------------------------------
