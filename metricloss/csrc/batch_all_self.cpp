@@ -14,13 +14,15 @@
 //      factors there are [x, ‖x‖², 1] and [−2x, 1, ‖x‖²], whose products for (i, j) and (j, i) are the same
 //      numbers but for the order of the last two, so these are bitwise the chunked path's values where the
 //      BLAS sums each dot product in index order (MKL does: tests/ops/test_native.py checks it). Each is
-//      clamped at 0, replaced by the exact ‖x_i − x_j‖² (cosine: 1 − x_i·x_j) where it is small
-//      (cancellation-prone: u < slack_i + slack_j, as the chunked path's refinement tests it), and √'d;
+//      clamped at 0 and replaced by the exact ‖x_i − x_j‖² (cosine: 1 − x_i·x_j) where it is small
+//      (cancellation-prone: u < slack_i + slack_j, as the chunked path's refinement tests it);
 //   3. the hinge of each view against its anchor's thresholds t_p = d_ap + margin (d_ap as the chunked
-//      path takes it): the active slots (c of them; counts per slot k_p, packed), c·d for the loss sum
-//      (Σ_p t_p·k_p − Σ c·d once the counts are complete), and the cell's gradient weight
-//      s_ij = ρ_i·W~(−c_ij, d_ij) + ρ_j·W~(−c_ji, d_ji) (c: active slots of the view, W~ as scale_weight,
-//      ρ the optional per-anchor upstream scale), written over G, and its row and column sums (ws);
+//      path takes it): a slot is active when u < b_p (sqrt_compare_bound: the exact decision
+//      t_p − √u > 0 without the root); the active slots (c of them; counts per slot k_p, packed), c·d
+//      for the loss sum (Σ_p t_p·k_p − Σ c·d once the counts are complete), and the cell's gradient
+//      weight s_ij = ρ_i·W~(−c_ij, d_ij) + ρ_j·W~(−c_ji, d_ji) (W~ as scale_weight, ρ the optional
+//      per-anchor upstream scale; one √ and one division per cell, see self_pair_cell), written over G,
+//      and its row and column sums (ws);
 //   4. the gradient of the negatives by two GEMMs over the panel: acc_I += S·x_{s:} and
 //      acc_{s:} += Sᵀ·x_I, so acc_i = Σ_j s_ij·x_j.
 //
@@ -77,8 +79,8 @@ struct SelfPairArgs {
   const T* sq;     // (N,) squared norms (the chunked path's Gram factors)
   const T* slack;  // (N,) small-entry bound halves
   const T* cls;    // (N,) class ids, as T (exact: checked by the driver)
-  const T* thr;    // (4·GROUPS, N) thresholds d_ap + margin, slot-major; -inf for padding and invalid slots
-  const T* bnd;    // (4·GROUPS, N) their bounds on u (sqrt_compare_bound), slot-major
+  const T* bnd;    // (4·GROUPS, N) bounds on u of the thresholds d_ap + margin (sqrt_compare_bound), slot-major;
+                   // 0 (never active) for padding and invalid slots
   const T* scale;  // (N,) upstream scale per anchor (ones without one)
   int64_t n, dim;
 };
@@ -509,8 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_self(
     std::vector<T> ones;
     if (!scale.has_value()) ones.assign(n, T(1));
     const T* rs = scale.has_value() ? scale->data_ptr<T>() : ones.data();
-    SelfPairArgs<T> A{x.data_ptr<T>(), sq.data_ptr<T>(), slack.data_ptr<T>(), cls.data_ptr<T>(), thr.data(),
-                      bnd.data(), rs, n, dim};
+    SelfPairArgs<T> A{x.data_ptr<T>(), sq.data_ptr<T>(), slack.data_ptr<T>(), cls.data_ptr<T>(), bnd.data(), rs,
+                      n, dim};
     SelfPairTotals tot{sums.data_ptr<double>(), wsum.data_ptr<double>(), counts.data_ptr<int64_t>(), slots};
     auto run = [&](auto groups_c, auto kind_c) {
       constexpr int G = decltype(groups_c)::value;
