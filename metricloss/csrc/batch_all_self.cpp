@@ -131,6 +131,21 @@ inline T sqrt_compare_bound(T t) {
   return b;
 }
 
+// A cell's two Gram values, clamped at 0: u_ij (row view) and u_ji (column view) from G = x_i·(−2x_j)
+// (cosine: x_i·(−x_j), one value G + 1), in the chunked path's order of the norm terms (step 2 above).
+template <typename T, int64_t KIND>
+inline void view_values(T g, T ni, T nj, T& ur, T& uc) {
+  if (KIND == kCosine) {
+    ur = g + T(1);
+    uc = ur;
+  } else {
+    ur = (g + ni) + nj;
+    uc = (g + nj) + ni;
+  }
+  ur = ur < T(0) ? T(0) : ur;
+  uc = uc < T(0) ? T(0) : uc;
+}
+
 // The per-column arrays of one block (cb columns) and the per-cell row results of one row segment.
 template <typename T>
 struct SelfPairBlockArrays {
@@ -163,18 +178,8 @@ inline void self_pair_cell(const SelfPairArgs<T>& A, const T* __restrict sq, con
                            const T* __restrict scale, int64_t n, T* __restrict prow, int64_t i, int64_t j, int64_t jc,
                            int64_t cb, T ni, T si, T ci, T rsi, const RowSlots<T>& R, const SelfPairBlockArrays<T>& B) {
   using Cnt = typename PackedCounts<T>::type;
-  const T g = prow[j];
   T ur, uc;
-  if (KIND == kCosine) {
-    ur = g + T(1);
-    uc = ur;
-  } else {
-    const T nj = sq[j];
-    ur = (g + ni) + nj;
-    uc = (g + nj) + ni;
-  }
-  ur = ur < T(0) ? T(0) : ur;
-  uc = uc < T(0) ? T(0) : uc;
+  view_values<T, KIND>(prow[j], ni, sq[j], ur, uc);
   const bool neg = cls[j] != ci;
   if (REFINE) {
     const T b = si + slack[j];
@@ -294,17 +299,8 @@ inline __attribute__((always_inline)) void self_pair_block_impl(const SelfPairAr
     int small = 0;
 #pragma omp simd reduction(| : small)
     for (int64_t j = jb; j < j1; ++j) {
-      const T g = prow[j];
       T ur, uc;
-      if (KIND == kCosine) {
-        ur = g + T(1);
-        uc = ur;
-      } else {
-        ur = (g + ni) + sq[j];
-        uc = (g + sq[j]) + ni;
-      }
-      ur = ur < T(0) ? T(0) : ur;
-      uc = uc < T(0) ? T(0) : uc;
+      view_values<T, KIND>(prow[j], ni, sq[j], ur, uc);
       const T b = si + slack[j];
       small |= ((cls[j] != ci) & ((ur < b) | (uc < b))) ? 1 : 0;
     }

@@ -554,8 +554,8 @@ def _self_positive_distances(plan: _BlockTripletPlan, a: torch.Tensor, members: 
         u = ((g + gram.a_sq.unsqueeze(1)) + gram.a_sq[members]).clamp_min_(0)
     small = u < gram.a_slack.unsqueeze(1) + gram.r_slack[members]
     d = u.sqrt_() if plan.distance == "euclidean" else u
-    if bool(small.any()):
-        i, k = small.nonzero(as_tuple=True)
+    i, k = small.nonzero(as_tuple=True)  # the one device read
+    if i.numel():
         d[i, k] = paired_distance(a[i], a[members[i, k]], plan.distance)
     return d
 
@@ -565,7 +565,6 @@ def _run_self_pairs(plan: _BlockTripletPlan, a: torch.Tensor, want_grad: bool,
     """The whole batch-all call over the batch itself in one native op (:func:`native_batch_all_self`):
     returns as :func:`_run_chunks`, with the reference gradient folded into the anchors' (None for ``r``:
     ``a`` and ``r`` are one tensor)."""
-    n = a.shape[0]
     cls = plan.cls
     members, in_class = plan.index.positive_table(cls, plan.width)
     valid = in_class & (cls.num_neg > 0).unsqueeze(1)
