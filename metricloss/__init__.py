@@ -17,6 +17,7 @@ from .losses import CentroidTripletLoss
 from .losses import EmbeddingHead, SVMaxRegularizer, TwoHeadLoss
 from .losses import CrossBatchMemory
 from .samplers import PKSampler
+from ._warn import NoValidTripletWarning
 
 __version__ = "0.1.0.dev0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "EmbeddingHead",
     "CrossBatchMemory",
     "PKSampler",
+    "NoValidTripletWarning",
     "distributed",
     "samplers",
     "functional",

@@ -51,6 +51,7 @@ from .native import prepare_block as native_prepare_block
 from .native import semi_hard_fused as native_semi_hard_fused
 from .native import semi_hard_negatives as native_semi_hard_negatives
 from .reduction import LossTerms
+from .._warn import warn_if_no_valid_triplet
 
 __all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
 
@@ -83,17 +84,27 @@ def _hinge(z: torch.Tensor, margin: Margin) -> torch.Tensor:
 # batch-hard: indices, then exact recompute with autograd
 # ----------------------------------------------------------------------------------------------------
 
+_TRITON_LABELS_CHECKED = [False]
+
+
 def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
                       self_ref: bool, self_index: Optional[torch.Tensor], margin: Margin, distance: str,
                       chunk_bytes: Optional[int], backend: str, mining_dtype: torch.dtype) -> LossTerms:
     with torch.no_grad():
         backend = triton_or_torch_for_self_index(backend, self_index, backend, "triplet_loss")
         if backend == "triton":
+            if not _TRITON_LABELS_CHECKED[0]:
+                # the kernel reads no class sizes: check the labels on the first call only (one device read
+                # per process, before any CUDA-graph capture)
+                _TRITON_LABELS_CHECKED[0] = True
+                index = ClassIndex(ref_labels)
+                warn_if_no_valid_triplet(index.max_count, index.num_refs, self_ref, "triplet_loss (batch_hard)")
             pos_idx, neg_idx = batch_hard_indices_triton(a.detach().to(mining_dtype), labels,
                                                          r.detach().to(mining_dtype), ref_labels, self_ref, distance)
         else:
             index = ClassIndex(ref_labels)
             cls = index.anchor_classes(labels, self_ref, self_index)
+            warn_if_no_valid_triplet(index.max_count, index.num_refs, self_ref, "triplet_loss (batch_hard)")
             pos_idx, neg_idx = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance,
                                                   chunk_bytes, self_index)
     valid = (pos_idx >= 0) & (neg_idx >= 0)
@@ -341,6 +352,7 @@ class _BlockTripletPlan:
         self.index = ClassIndex(ref_labels)
         self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
         self.width = max(self.index.max_count - (1 if self_ref else 0), 0)
+        warn_if_no_valid_triplet(self.index.max_count, self.index.num_refs, self_ref, f"triplet_loss ({mining})")
         # CPU, batch-all over the batch itself with 1 to 12 positives and a hard margin: the whole call in
         # one native op over the upper triangle of the block, each unordered pair once for both its anchors
         # (:func:`~metricloss.ops.native.batch_all_self`). It refines small entries in place (no redo) and
