@@ -188,6 +188,7 @@ class DistributedLoss(nn.Module):
     """
 
     def __init__(self, loss: nn.Module, group: Optional[object] = None):
+        """Build the wrapper; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         if not _has_loss_terms(loss):
             raise TypeError(f"DistributedLoss: `loss` must expose loss_terms(...) and a `reduction` attribute "
@@ -222,4 +223,5 @@ class DistributedLoss(nn.Module):
         return reduce_across_ranks(terms, self.loss.reduction, self.group)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return "group=default" if self.group is None else f"group={self.group!r}"

@@ -76,6 +76,7 @@ class PKSampler(Sampler[List[int]]):
 
     def __init__(self, labels: Union[torch.Tensor, Sequence[int]], p: int, k: int, *, seed: int = 0,
                  num_replicas: Optional[int] = None, rank: Optional[int] = None, drop_last: bool = False):
+        """Build the sampler; every argument, its default and its valid range are in the class docstring."""
         where = "PKSampler"
         if not isinstance(labels, torch.Tensor):
             try:

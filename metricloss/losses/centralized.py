@@ -58,6 +58,7 @@ class CentralizedRankingLoss(nn.Module):
     def __init__(self, in_features: int, num_classes: int, margin: float = 0.2, scale: float = 1.0,
                  decorrelation: str = "auto", decorrelation_weight: float = 1.0, reduction: str = "mean",
                  class_chunk: Optional[int] = None):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.in_features = C.check_positive_int(in_features, "in_features", where)
@@ -78,6 +79,7 @@ class CentralizedRankingLoss(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Re-draw ``weight`` as at construction: U(−1/√D, 1/√D), D = ``in_features``."""
         init_class_weight_(self.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,7 @@ class CentralizedRankingLoss(nn.Module):
         return class_centres(self.weight, self.scale, mode)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin!r}, "
                 f"scale={self.scale!r}, decorrelation={self.decorrelation!r}, "
                 f"decorrelation_weight={self.decorrelation_weight!r}, reduction={self.reduction!r}, "

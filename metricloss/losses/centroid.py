@@ -67,6 +67,7 @@ class CentroidTripletLoss(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, centroids: Union[str, torch.Tensor] = "onehot",
                  reduction: str = "mean", backend: str = "auto", seed: int = 0,
                  chunk_bytes: Optional[int] = None):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.num_classes = C.check_positive_int(num_classes, "num_classes", where, minimum=2)
@@ -146,6 +147,7 @@ class CentroidTripletLoss(nn.Module):
         return is_eye
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         seed = f", seed={self.seed}" if self.scheme == "kmeans" else ""
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
                 f"centroids={self.scheme!r}{seed}, reduction={self.reduction!r}, backend={self.backend!r}")

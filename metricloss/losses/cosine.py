@@ -72,6 +72,7 @@ class NormalizeScale(_ScaleMixin, nn.Module):
     """
 
     def __init__(self, scale: float = 20.0, learnable: bool = False, eps: float = 1e-12):
+        """Build the layer; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self._init_scale(scale, learnable, where)
@@ -90,6 +91,7 @@ class NormalizeScale(_ScaleMixin, nn.Module):
         return normalize_scale(x, self.scale, self.eps)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return f"{self._scale_repr()}, eps={self.eps!r}"
 
 
@@ -117,6 +119,7 @@ class CosineClassifier(_ScaleMixin, nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 20.0, learnable_scale: bool = False,
                  margin: float = 0.0):
+        """Build the layer; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.in_features = C.check_positive_int(in_features, "in_features", where)
@@ -127,6 +130,7 @@ class CosineClassifier(_ScaleMixin, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Re-draw ``weight`` as at construction: U(−1/√D, 1/√D), D = ``in_features``."""
         init_class_weight_(self.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -145,6 +149,7 @@ class CosineClassifier(_ScaleMixin, nn.Module):
         return cosine_logits(embeddings, self.weight, labels, scale=self.scale, margin=self.margin)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, {self._scale_repr()}, "
                 f"margin={self.margin!r}")
 
@@ -185,6 +190,7 @@ class NormSoftmaxLoss(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, temperature: float = 0.05,
                  class_chunk: Optional[int] = None, reduction: str = "mean"):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.in_features = C.check_positive_int(in_features, "in_features", where)
@@ -197,6 +203,7 @@ class NormSoftmaxLoss(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Re-draw ``weight`` as at construction: U(−1/√D, 1/√D), D = ``in_features``."""
         init_class_weight_(self.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -220,6 +227,7 @@ class NormSoftmaxLoss(nn.Module):
         return cosine_logits(embeddings, self.weight, scale=1.0 / self.temperature)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
                 f"temperature={self.temperature!r}, class_chunk={self.class_chunk!r}, "
                 f"reduction={self.reduction!r}")

@@ -58,6 +58,7 @@ class CrossBatchMemory(nn.Module):
 
     def __init__(self, loss: nn.Module, embedding_dim: int, memory_size: int, *, dtype: torch.dtype = torch.float32,
                  group: Optional[object] = None):
+        """Build the wrapper; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = "CrossBatchMemory"
         if not _dist._has_loss_terms(loss):
@@ -166,5 +167,6 @@ class CrossBatchMemory(nn.Module):
         return _dist.reduce_across_ranks(terms, self.loss.reduction, self.group)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return (f"embedding_dim={self.embedding_dim}, memory_size={self.memory_size}, "
                 f"dtype={self.embedding_memory.dtype}")

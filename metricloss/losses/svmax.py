@@ -43,6 +43,7 @@ class SVMaxRegularizer(nn.Module):
     """
 
     def __init__(self, weight: float = 1.0, normalize: bool = True, method: str = "auto"):
+        """Build the regularizer; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.weight = C.check_nonnegative(weight, "weight", where)
@@ -70,4 +71,5 @@ class SVMaxRegularizer(nn.Module):
         return svmax_bounds(b, d)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return f"weight={self.weight!r}, normalize={self.normalize}, method={self.method!r}"

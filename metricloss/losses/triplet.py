@@ -48,6 +48,7 @@ class TripletLoss(nn.Module):
     def __init__(self, margin: Union[float, str] = 0.2, mining: str = "batch_hard", distance: str = "euclidean",
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
                  chunk_bytes: Optional[int] = None):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.margin = C.check_margin(margin, "margin", where)
@@ -103,6 +104,7 @@ class TripletLoss(nn.Module):
                                   backend=self.backend, chunk_bytes=self.chunk_bytes, ref_self_index=ref_self_index)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return (f"margin={self.margin!r}, mining={self.mining!r}, distance={self.distance!r}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}")
 
@@ -116,6 +118,7 @@ class BatchHardTripletLoss(TripletLoss):
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__(margin, "batch_hard", distance, normalize, reduction, backend, chunk_bytes)
 
 
@@ -128,6 +131,7 @@ class BatchAllTripletLoss(TripletLoss):
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__(margin, "batch_all", distance, normalize, reduction, backend, chunk_bytes)
 
 
@@ -140,4 +144,5 @@ class SemiHardTripletLoss(TripletLoss):
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__(margin, "semi_hard", distance, normalize, reduction, backend, chunk_bytes)

@@ -57,6 +57,7 @@ class TwoHeadLoss(nn.Module):
     """
 
     def __init__(self, triplet: TripletSpec = None, triplet_weight: float = 1.0):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         if triplet is None or isinstance(triplet, str):
@@ -85,6 +86,7 @@ class TwoHeadLoss(nn.Module):
         return ce + self.triplet_weight * self.triplet(embeddings, labels)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return f"triplet_weight={self.triplet_weight!r}"
 
 
@@ -108,6 +110,7 @@ class EmbeddingHead(nn.Module):
     """
 
     def __init__(self, in_features: int, embedding_dim: int, bias: bool = True, eps: float = 1e-12):
+        """Build the layer; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.in_features = C.check_positive_int(in_features, "in_features", where)
@@ -143,4 +146,5 @@ class EmbeddingHead(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), p=2.0, dim=1, eps=self.eps)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         return f"in_features={self.in_features}, embedding_dim={self.embedding_dim}"

@@ -46,6 +46,7 @@ class WARPLoss(nn.Module):
     def __init__(self, margin: float = 1.0, max_trials: Optional[int] = None, mode: str = "sampled",
                  rank_weight: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "harmonic",
                  reduction: str = "mean", generator: Optional[torch.Generator] = None):
+        """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
         self.margin, self.max_trials = check_warp_options(where, margin, max_trials, mode, rank_weight, reduction)
@@ -77,6 +78,7 @@ class WARPLoss(nn.Module):
                          rank_weight=self.rank_weight, reduction=self.reduction, generator=self.generator)
 
     def extra_repr(self) -> str:
+        """The constructor arguments, as ``repr(module)`` shows them."""
         weight = self.rank_weight if isinstance(self.rank_weight, str) else getattr(
             self.rank_weight, "__name__", type(self.rank_weight).__name__)
         return (f"margin={self.margin!r}, max_trials={self.max_trials!r}, mode={self.mode!r}, "
