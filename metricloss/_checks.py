@@ -28,6 +28,8 @@ __all__ = [
     "check_multi_hot",
     "check_option_or_callable",
     "check_generator",
+    "check_comparable_labels",
+    "WIDE_UNSIGNED",
 ]
 
 
@@ -87,11 +89,32 @@ def check_label_range(labels: torch.Tensor, num_classes: int, name: str = "label
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
                             f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes})")
         return
-    lo, hi = torch.aminmax(labels)
+    # torch has no aminmax for uint16/32/64; int64 holds uint16/32 exactly, and a uint64 value of 2**63 or
+    # more (never a valid class) wraps negative, so it fails the check too
+    lo, hi = torch.aminmax(labels.to(torch.int64) if labels.dtype in WIDE_UNSIGNED else labels)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes}), "
-                         f"got values in [{lo}, {hi}]")
+        got = (f"values in [{lo}, {hi}]" if labels.dtype != torch.uint64 or lo >= 0 else
+               f"uint64 values of 2**63 or more (read as int64: [{lo}, {hi}])")
+        raise ValueError(f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes}), got {got}")
+
+
+# integer dtypes that torch's sort / searchsorted / aminmax / type promotion do not take: labels of these
+# dtypes are compared as int64 (exact for uint16 and uint32; uint64 by its bits, which keeps equality)
+WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def check_comparable_labels(labels: torch.Tensor, ref_labels: torch.Tensor, names: Tuple[str, str] = ("labels", "ref_labels"),
+                            where: str = "") -> None:
+    """Two label tensors can be compared by value: refuse uint64 against a signed dtype (no integer dtype
+    holds both ranges, so a negative label and a huge unsigned one could not be told apart)."""
+    signed = (torch.int8, torch.int16, torch.int32, torch.int64)
+    if (labels.dtype == torch.uint64 and ref_labels.dtype in signed) or \
+            (ref_labels.dtype == torch.uint64 and labels.dtype in signed):
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}`{names[0]}` is {labels.dtype} and `{names[1]}` is {ref_labels.dtype}: uint64 "
+                        f"labels can only be compared with unsigned labels; give both the same dtype "
+                        f"(e.g. .to(torch.int64))")
 
 
 def check_reference_set(ref: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor],

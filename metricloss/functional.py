@@ -60,6 +60,8 @@ def _check_triplet_inputs(where: str, embeddings, labels, ref_embeddings, ref_la
     C.check_embeddings(embeddings, "embeddings", where)
     C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
     has_ref = C.check_reference_set(ref_embeddings, ref_labels, embeddings, where)
+    if has_ref:
+        C.check_comparable_labels(labels, ref_labels, where=where)
     C.check_option(distance, "distance", _distance.DISTANCES, where)
     C.check_option(backend, "backend", ("auto", "torch", "triton", "reference"), where)
     C.check_chunk_bytes(chunk_bytes, where)
@@ -754,4 +756,5 @@ def two_head_cross_entropy(logits: torch.Tensor, embeddings: torch.Tensor, label
     C.check_same_device([("logits", logits), ("embeddings", embeddings)], where)
     C.check_label_range(labels, logits.shape[1], "labels", where)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return F.cross_entropy(logits.to(_distance.accumulation_dtype(logits.dtype)), labels)
+        # cross_entropy takes int64 (or uint8) targets only; the range is checked above
+        return F.cross_entropy(logits.to(_distance.accumulation_dtype(logits.dtype)), labels.long())

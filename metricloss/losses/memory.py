@@ -128,6 +128,7 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"{where}: `embeddings` is on {embeddings.device} but the memory is on "
                              f"{self.embedding_memory.device}; move the module with .to()")
         C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
+        labels = labels.to(torch.int64)  # as the memory stores them (uint64 by its bits: equality kept)
         if enqueue_mask is not None:
             if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
                 raise TypeError(f"{where}: `enqueue_mask` must be a bool tensor, got "

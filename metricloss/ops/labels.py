@@ -17,7 +17,17 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["ClassIndex", "AnchorClasses"]
+__all__ = ["ClassIndex", "AnchorClasses", "comparable_labels"]
+
+# sort / searchsorted / type promotion take no uint16, uint32 or uint64: such labels are compared as int64,
+# exact for uint16 and uint32, and by their bits for uint64 (equality kept; the class order does not matter)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def comparable_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` in a dtype that sort, searchsorted and type promotion take: int64 for uint16/32/64 (uint64
+    by its bits: two labels are equal exactly when their int64 forms are), unchanged otherwise."""
+    return labels.to(torch.int64) if labels.dtype in _WIDE_UNSIGNED else labels
 
 
 class AnchorClasses:
@@ -61,6 +71,7 @@ class ClassIndex:
     """
 
     def __init__(self, ref_labels: torch.Tensor):
+        ref_labels = comparable_labels(ref_labels)
         self.num_refs = int(ref_labels.shape[0])
         self.sorted_labels, self.order = torch.sort(ref_labels, stable=True)
         self._inverse: Optional[torch.Tensor] = None
@@ -104,6 +115,7 @@ class ClassIndex:
                 (ignored with ``self_ref``). That row is neither a positive nor a negative of anchor i,
                 whatever its label: it is excluded by index.
         """
+        labels = comparable_labels(labels)
         common = torch.promote_types(labels.dtype, self.sorted_labels.dtype)
         sorted_labels = self.sorted_labels_as(common)
         lab = labels.to(common).contiguous()  # searchsorted copies (and warns about) strided values
