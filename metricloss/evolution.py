@@ -228,7 +228,11 @@ def _leading_block(mask: torch.Tensor, name: str, where: str) -> Tuple[int, ...]
     return tuple(extents)
 
 
-def _slim_layer(layer: nn.Module, name: str, masks: Masks, where: str) -> nn.Module:
+def _slim_layer(layer: nn.Module, name: str, masks: Masks, where: str,
+                channels: Optional[int] = None) -> nn.Module:
+    """The slim twin of one Conv/Linear/BatchNorm layer. ``channels``: the kept output channels of the
+    split layer before a BatchNorm, which decide its width when it has no weight of its own to carry a mask
+    (``affine=False``)."""
     prefix = f"{name}." if name else ""
     w, w_key = layer.weight, prefix + "weight"
     if isinstance(layer, _SPLIT):
@@ -247,7 +251,10 @@ def _slim_layer(layer: nn.Module, name: str, masks: Masks, where: str) -> nn.Mod
         slim.train(layer.training)
         return slim
     # BatchNorm: the first n channels, parameters and running statistics
-    n = _leading_block(masks[w_key], w_key, where)[0] if w_key in masks else layer.num_features
+    if w_key in masks:
+        n = _leading_block(masks[w_key], w_key, where)[0]
+    else:  # no mask of its own (affine=False): it normalises the channels the layer before it kept
+        n = layer.num_features if channels is None else min(channels, layer.num_features)
     cls = next(c for c in _NORMS if isinstance(layer, c))
     ref = layer.weight if layer.weight is not None else layer.running_mean
     slim = cls(n, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
@@ -286,12 +293,16 @@ def extract_slim(model: nn.Module, masks: Masks) -> nn.Module:
     _check_masks(model, masks, where)
     _split_layers(model, where)
     slim = copy.deepcopy(model)
+    kept: Optional[int] = None  # output channels kept by the last Conv/Linear seen, in module order
     for name, layer in list(slim.named_modules()):
         if not isinstance(layer, _SPLIT + _NORMS) or not name:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = slim.get_submodule(parent_name) if parent_name else slim
-        setattr(parent, child, _slim_layer(layer, name, masks, where))
+        new = _slim_layer(layer, name, masks, where, channels=kept)
+        if isinstance(layer, _SPLIT):
+            kept = new.weight.shape[0]
+        setattr(parent, child, new)
     if isinstance(slim, _SPLIT + _NORMS):  # a bare layer as the model
         slim = _slim_layer(slim, "", masks, where)
     return slim

@@ -176,3 +176,22 @@ def test_bad_arguments():
         KE.extract_slim(model, scattered)
     with pytest.raises(TypeError, match="generator"):
         KE.reinitialize_reset_hypothesis(model, masks, generator=3)
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_slim_batchnorm_without_affine_follows_the_layer_before(track):
+    """A BatchNorm with ``affine=False`` has no weight to carry a mask: it keeps the channels that the
+    Conv before it keeps (it used to keep all 8 after a conv cut to 4, and the slim net failed to run)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False, track_running_stats=track), nn.ReLU(),
+                          nn.Conv2d(8, 5, 3)).double()
+    with torch.no_grad():  # running statistics that differ per channel
+        model(torch.randn(6, 3, 9, 9, dtype=torch.float64))
+    model.eval()
+    masks = KE.kels_masks(model, 0.5)
+    slim = KE.extract_slim(model, masks)
+    assert slim[0].weight.shape[0] == 4 and slim[1].num_features == 4
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    KE.zero_reset_hypothesis(model, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), model(x), rtol=1e-12, atol=1e-12)
