@@ -672,8 +672,10 @@ class BlockTripletLoss(torch.autograd.Function):
     ``(per_anchor (N,), num_terms (), num_nonzero (), grad_a, grad_r)``; the last two are internal (the
     precomputed unit gradients of the "uniform"/"check" modes, empty otherwise) and not differentiable.
 
-    Written in the ``setup_context`` form, so ``torch.func`` transforms apply. Not twice differentiable:
-    a second derivative through it raises an error. Nothing but saved tensors outlives the forward pass
+    Written in the ``setup_context`` form, so ``torch.func.grad`` and ``torch.func.grad_and_value`` give
+    the autograd gradient. It has no vmap rule: ``torch.func.vmap`` and the transforms built on it
+    (``jacrev``, ``jacfwd``, ``hessian``) raise. Not twice differentiable: a second derivative through it
+    raises an error. Nothing but saved tensors outlives the forward pass
     (the plan and its scratch buffers are rebuilt if backward needs them), and autograd frees those after
     backward.
     """

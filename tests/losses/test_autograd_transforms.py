@@ -225,3 +225,20 @@ def test_nested_func_grad_of_exact_warp_is_its_zero_hessian():
     inner = lambda s: torch.func.grad(lambda s: MF.warp_loss(s, y, mode="exact"))(s)  # noqa: E731
     outer = torch.func.grad(lambda s: (inner(s) * torch.arange(35.0, dtype=s.dtype).view(5, 7)).sum())(s)
     assert torch.equal(outer, torch.zeros_like(outer))
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "semi_hard"])
+def test_vmap_is_not_supported_as_documented(mining):
+    """``BlockTripletLoss`` documents ``torch.func.grad`` as working and ``vmap`` (and what is built on it) as
+    raising: both halves hold."""
+    x = torch.randn(40, 8, dtype=torch.float64)
+    y = torch.arange(10).repeat_interleave(4)
+
+    def f(e):
+        return MF.triplet_loss(e, y, mining=mining)
+
+    torch.testing.assert_close(torch.func.grad(f)(x), torch.autograd.grad(f(x.requires_grad_()), x)[0])
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(f)(x.detach().unsqueeze(0).repeat(2, 1, 1))
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.jacfwd(f)(x.detach())
