@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -118,17 +119,36 @@ inline void active4(T u, bool neg, T b0, T b1, T b2, T b3, T& count, typename Pa
 
 // The bound b on u >= 0 (or NaN) with u < b exactly when t − d > 0, d = √u rounded (SQRT) or d = u:
 // the smallest b with fl(√b) >= t. √ rounds correctly, so fl(√·) is monotone and the set of u it puts
-// below t is [0, b). Found from fl(t²) by a step or two of one ulp; t <= 0 or NaN: 0 (nothing is below).
+// below t is [0, b). Found from fl(t²) by a step or two of one ulp; where that is far off (t² underflows,
+// or denormals are flushed to zero, so that every denormal has √ = 0) by bisecting the bit patterns of
+// [0, ∞], over which fl(√·) is still monotone: at most 32 or 64 steps instead of up to 2²³ or 2⁵² ulp walks.
+// t <= 0 or NaN: 0 (nothing is below).
 template <typename T, bool SQRT>
 inline T sqrt_compare_bound(T t) {
+  using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
   const T inf = std::numeric_limits<T>::infinity();
   if (!(t > T(0))) return T(0);
   if (!SQRT || t == inf) return t;
   T b = t * t;
   if (b == inf) return inf;  // every finite u has √u < t
-  while (b > T(0) && std::sqrt(std::nextafter(b, T(0))) >= t) b = std::nextafter(b, T(0));
-  while (std::sqrt(b) < t) b = std::nextafter(b, inf);
-  return b;
+  for (int step = 0; step < 4; ++step) {
+    if (b > T(0) && std::sqrt(std::nextafter(b, T(0))) >= t) {
+      b = std::nextafter(b, T(0));
+    } else if (std::sqrt(b) < t) {
+      b = std::nextafter(b, inf);
+    } else {
+      return b;
+    }
+  }
+  // invariant: fl(√lo) < t <= fl(√hi); lo = +0 (√0 = 0 < t), hi = +∞
+  auto from_bits = [](Bits v) { T f; std::memcpy(&f, &v, sizeof(T)); return f; };
+  Bits lo = 0, hi;
+  std::memcpy(&hi, &inf, sizeof(T));
+  while (hi - lo > 1) {
+    const Bits mid = lo + (hi - lo) / 2;
+    if (std::sqrt(from_bits(mid)) >= t) hi = mid; else lo = mid;
+  }
+  return from_bits(hi);
 }
 
 // A cell's two Gram values, clamped at 0: u_ij (row view) and u_ji (column view) from G = x_i·(−2x_j)
