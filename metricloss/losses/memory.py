@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from .. import _checks as C
 from .. import distributed as _dist
-from ..ops.reduction import LossTerms
+from ..ops.reduction import LossTerms, mask_nonfinite
 
 __all__ = ["CrossBatchMemory"]
 
@@ -39,15 +39,33 @@ class CrossBatchMemory(nn.Module):
     ``forward(embeddings, labels, enqueue_mask=None)``: with ``enqueue_mask`` (B,) bool, as PML's, only the
     rows where it is True are enqueued and only the others are anchors (no anchor then has a slot).
 
+    Nothing to mine: when every row is enqueued (an all-True ``enqueue_mask``), or when no row is enqueued
+    into an empty memory (an all-False ``enqueue_mask`` on the first call, or after :meth:`reset_queue`:
+    the anchors have no reference), the loss has no valid term and is **0, connected to the graph, with a
+    zero gradient** (``"none"``: zeros, one per anchor), as for a batch without a valid triplet; NaN or Inf
+    in the anchors still gives NaN. PML's CrossBatchMemory returns 0 there too.
+
     Under torch.distributed (inside an initialised process group of more than one rank) every rank
     enqueues the **global** batch, all ranks' rows in rank order, so the memories stay identical on every
     rank; the anchors are the rank's own rows, and the loss is scaled like
     :class:`~metricloss.distributed.DistributedLoss`: after DDP's gradient averaging the gradients equal
     those of one process running this module on the concatenated batches (the returned value is that
-    process's loss, on every rank; ``"none"`` returns this rank's anchors' rows).
+    process's loss, on every rank; ``"none"`` returns this rank's anchors' rows). A rank may pass an empty
+    batch (0 rows): it enqueues nothing, has no anchor, and returns the global loss with a (0, D) zero
+    gradient; when every rank's batch is empty, every rank raises ``ValueError("CrossBatchMemory: every
+    rank's batch is empty (sizes [0, 0]); the global batch must have at least one row")``. Before any data
+    collective the ranks exchange a small header (in the one all-gather that exchanges the sizes, with the
+    one host read that also reads the ring's position): when they disagree on ``embedding_dim``,
+    ``memory_size``, the embedding dtype, the memory dtype, the device type, the reduction or the memory
+    state, every rank raises the same ``ValueError`` naming each rank's value, e.g. ``"CrossBatchMemory:
+    ranks disagree on the embedding dtype: rank 0 float32, rank 1 float64"``; when one rank's inputs fail
+    their checks, that rank raises its error and the others raise ``ValueError("CrossBatchMemory: rank(s)
+    [r] failed their input checks (that rank raised the error saying why); no data was exchanged")``, so
+    that no rank waits in a collective. A global batch larger than ``memory_size`` raises on every rank.
 
     Shapes:
-        - embeddings: (B, D) float; labels: (B,) int; enqueue_mask: (B,) bool, optional.
+        - embeddings: (B, D) float (B >= 1; B >= 0 under torch.distributed); labels: (B,) int;
+          enqueue_mask: (B,) bool, optional.
         - output: () or (number of anchors,) for ``reduction="none"``.
 
     Example::
@@ -89,13 +107,17 @@ class CrossBatchMemory(nn.Module):
         """
         return self._enqueue(embeddings, labels)[0]
 
-    def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor):
-        """:meth:`enqueue`, also returning the number of filled slots afterwards (a host int)."""
+    def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                 state: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, int]:
+        """:meth:`enqueue`, also returning the number of filled slots afterwards (a host int).
+
+        ``state``: ``(queue_idx, num_filled)`` already read from the device (then no read here).
+        """
         n = embeddings.shape[0]
         if n > self.memory_size:
             raise ValueError(f"CrossBatchMemory: {n} rows to enqueue in one call exceed memory_size="
                              f"{self.memory_size}; the batch would overwrite itself")
-        start, filled = torch.stack([self.queue_idx, self.num_filled]).tolist()
+        start, filled = torch.stack([self.queue_idx, self.num_filled]).tolist() if state is None else state
         filled = min(filled + n, self.memory_size)
         slots = torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
@@ -104,23 +126,14 @@ class CrossBatchMemory(nn.Module):
         self.num_filled.fill_(filled)
         return slots, filled
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                enqueue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Enqueue the batch, then the wrapped loss of its anchors against the filled memory.
-
-        Args:
-            embeddings: (B, D) float batch (D = ``embedding_dim``), on the memory's device; stored detached.
-            labels: (B,) integer labels.
-            enqueue_mask: optional (B,) bool: the rows to enqueue (the others are the anchors, as in PML);
-                default every row is enqueued and every row is an anchor (its own slot excluded by index).
-
-        Returns:
-            A () loss (fp32, fp64 for fp64 input) with the wrapped loss's reduction, or (anchors,) for
-            ``"none"``. Under torch.distributed the value is the global one and the gradient exact after
-            DDP's averaging.
-        """
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor, enqueue_mask: Optional[torch.Tensor],
+                      allow_empty: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Validate the forward inputs; returns the labels as int64 and the mask on the embeddings' device."""
         where = "CrossBatchMemory"
-        C.check_embeddings(embeddings, "embeddings", where)
+        if allow_empty:
+            _dist.check_embeddings_may_be_empty(embeddings, "embeddings", where)
+        else:
+            C.check_embeddings(embeddings, "embeddings", where)
         if embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"{where}: `embeddings` must have embedding_dim={self.embedding_dim} columns, "
                              f"got shape {tuple(embeddings.shape)}")
@@ -137,27 +150,70 @@ class CrossBatchMemory(nn.Module):
                 raise ValueError(f"{where}: `enqueue_mask` must have shape {tuple(labels.shape)}, "
                                  f"got {tuple(enqueue_mask.shape)}")
             enqueue_mask = enqueue_mask.to(embeddings.device)
+        return labels, enqueue_mask
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                enqueue_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Enqueue the batch, then the wrapped loss of its anchors against the filled memory.
+
+        Args:
+            embeddings: (B, D) float batch (D = ``embedding_dim``), on the memory's device; stored detached.
+            labels: (B,) integer labels.
+            enqueue_mask: optional (B,) bool: the rows to enqueue (the others are the anchors, as in PML);
+                default every row is enqueued and every row is an anchor (its own slot excluded by index).
+
+        Returns:
+            A () loss (fp32, fp64 for fp64 input) with the wrapped loss's reduction, or (anchors,) for
+            ``"none"``; 0 (connected, zero gradient) when there is nothing to mine (see the class
+            docstring). Under torch.distributed the value is the global one and the gradient exact after
+            DDP's averaging.
+
+        Raises:
+            TypeError, ValueError: malformed inputs, more rows than ``memory_size`` to enqueue, and under
+                torch.distributed ranks that disagree (the same message on every rank; class docstring).
+        """
+        where = "CrossBatchMemory"
+        distributed = _dist.is_distributed(self.group)
+        failed: Optional[Exception] = None
+        try:
+            labels, enqueue_mask = self._check_inputs(embeddings, labels, enqueue_mask, allow_empty=distributed)
+        except (TypeError, ValueError) as err:
+            if not distributed:
+                raise
+            failed = err  # raised on this rank by the header exchange; the other ranks raise naming it
+        if failed is None and enqueue_mask is not None:
             queued, queued_labels = embeddings[enqueue_mask], labels[enqueue_mask]
             anchors, anchor_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
-        else:
+        elif failed is None:
             queued, queued_labels, anchors, anchor_labels = embeddings, labels, embeddings, labels
 
-        distributed = _dist.is_distributed(self.group)
         if distributed:
             # every rank writes the same global batch (rank order), so every rank holds the same memory
-            sizes = _dist.gather_sizes(queued.shape[0], queued.device, self.group)
+            sizes, batch_sizes, state = self._exchange_header(embeddings if failed is None else None,
+                                                              queued.shape[0] if failed is None else 0, failed)
+            if sum(batch_sizes) == 0:
+                raise ValueError(f"{where}: every rank's batch is empty (sizes {batch_sizes}); the global batch "
+                                 f"must have at least one row")
+            if sum(sizes) > self.memory_size:
+                raise ValueError(f"{where}: the global batch enqueues {sum(sizes)} rows in one call (ranks "
+                                 f"{sizes}), more than memory_size={self.memory_size}; the batch would "
+                                 f"overwrite itself")
             offset = sum(sizes[:torch.distributed.get_rank(self.group)])
             slots, filled = self._enqueue(_dist.all_gather_sized(queued.detach(), sizes, self.group),
-                                          _dist.all_gather_sized(queued_labels, sizes, self.group))
+                                          _dist.all_gather_sized(queued_labels, sizes, self.group), state)
             own_slots = slots[offset:offset + queued.shape[0]]
         else:
             own_slots, filled = self._enqueue(queued, queued_labels)
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
 
-        if anchors.shape[0] == 0:  # every row was enqueued: nothing to mine, a zero still on the graph
-            out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        if anchors.shape[0] == 0:  # every row was enqueued (or none on this rank): nothing to mine, a zero
             count = torch.zeros((), dtype=torch.int64, device=embeddings.device)
             terms = LossTerms(embeddings[:0].sum(1).to(out_dtype), count, count)
+        elif filled == 0:  # no row enqueued into an empty memory: no reference, no term (a connected zero)
+            count = torch.zeros((), dtype=torch.int64, device=embeddings.device)
+            per_anchor = mask_nonfinite(anchors[:, :0].sum(1).to(out_dtype), anchors)
+            terms = LossTerms(per_anchor, count, count)
         else:
             if enqueue_mask is None:
                 self_index = own_slots
@@ -166,6 +222,31 @@ class CrossBatchMemory(nn.Module):
             terms = self.loss.loss_terms(anchors, anchor_labels, memory.to(anchors.dtype), memory_labels,
                                          ref_self_index=self_index)
         return _dist.reduce_across_ranks(terms, self.loss.reduction, self.group)
+
+    def _exchange_header(self, embeddings: Optional[torch.Tensor], queued: int, failed: Optional[Exception]):
+        """The ranks' sizes, after checking they agree; one all-gather, one host read (which also reads the ring).
+
+        Returns (rows enqueued per rank, batch rows per rank, this ring's (queue_idx, num_filled)).
+        """
+        where = "CrossBatchMemory"
+        ok = embeddings is not None
+        fields = [_dist.int_field("the rows to enqueue", queued if ok else None, compare=False),
+                  _dist.int_field("the batch rows", embeddings.shape[0] if ok else None, compare=False),
+                  _dist.int_field("D (embedding_dim)", self.embedding_dim),
+                  _dist.int_field("memory_size", self.memory_size),
+                  _dist.dtype_field("the embedding dtype", embeddings if ok else None),
+                  _dist.dtype_field("the memory dtype", self.embedding_memory),
+                  _dist.name_field("the device type", self.embedding_memory.device.type),
+                  _dist.name_field("the reduction", self.loss.reduction)]
+        ring = torch.stack([self.queue_idx, self.num_filled])  # read with the header: no extra host sync
+        headers = _dist.exchange_header(where, fields, self.embedding_memory.device, self.group, failed,
+                                        device_tail=ring)
+        states = [h[-1] for h in headers]
+        if len(set(states)) > 1:
+            raise ValueError(f"{where}: ranks disagree on the memory state (queue_idx, num_filled): "
+                             f"{_dist._by_rank([str(st) for st in states])}; every rank must hold the same memory "
+                             f"(load the same state_dict, or reset_queue(), on every rank)")
+        return [h[0][0] for h in headers], [h[1][0] for h in headers], states[0]
 
     def extra_repr(self) -> str:
         """The constructor arguments, as ``repr(module)`` shows them."""
