@@ -8,7 +8,7 @@ Two pieces, both on plain ``torch.distributed`` collectives (any backend: gloo, 
 * :class:`DistributedLoss`: wraps a loss that exposes ``loss_terms`` (e.g. :class:`~metricloss.TripletLoss`)
   so that each rank mines its own anchors against the whole global batch and returns a per-rank loss
   whose gradient, once DDP has averaged the ranks' gradients, is exactly the gradient of the same loss
-  computed in one process on the concatenated global batch (docs/design.md §2 for the reductions).
+  computed in one process on the concatenated global batch (see *Design › Semantics and defaults* in the docs for the reductions).
 
 Why the scaling (the derivation, once): with a differentiable gather in rank order and a per-rank loss
 L_r, DDP's averaged parameter gradient is (1/W)·Σ_r ∂L_r/∂θ. It equals the global loss's gradient when
@@ -354,7 +354,7 @@ def empty_terms(reference: torch.Tensor, dtype: torch.dtype) -> LossTerms:
     """
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=torch.int64, device=reference.device)
-    return LossTerms(reference[:0].reshape(0, -1).sum(1).to(out_dtype), zero, zero)
+    return LossTerms(reference[:0].flatten(1).sum(1).to(out_dtype), zero, zero)
 
 
 def _has_loss_terms(loss: object) -> bool:

@@ -119,6 +119,38 @@ def test_all_rows_enqueued_gives_a_connected_zero():
     assert float(out.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "mean_nonzero", "sum", "none"])
+@pytest.mark.parametrize("mining", ["batch_hard", "batch_all", "semi_hard"])
+def test_nothing_enqueued_into_an_empty_memory_gives_a_connected_zero(mining, reduction):
+    # an all-False mask on the first call: every row is an anchor, there is no reference (PML returns 0)
+    mem = ml.CrossBatchMemory(ml.TripletLoss(mining=mining, reduction=reduction), D, 32, dtype=torch.float64)
+    x, y = _batches(1)[0]
+    x.requires_grad_()
+    out = mem(x, y, enqueue_mask=torch.zeros(len(y), dtype=torch.bool))
+    assert out.shape == ((len(y),) if reduction == "none" else ())
+    assert out.dtype == torch.float64 and not out.detach().any()
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert int(mem.num_filled) == 0
+    # the next call is the usual one: the rows it enqueues are the references of its other rows
+    x2, y2 = _batches(2, seed=5)[1]
+    mask = torch.arange(len(y2)) < 6
+    torch.testing.assert_close(mem(x2, y2, enqueue_mask=mask),
+                               mem.loss(x2[~mask], y2[~mask], x2[mask], y2[mask]))
+
+
+def test_nothing_enqueued_into_an_empty_memory_after_reset_and_in_fp32_and_with_nan():
+    mem = ml.CrossBatchMemory(ml.TripletLoss(), D, 32)
+    x, y = _batches(1, dtype=torch.float32)[0]
+    mem(x, y)
+    mem.reset_queue()
+    none = torch.zeros(len(y), dtype=torch.bool)
+    out = mem(x.clone().requires_grad_(), y, enqueue_mask=none)
+    assert out.dtype == torch.float32 and float(out.detach()) == 0.0
+    x[3, 1] = float("nan")  # NaN in an anchor still gives NaN, as everywhere in the library
+    assert torch.isnan(mem(x, y, enqueue_mask=none))
+
+
 def test_batch_all_over_a_large_memory_does_not_build_pair_lists():
     # 40 anchors against 8192 references of 4 classes: ~3e7 triplets, which a pair-list engine would
     # enumerate; the chunked engine is bounded by chunk_bytes.
