@@ -1,4 +1,4 @@
-"""Retrieval metrics (docs/methods.md §7), chunked: R@K, full mAP, MAP@R and R-precision.
+"""Retrieval metrics (see *Methods › Retrieval metrics* in the docs), chunked: R@K, full mAP, MAP@R and R-precision.
 
 Protocol: every query is ranked against a gallery by similarity (cosine by default). Without a separate
 gallery the query set is its own gallery and each query is left out of its own ranking (by index).
@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from .ops.distance import GramFactors, may_have_duplicate_rows
+from .ops.distance import GramFactors, may_have_duplicate_rows, paired_distance
 from .ops.labels import ClassIndex
 from .ops.mining import rows_per_chunk
 from .ops.native import retrieval_rank_histogram as native_rank_histogram
@@ -134,15 +134,25 @@ class _Problem:
     ``similarity(s, e)`` is the (e − s, G) fp32 block of queries s:e (higher = ranked earlier), expanded
     back from the deduplicated gallery columns. The ranking path and the tests' dense reference both read
     similarities through it, tile by tile (:func:`similarity_tile_rows`).
+
+    Euclidean: the similarity is −fp32(‖q − g‖²) of the (power-of-two scaled) fp32 rows, the squared
+    distance computed exactly enough (fp64 from the rows' difference) wherever a rank decision depends on
+    it. The block comes from one GEMM of the *centred* rows (:class:`~metricloss.ops.distance.GramFactors`:
+    translation keeps every distance and removes most of the expansion's cancellation), and
+    :meth:`_refine` recomputes from the difference every entry whose value lies within the expansion's
+    rigorous error bound of a relevant item's value (see :func:`_gram_error_factor`): every comparison
+    against a relevant item, hence every rank, is then the one the exact values give.
     """
 
     def __init__(self, q: torch.Tensor, labels: torch.Tensor, g: Optional[torch.Tensor],
-                 g_labels: Optional[torch.Tensor], metric: str):
+                 g_labels: Optional[torch.Tensor], metric: str, chunk_bytes: Optional[int] = None):
         self.leave_one_out = g is None
         self.labels = labels
         self.g_labels = labels if g is None else g_labels
         self.q = q
         self.g = q if g is None else g
+        self.metric = metric
+        self.chunk_bytes = chunk_bytes
         self.n_query, self.n_gallery = q.shape[0], self.g.shape[0]
         # Exact duplicates must tie (and then break by index), but a GEMM may round two identical columns
         # differently. Deduplicated gallery rows get one column each; the block is expanded back by index.
@@ -152,24 +162,127 @@ class _Problem:
             self.expand = g_unique.shape[0] < self.n_gallery
             if self.expand:  # no duplicates: no second (G, D) copy kept alive
                 g_ranked, self.g_inverse = g_unique, g_inverse
+        self.g_ranked = g_ranked
+        self.index = ClassIndex(self.g_labels)
+        self.cls = self.index.anchor_classes(self.labels, self_ref=self.leave_one_out)
+        self._width: Optional[int] = None
         self._block: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
         if metric == "cosine":
             # unit rows: the similarity is the plain product, no augmented operands ((G, D) copies) needed
             self._block = lambda s, e, out: torch.mm(q[s:e], g_ranked.T, out=out)
         else:
-            # the Gram block is d²: smaller is closer, so similarity = −block
-            gram = GramFactors(q, g_ranked, "squared_euclidean")
+            # the Gram block of the centred rows is d²: smaller is closer, so similarity = −block
+            n_rows = q.shape[0] + (0 if g is None else g_ranked.shape[0])
+            centre = (q.sum(0) if g is None else q.sum(0) + g_ranked.sum(0)) / max(n_rows, 1)
+            q_c = q - centre
+            gram = GramFactors(q_c, q_c if g is None and not self.expand else g_ranked - centre, "squared_euclidean")
+            # per-entry error bound of the block against −fp32(exact d²): factor·(‖q'‖² + ‖g'‖²) + an
+            # absolute term (underflow), split into its query and gallery halves
+            self.bound_dtype = torch.float64 if q.device.type != "mps" else torch.float32
+            factor = _gram_error_factor(q.shape[1])
+            tiny = (q.shape[1] + 8) * 2.0 ** -120
+            self.q_slack = gram.a_sq.to(self.bound_dtype).mul_(factor).add_(tiny)
+            self.g_slack = gram.r_sq.to(self.bound_dtype).mul_(factor).add_(tiny)
+            self.g_slack_max = self.g_slack.max() if self.g_slack.numel() else self.g_slack.new_zeros(())
             self._block = lambda s, e, out: gram.raw_block(s, e, out=out).neg_()
         self.tile_rows = similarity_tile_rows(self.n_query, self.n_gallery)
+
+    @property
+    def width(self) -> int:
+        """Member-table width: the largest number of relevant gallery items of a query (one host read)."""
+        if self._width is None:
+            self._width = max(self.index.max_count - (1 if self.leave_one_out else 0), 0)
+        return self._width
 
     def similarity(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(e − s, G) fp32 similarities of queries s:e; written into ``out`` (a contiguous (e − s, G) fp32
         buffer) if given: the ranking loop reuses one tile buffer, so that no tile pays a fresh allocation
         and its page faults (a third of the time of a (33, 10**6) GEMM). The same values either way."""
         if not self.expand:
-            return self._block(s, e, out)
+            block = self._block(s, e, out)
+            if self.metric == "euclidean":
+                self._refine(block, s)
+            return block
         block = self._block(s, e, None)
+        if self.metric == "euclidean":
+            self._refine(block, s)
         return torch.index_select(block, 1, self.g_inverse, out=out) if out is not None else block[:, self.g_inverse]
+
+    def _refine(self, block: torch.Tensor, s: int) -> None:
+        """Recompute, in place, every entry of the (n, U) euclidean block (deduplicated columns) of queries
+        s:s+n whose rank decisions the expansion cannot be trusted with.
+
+        Entry (i, u) has value a (the expansion) and error bound E = q_slack[i] + g_slack[u]: its exact
+        value lies in [a − E, a + E]. A comparison of an item with a relevant item can only differ from
+        the exact one when their two intervals overlap; so an entry is recomputed when its interval meets
+        that of another relevant column of its row, and a relevant entry when any other candidate's does.
+        Every other comparison is decided the same by the expansion as by the exact values (strictly: the
+        intervals are disjoint). Candidates are the entries at or above the row's lowest relevant value
+        minus the widest two bounds (one comparison pass and ``nonzero``); each is placed among its row's
+        sorted relevant values by ``searchsorted`` (over-wide intervals, conservatively rounded to fp32,
+        only recompute a few more entries). Duplicate gallery rows share one column, so their entries get
+        one (bitwise equal) value. Candidates are processed in pieces of ``chunk_bytes``; each entry's
+        value does not depend on the piece, so neither do the results.
+        """
+        n, n_cols = block.shape
+        width = self.width
+        if n == 0 or n_cols == 0 or width == 0:
+            return
+        device, wd = block.device, self.bound_dtype
+        members, valid = self.index.positive_table(self.cls[s:s + n], width)   # (n, W) gallery columns
+        uid = members if self.g_inverse is None else self.g_inverse[members]
+        row_ids = torch.arange(n, device=device)
+        pair = (row_ids.unsqueeze(1) * n_cols + uid)[valid]                      # relevant (row, column)
+        pair = torch.unique(pair) if self.expand else torch.sort(pair).values  # sorted, one per column
+        m = pair.shape[0]
+        if m == 0:
+            return
+        r_rows = torch.div(pair, n_cols, rounding_mode="floor")
+        r_cols = pair - r_rows * n_cols
+        r_val = block[r_rows, r_cols]
+        q_slack = self.q_slack[s:s + n]
+        # per row: the widest relevant bound and the lowest relevant value (+inf: no relevant column)
+        rel_slack = torch.zeros(n, dtype=wd, device=device).scatter_reduce_(0, r_rows, self.g_slack[r_cols], "amax")
+        rel_slack += q_slack
+        lowest = torch.full((n,), float("inf"), device=device).scatter_reduce_(0, r_rows, r_val, "amin")
+        threshold = lowest.to(wd) - (q_slack + self.g_slack_max + rel_slack)
+        threshold = torch.nextafter(threshold.float(), torch.tensor(float("-inf"), device=device))
+        # the relevant values as keys (row << 32) | order bits, ascending: one sorted sequence
+        r_keys, perm = torch.sort(_order_bits(r_val.clone()).bitwise_or_(r_rows.bitwise_left_shift(32)))
+        marks = torch.zeros(m + 1, dtype=torch.int64, device=device)
+        flat = torch.nonzero((block >= threshold.unsqueeze(1)).view(-1)).squeeze(1)
+        piece = rows_per_chunk(1, 12 * 8, self.chunk_bytes)
+        down = torch.tensor(float("-inf"), device=device)
+        up = torch.tensor(float("inf"), device=device)
+        for p in range(0, flat.shape[0], piece):
+            idx = flat[p:p + piece]
+            rows = torch.div(idx, n_cols, rounding_mode="floor")
+            cols = idx - rows * n_cols
+            value = block.view(-1)[idx].to(wd)
+            half = q_slack[rows] + self.g_slack[cols] + rel_slack[rows]
+            shift = rows.bitwise_left_shift(32)
+            lo = _order_bits(torch.nextafter((value - half).float(), down)).bitwise_or_(shift)
+            hi = _order_bits(torch.nextafter((value + half).float(), up)).bitwise_or_(shift)
+            lo_pos = torch.searchsorted(r_keys, lo)
+            hi_pos = torch.searchsorted(r_keys, hi, right=True)
+            at = torch.searchsorted(pair, idx).clamp_max_(m - 1)
+            is_rel = pair[at] == idx
+            flag = (hi_pos - lo_pos - is_rel.long()) >= 1
+            marks.index_add_(0, lo_pos[flag], torch.ones_like(lo_pos[flag]))
+            marks.index_add_(0, hi_pos[flag], torch.full_like(hi_pos[flag], -1))
+            other = flag & ~is_rel
+            self._recompute(block, s, rows[other], cols[other])
+        marked = perm[marks.cumsum(0)[:m] > 0]
+        self._recompute(block, s, r_rows[marked], r_cols[marked])
+
+    def _recompute(self, block: torch.Tensor, s: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """block[rows, cols] = −fp32(‖q − g‖²) from the (scaled, uncentred) rows' difference, in fp64."""
+        step = rows_per_chunk(self.q.shape[1], 3 * 8, self.chunk_bytes)
+        for p in range(0, rows.shape[0], step):
+            ri, ci = rows[p:p + step], cols[p:p + step]
+            exact = paired_distance(self.q[s + ri].to(self.bound_dtype), self.g_ranked[ci].to(self.bound_dtype),
+                                    "squared_euclidean")
+            block[ri, ci] = exact.float().neg_()
 
     def tiles(self) -> List[Tuple[int, int]]:
         """The (start, end) query ranges of the similarity GEMMs: fixed by Q and G alone."""
@@ -203,12 +316,13 @@ def _prepare(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequ
         finite = torch.isfinite(embeddings.detach()).all()
         if has_gallery:
             finite = finite & torch.isfinite(gallery.detach()).all()
-        q = embeddings.detach().float()
-        g = gallery.detach().float() if has_gallery else None
-        if metric == "cosine":
-            q = F.normalize(q, dim=1)
-            g = F.normalize(g, dim=1) if has_gallery else None
-        return _Problem(q, labels, g, gallery_labels if has_gallery else None, metric), ks, finite
+        if metric == "cosine":  # each row by its own power of two: cosine is scale-invariant per row
+            q = F.normalize(scale_by_power_of_two(embeddings.detach(), per_row=True), dim=1)
+            g = F.normalize(scale_by_power_of_two(gallery.detach(), per_row=True), dim=1) if has_gallery else None
+        else:  # one power of two for queries and gallery together: distances scale, ranks stay
+            g = gallery.detach() if has_gallery else None
+            q, g = scale_by_power_of_two(embeddings.detach(), together_with=g)
+        return _Problem(q, labels, g, gallery_labels if has_gallery else None, metric, chunk_bytes), ks, finite
 
 
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8),
@@ -223,8 +337,9 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
             integer dtypes: they are compared in a dtype wide enough for both (int64), never cast down.
             ``uint64`` labels pair only with unsigned ones (TypeError otherwise).
         ks: the K of R@K, an int or a sequence of ints, each >= 1. Default (1, 2, 4, 8) (CUB/CARS protocol).
-        gallery, gallery_labels: optional (G, D), (G,) gallery. Without it the queries are their own
-            gallery, each query left out of its own ranking (leave-one-out).
+        gallery: optional (G, D) gallery. Without it the queries are their own gallery, each query left
+            out of its own ranking (leave-one-out).
+        gallery_labels: (G,) integer labels of ``gallery`` (given with it).
         metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
         chunk_bytes: memory budget of the torch paths' ranking temporaries of one piece of a tile
             (default 64 MiB, or ``METRICLOSS_CHUNK_BYTES``); the native CPU kernel needs none. The results
@@ -252,6 +367,60 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
     with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
         return _retrieval_metrics(problem, ks, finite, chunk_bytes, progress,
                                   compact_candidates(embeddings.device))
+
+
+# Named constants of the euclidean error bound (see _gram_error_factor).
+_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def _gram_error_factor(dim: int) -> float:
+    """A rigorous bound factor c: |expansion − (−fp32(exact d²))| <= c·(‖q'‖² + ‖g'‖²) (+ an underflow term).
+
+    The GEMM of [q', ‖q'‖², 1] with [−2g', 1, ‖g'‖²] (K = D + 2 terms, any summation order, FMA or not)
+    errs by at most γ_K·Σ|terms| <= γ_K·2(‖q'‖² + ‖g'‖²)(1 + γ_D); the fp32 norms add γ_D·(‖q'‖² + ‖g'‖²);
+    the rounding of the centred rows q' = fl(q − c) moves d² by at most 4u(1 + u)(‖q'‖² + ‖g'‖²); the fp32
+    rounding of the exact value adds u·d² <= 2u(1 + u)(‖q'‖² + ‖g'‖²). Together about (3D + 10)·u; taken as
+    (3D + 16)·u·1.01 (u = 2**-24), which also covers the fp64 arithmetic of the exact values and bounds.
+    """
+    return (3 * dim + 16) * _UNIT_ROUNDOFF * 1.01
+
+
+def _pow2(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """x · 2**exponent (integer tensor, broadcast) in two exact steps, so that no factor over- or underflows."""
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    one = torch.ones(half.shape, dtype=x.dtype, device=x.device)
+    return x * torch.ldexp(one, half) * torch.ldexp(one, exponent - half)
+
+
+def scale_by_power_of_two(x: torch.Tensor, *, per_row: bool = False,
+                          together_with: Optional[torch.Tensor] = None):
+    """The rows of ``x`` as fp32, multiplied by a power of two that brings the largest magnitude into
+    [0.5, 1): exact (up to entries more than 2**126 below the largest, which fp32 could not hold next to
+    it anyway), so rank-preserving, and no squared norm or distance of the result overflows or
+    underflows at fp32 (finite fp32 embeddings at 1e20, or fp64 at 1e300, rank as at 1).
+
+    ``per_row``: each row by its own power (cosine); else one power for all rows, shared with
+    ``together_with`` (the gallery, or None), and then ``(x, together_with)`` is returned. Zero rows
+    (and non-finite ones, whose metrics are NaN anyway) are left unscaled. Scaled in the input's dtype
+    when it is fp64, in fp32 otherwise; the device never syncs.
+    """
+    def work(t):
+        return t if t.dtype == torch.float64 else t.float()
+    x = work(x)
+    if per_row:
+        peak = x.abs().amax(1, keepdim=True) if x.shape[1] else x.new_zeros((x.shape[0], 1))
+    else:
+        peak = x.abs().amax() if x.numel() else x.new_zeros(())
+        if together_with is not None:
+            together_with = work(together_with)
+            if together_with.numel():
+                peak = torch.maximum(peak.double(), together_with.abs().amax().double())
+    exponent = torch.frexp(peak.to(x.dtype) if per_row else peak)[1]
+    exponent = torch.where(torch.isfinite(peak), exponent, torch.zeros_like(exponent)).long().neg_()
+    out = _pow2(x, exponent).float()
+    if per_row:
+        return out
+    return out, (None if together_with is None else _pow2(together_with, exponent).float())
 
 
 def _order_bits(values: torch.Tensor) -> torch.Tensor:
@@ -380,9 +549,8 @@ def _retrieval_metrics(problem: _Problem, ks: Tuple[int, ...], finite: torch.Ten
     if n_gallery >= 1 << 31:
         raise ValueError(f"retrieval_metrics: the gallery has {n_gallery} items; at most 2**31 - 1 are supported")
     device = problem.q.device
-    index = ClassIndex(problem.g_labels)
-    cls = index.anchor_classes(problem.labels, self_ref=problem.leave_one_out)
-    width = max(index.max_count - (1 if problem.leave_one_out else 0), 0)  # one host sync
+    index, cls = problem.index, problem.cls
+    width = problem.width  # one host sync
     names = [f"R@{k}" for k in ks] + ["mAP", "MAP@R", "R-precision"]
     if width == 0:  # no query has a relevant gallery item: all lone
         return {name: float("nan") for name in names}

@@ -3,7 +3,8 @@
 Nothing here is fast or memory-lean on purpose. Distances come from explicit differences (an (N, M, D)
 tensor), masks are dense (N, M) and triplet sets dense (N, M, M) cubes, so every function is a direct
 transcription of the formula it documents. Only ``torch`` is used: the reference does not share code
-with :mod:`metricloss.ops`, so a bug there cannot hide here. Where a loop is clearer than a cube there
+with :mod:`metricloss.ops`, so a bug there cannot hide here (numpy gives the correctly rounded square
+root on CPU, :func:`_sqrt_rn`). Where a loop is clearer than a cube there
 is also a ``*_loop`` version over Python scalars for tiny inputs.
 
 All functions compute in at least fp32 and accept the same arguments as their fast twins in
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,20 @@ def _prepare(x: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=1) if (normalize or distance == "cosine") else x
 
 
+def _sqrt_rn(u: torch.Tensor) -> torch.Tensor:
+    """√u correctly rounded, differentiable as ``torch.sqrt``. torch's CPU root is not correctly rounded
+    (1 ulp off for ~20% of fp32, ~1.4% of fp64 inputs); numpy's is, and so are CUDA's and C++'s: every path
+    of metricloss decides on the correctly rounded root, so ties fall the same way here."""
+    if (u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(u)):
+        return torch.sqrt(u)
+    root = torch.from_numpy(np.sqrt(u.detach().contiguous().numpy()))
+    if not (torch.is_grad_enabled() and u.requires_grad):
+        return root
+    approx = torch.sqrt(u)  # the gradient; the value is moved onto the correct root (a neighbour: exact)
+    return approx + (root - approx).nan_to_num_(nan=0.0).detach()
+
+
 def _dist(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
     """Dense distances from explicit differences; x, y already prepared."""
     if distance == "cosine":
@@ -41,7 +57,7 @@ def _dist(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
     if distance == "squared_euclidean":
         return sq
     pos = sq > 0  # √ with gradient 0 at 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+    return torch.where(pos, _sqrt_rn(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
 def _prepare_pair(x: torch.Tensor, y: Optional[torch.Tensor], distance: str,
@@ -106,9 +122,13 @@ def _h(z: torch.Tensor, margin: Margin) -> torch.Tensor:
     return F.softplus(z) if margin == "soft" else F.relu(margin + z)
 
 
-def _terms(per_anchor: torch.Tensor, terms: torch.Tensor, valid: torch.Tensor) -> LossTerms:
-    """``terms``: the loss terms (any shape, 0 where not ``valid``), ``valid``: which of them exist."""
-    return LossTerms(per_anchor, valid.sum(), (valid & (terms > 0)).sum())
+def _terms(per_anchor: torch.Tensor, terms: torch.Tensor, valid: torch.Tensor, soft: bool = False) -> LossTerms:
+    """``terms``: the loss terms (any shape, 0 where not ``valid``), ``valid``: which of them exist.
+
+    Nonzero terms: those > 0; with the soft margin every valid one that is not NaN (softplus(z) > 0 for every
+    z, so the count does not depend on whether a term's exp underflowed)."""
+    positive = (terms == terms) if soft else (terms > 0)
+    return LossTerms(per_anchor, valid.sum(), (valid & positive).sum())
 
 
 def _reduce(per_anchor: torch.Tensor, terms: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -157,12 +177,12 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
         d_an = d.masked_fill(~neg, float("inf")).min(1).values
         valid = pos.any(1) & neg.any(1)
         terms = torch.where(valid, _h(d_ap - d_an, margin), torch.zeros_like(d_ap))
-        return _terms(terms, terms, valid)
+        return _terms(terms, terms, valid, margin == "soft")
     if mining == "batch_all":
         cube = _h(d[:, :, None] - d[:, None, :], margin)             # [a, p, n]
         valid = pos[:, :, None] & neg[:, None, :]
         cube = torch.where(valid, cube, torch.zeros_like(cube))
-        return _terms(cube.sum((1, 2)), cube, valid)
+        return _terms(cube.sum((1, 2)), cube, valid, margin == "soft")
     if mining == "semi_hard":
         # "farther" is beyond the tie band of the positive; among the nearest farther ones (within the
         # band of the nearest) the first index
@@ -176,7 +196,7 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
         d_an = torch.where(farther.any(2), nearest_farther, farthest.expand_as(nearest_farther))
         valid = pos & has_neg
         terms = torch.where(valid, _h(d - d_an, margin), torch.zeros_like(d))
-        return _terms(terms.sum(1), terms, valid)
+        return _terms(terms.sum(1), terms, valid, margin == "soft")
     raise ValueError(f"unknown mining {mining!r}")
 
 
@@ -298,7 +318,7 @@ def warp_loss_loop(scores: torch.Tensor, labels: torch.Tensor, margin: float = 1
 
     Returns:
         The reduced loss; with ``return_draws=True`` also a list of ``(row, positive, N, chosen)`` per
-        example, with N = 0 and chosen = −1 where no violator was drawn.
+            example, with N = 0 and chosen = −1 where no violator was drawn.
     """
     s = scores.to(torch.promote_types(scores.dtype, torch.float32))
     B, C = s.shape
@@ -373,7 +393,7 @@ def gram_schmidt_loop(weight: torch.Tensor) -> torch.Tensor:
 def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                              margin: float = 0.2, scale: float = 1.0, decorrelation: str = "auto",
                              decorrelation_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """DGCRL reconstruction, densely (docs/methods.md §3): distances from an explicit (B, C, D) difference.
+    """DGCRL reconstruction, densely (see *Methods › DGCRL and the N-S layer* in the docs): distances from an explicit (B, C, D) difference.
 
     ℓ_i = Σ_{k≠y_i} [m + ‖x̂_i − ĉ_{y_i}‖² − ‖x̂_i − ĉ_k‖²]_+ with x̂ = s·x/‖x‖ and ĉ = s·(Gram-Schmidt rows
     of W) for ``"qr"`` (``"auto"`` with D >= C), else ĉ = s·w/‖w‖; ``"penalty"`` (``"auto"`` with D < C)
@@ -432,6 +452,14 @@ def _comparable(labels: torch.Tensor) -> torch.Tensor:
     return labels.view(torch.int64) if labels.dtype == torch.uint64 else labels.to(torch.int64)
 
 
+def _pow2_scaled(x: torch.Tensor, peak_of: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """fp64 ``x`` times 2**-e, as fp32, where 2**(e-1) <= max|peak_of| < 2**e (per row with ``rows``); zero
+    peaks leave ``x`` as is. Multiplying by a power of two is exact, so every ranking is kept."""
+    peak = peak_of.abs().amax(1, keepdim=True) if rows else peak_of.abs().max()
+    exponent = torch.frexp(peak)[1].long()
+    return (x * torch.pow(2.0, (-exponent).double())).float()
+
+
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8),
                       *, gallery: Optional[torch.Tensor] = None, gallery_labels: Optional[torch.Tensor] = None,
                       metric: str = "cosine", similarity: Optional[torch.Tensor] = None) -> Dict[str, float]:
@@ -442,6 +470,11 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
     stable sort, so equal similarities keep index order (the lower index ranks first); the left-out
     query (no gallery) is dropped from its own ranking; the rank of every relevant item is read off the
     sorted order. O(Q·G) memory and O(Q·G log G) time on purpose. NaN or ±Inf embeddings give NaN metrics.
+
+    The rows are first multiplied by a power of two (exact, rank-preserving): cosine each row by its own,
+    so that its largest entry lies in [0.5, 1); Euclidean both sets by one, from their largest entry. So
+    finite embeddings of any magnitude (fp32 at 1e20, fp64 at 1e300) rank as at unit scale. Euclidean
+    similarity: −fp32(Σ (q − g)²), the differences of the scaled fp32 rows summed in fp64.
 
     Args:
         similarity: optional (Q, G) similarities (higher = ranked earlier) to rank instead of computing
@@ -456,14 +489,18 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
     if not (bool(torch.isfinite(embeddings).all()) and bool(torch.isfinite(g).all())):
         return {name: float("nan") for name in names}
     if similarity is None:
-        q, r = embeddings.detach().float(), g.detach().float()
-        if metric == "cosine":
-            q, r = F.normalize(q, dim=1), F.normalize(r, dim=1)
+        q, r = embeddings.detach().double(), g.detach().double()
+        if metric == "cosine":  # each row times a power of two (exact): no fp32 norm over- or underflows
+            q, r = F.normalize(_pow2_scaled(q, q, rows=True), dim=1), F.normalize(_pow2_scaled(r, r, rows=True), dim=1)
+        else:  # one power of two for both sets: the fp32 rows and their distances stay finite
+            peak = torch.cat([q.abs().reshape(-1), r.abs().reshape(-1)])
+            q, r = _pow2_scaled(q, peak), _pow2_scaled(r, peak)
         r_unique, inverse = torch.unique(r, dim=0, return_inverse=True)
         if metric == "cosine":
             similarity = (q @ r_unique.T)[:, inverse]
-        else:
-            similarity = -((q.unsqueeze(1) - r_unique.unsqueeze(0)) ** 2).sum(-1)[:, inverse]
+        else:  # the squared differences of the fp32 rows, summed in fp64, rounded once to fp32
+            diff = q.double().unsqueeze(1) - r_unique.double().unsqueeze(0)
+            similarity = -(diff * diff).sum(-1).float()[:, inverse]
     n_query, n_gallery = similarity.shape
     order = torch.sort(similarity, dim=1, descending=True, stable=True).indices           # (Q, G)
     relevant = _comparable(g_labels)[order] == _comparable(labels).unsqueeze(1)

@@ -153,15 +153,15 @@ void rank_rows(const float* tile, const int64_t* rel, const float* lowest, int64
         }
         sparse = kept * kSparse < len;
       }
-      // 2. those placed by their keys among the bucket's few keys; the left-out own column skipped
+      // 2. those placed by their keys among the bucket's keys (binary search); the left-out own column skipped
       for (int64_t q = 0; q < n_exact; ++q) {
         const int64_t j = exact[q];
         if (j == own) continue;
         const int64_t key = key_of(j);
         const int64_t b = (order_bits32(row[j]) - low_bits) >> shift;
-        int64_t p = start[b];
-        while (p < start[b + 1] && keys[p] < key) ++p;
-        ++bins[p];
+        // binary search among the bucket's keys: a bucket may hold many (tied similarities put every
+        // relevant key of the row into one bucket), and a linear scan made ties cost O(G·W) per row
+        ++bins[std::lower_bound(keys + start[b], keys + start[b + 1], key) - keys];
       }
       // 3. every other bucket's items at the bucket's position
       for (int64_t b = 0; b <= n_buckets; ++b) {
