@@ -1,5 +1,5 @@
 """Adversarial sweep (slow): random shapes and label patterns, tiny chunk budgets, ties, duplicated rows, huge and
-negative label values, mixed label dtypes, non-contiguous inputs, and every bad input of docs/design.md §6.
+negative label values, mixed label dtypes, non-contiguous inputs, and every bad input of *Design › Bad input*.
 
 Every trial is drawn from its seed alone (``_draw_*(seed)``), so a failure reproduces from the seed printed in
 its message. Each loss is compared in fp64 with :mod:`metricloss.reference` (loss and gradients) on the torch
@@ -471,7 +471,7 @@ def test_sweep_retrieval_metrics():
 
 
 # ----------------------------------------------------------------------------------------------------
-# bad input (docs/design.md §6): TypeError / ValueError naming the argument, before any work
+# bad input (*Design › Bad input*): TypeError / ValueError naming the argument, before any work
 # ----------------------------------------------------------------------------------------------------
 
 X = torch.randn(6, 4)
@@ -580,7 +580,7 @@ def test_bad_input_raises_naming_the_argument(call, exc, arg):
 
 
 def test_nonfinite_inputs_give_nan_not_a_crash():
-    """docs/design.md §5: NaN/Inf propagate to the loss; nothing crashes or hangs (counted as 6 cases)."""
+    """*Design › Numerics*: NaN/Inf propagate to the loss; nothing crashes or hangs (counted as 6 cases)."""
     x = torch.randn(8, 4)
     x[3, 1] = float("nan")
     y = torch.arange(8) % 2

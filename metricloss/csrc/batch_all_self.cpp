@@ -18,8 +18,10 @@
 //      (cancellation-prone: u < slack_i + slack_j, as the chunked path's refinement tests it);
 //   3. the hinge of each view against its anchor's thresholds t_p = d_ap + margin (d_ap as the chunked
 //      path takes it): a slot is active when u < b_p (sqrt_compare_bound: the exact decision
-//      t_p − √u > 0 without the root); the active slots (c of them; counts per slot k_p, packed), c·d
-//      for the loss sum (Σ_p t_p·k_p − Σ c·d once the counts are complete), and the cell's gradient
+//      t_p − √u > 0 without the root); the active slots (c of them; counts per slot k_p, packed), the
+//      hinge terms themselves for the loss sum, Σ_{p active} (t_p − d) (each term exact where d <= t_p <=
+//      2d, Sterbenz; never Σ_p t_p·k_p − Σ c·d, whose two large sums cancel when the hinges are small
+//      against the distances: near-equidistant embeddings lost a quarter of the loss), and the cell's gradient
 //      weight s_ij = ρ_i·W~(−c_ij, d_ij) + ρ_j·W~(−c_ji, d_ji) (W~ as scale_weight, ρ the optional
 //      per-anchor upstream scale; one √ and one division per cell, see self_pair_cell), written over G,
 //      and its row and column sums (ws);
@@ -82,6 +84,7 @@ struct SelfPairArgs {
   const T* cls;    // (N,) class ids, as T (exact: checked by the driver)
   const T* bnd;    // (4·GROUPS, N) bounds on u of the thresholds d_ap + margin (sqrt_compare_bound), slot-major;
                    // 0 (never active) for padding and invalid slots
+  const T* thr;    // (4·GROUPS, N) the thresholds t_p = d_ap + margin, slot-major; -inf for padding and invalid slots
   const T* scale;  // (N,) upstream scale per anchor (ones without one)
   int64_t n, dim;
 };
@@ -104,15 +107,18 @@ inline T exact_entry(const SelfPairArgs<T>& A, int64_t i, int64_t j) {
   return acc < T(0) ? T(0) : acc;
 }
 
-// Four slots of one view of a cell: the active count and the packed active bits. A slot is active when
-// u < b_p, b_p the slot's bound on the squared distance (see sqrt_compare_bound): the same decision as
-// t_p − √u > 0, without the square root. Branch-free: it runs inside the vectorised cell loop.
+// Four slots of one view of a cell: the active count, the hinge terms t_p − d of the active slots and the
+// packed active bits. A slot is active when u < b_p, b_p the slot's bound on the squared distance (see
+// sqrt_compare_bound): the same decision as t_p − √u > 0, without the square root. Branch-free: it runs
+// inside the vectorised cell loop (inactive slots select 0, never t_p − d: t_p is -inf for invalid ones).
 template <typename T>
-inline void active4(T u, bool neg, T b0, T b1, T b2, T b3, T& count, typename PackedCounts<T>::type& packed) {
+inline void active4(T u, T d, bool neg, T b0, T b1, T b2, T b3, T t0, T t1, T t2, T t3, T& count, T& hinge,
+                    typename PackedCounts<T>::type& packed) {
   using Cnt = typename PackedCounts<T>::type;
   constexpr int kBits = PackedCounts<T>::kBits;
   const bool a0 = neg & (u < b0), a1 = neg & (u < b1), a2 = neg & (u < b2), a3 = neg & (u < b3);
   count += ((a0 ? T(1) : T(0)) + (a1 ? T(1) : T(0))) + ((a2 ? T(1) : T(0)) + (a3 ? T(1) : T(0)));
+  hinge += ((a0 ? t0 - d : T(0)) + (a1 ? t1 - d : T(0))) + ((a2 ? t2 - d : T(0)) + (a3 ? t3 - d : T(0)));
   packed = ((a0 ? Cnt(1) : Cnt(0)) | (a1 ? (Cnt(1) << kBits) : Cnt(0))) |
            ((a2 ? (Cnt(1) << (2 * kBits)) : Cnt(0)) | (a3 ? (Cnt(1) << (3 * kBits)) : Cnt(0)));
 }
@@ -172,15 +178,16 @@ struct SelfPairBlockArrays {
   T* csum;                                // (cb,) column hinge sums
   T* cws;                                 // (cb,) column weight sums
   typename PackedCounts<T>::type* cpack;  // (GROUPS, cb) column packed counts
-  T* rowh;                                // (cb,) the row's hinge sum per cell
+  T* rowh;                                // (cb,) the row's hinge terms per cell
   T* rowws;                               // (cb,) the row's weight per cell
   typename PackedCounts<T>::type* rowpk;  // (GROUPS, cb) the row's packed bits per cell
 };
 
-// A row's bounds b for 4·GROUPS slots (a column's are slot-major in SelfPairArgs::bnd).
+// A row's bounds b and thresholds t for 4·GROUPS slots (a column's are slot-major in SelfPairArgs::bnd, ::thr).
 template <typename T>
 struct RowSlots {
   T b[12];
+  T t[12];
 };
 
 // One cell (i, j), i < j: both views (steps 2-3 above), results into the block arrays at jc = j − j0.
@@ -194,7 +201,7 @@ struct RowSlots {
 // and counts not at all. The scalar cell (REFINE, rows with a small entry) takes both roots.
 template <typename T, int GROUPS, int64_t KIND, bool WEIGHTS, bool REFINE>
 inline void self_pair_cell(const SelfPairArgs<T>& A, const T* __restrict sq, const T* __restrict slack,
-                           const T* __restrict cls, const T* __restrict bnd,
+                           const T* __restrict cls, const T* __restrict bnd, const T* __restrict thr,
                            const T* __restrict scale, int64_t n, T* __restrict prow, int64_t i, int64_t j, int64_t jc,
                            int64_t cb, T ni, T si, T ci, T rsi, const RowSlots<T>& R, const SelfPairBlockArrays<T>& B) {
   using Cnt = typename PackedCounts<T>::type;
@@ -211,31 +218,33 @@ inline void self_pair_cell(const SelfPairArgs<T>& A, const T* __restrict sq, con
   }
   const T dr = KIND == kEuclidean ? std::sqrt(ur) : ur;
   const T dc = KIND == kEuclidean ? (REFINE ? std::sqrt(uc) : dr) : uc;
-  const T* bc = bnd + j;  // the column anchor's bounds, slot-major
-  T crow = 0, ccol = 0;
+  const T* bc = bnd + j;  // the column anchor's bounds and thresholds, slot-major
+  const T* tc = thr + j;
+  T crow = 0, ccol = 0, hrow = 0, hcol = 0;
   Cnt r0, c0;
-  active4(ur, neg, R.b[0], R.b[1], R.b[2], R.b[3], crow, r0);
-  active4(uc, neg, bc[0], bc[n], bc[2 * n], bc[3 * n], ccol, c0);
+  active4(ur, dr, neg, R.b[0], R.b[1], R.b[2], R.b[3], R.t[0], R.t[1], R.t[2], R.t[3], crow, hrow, r0);
+  active4(uc, dc, neg, bc[0], bc[n], bc[2 * n], bc[3 * n], tc[0], tc[n], tc[2 * n], tc[3 * n], ccol, hcol, c0);
   B.rowpk[jc] = r0;
   B.cpack[jc] += c0;
   if (GROUPS > 1) {
     Cnt r1, c1;
-    active4(ur, neg, R.b[4], R.b[5], R.b[6], R.b[7], crow, r1);
-    active4(uc, neg, bc[4 * n], bc[5 * n], bc[6 * n], bc[7 * n], ccol, c1);
+    active4(ur, dr, neg, R.b[4], R.b[5], R.b[6], R.b[7], R.t[4], R.t[5], R.t[6], R.t[7], crow, hrow, r1);
+    active4(uc, dc, neg, bc[4 * n], bc[5 * n], bc[6 * n], bc[7 * n], tc[4 * n], tc[5 * n], tc[6 * n], tc[7 * n],
+            ccol, hcol, c1);
     B.rowpk[cb + jc] = r1;
     B.cpack[cb + jc] += c1;
   }
   if (GROUPS > 2) {
     Cnt r2, c2;
-    active4(ur, neg, R.b[8], R.b[9], R.b[10], R.b[11], crow, r2);
-    active4(uc, neg, bc[8 * n], bc[9 * n], bc[10 * n], bc[11 * n], ccol, c2);
+    active4(ur, dr, neg, R.b[8], R.b[9], R.b[10], R.b[11], R.t[8], R.t[9], R.t[10], R.t[11], crow, hrow, r2);
+    active4(uc, dc, neg, bc[8 * n], bc[9 * n], bc[10 * n], bc[11 * n], tc[8 * n], tc[9 * n], tc[10 * n],
+            tc[11 * n], ccol, hcol, c2);
     B.rowpk[2 * cb + jc] = r2;
     B.cpack[2 * cb + jc] += c2;
   }
-  // the distance part of the hinge sums, Σ c·d per view (the threshold part, Σ_p t_p·k_p, comes from the
-  // counts after the panels)
-  B.rowh[jc] = crow * dr;
-  B.csum[jc] += ccol * dc;
+  // the hinge terms of each view, Σ_{p active} (t_p − d)
+  B.rowh[jc] = hrow;
+  B.csum[jc] += hcol;
   if (WEIGHTS) {
     // s = ρ_i·W~(−c_ij, d_ij) + ρ_j·W~(−c_ji, d_ji), with W~ as scale_weight (0 where not finite: a zero
     // distance, the subgradient); Euclidean over one division (REFINE: each view over its own root)
@@ -278,7 +287,7 @@ struct SelfPairScratch {
 
 // Global per-anchor results of the column views (each block owns its columns) and of the rows.
 struct SelfPairTotals {
-  double* sum;   // (N,) Σ c·d over the anchor's cells (the distance part of its hinge sum)
+  double* sum;   // (N,) the anchor's hinge sum, Σ (t_p − d) over its active cells and slots
   double* ws;    // (N,) weight sums (the rowsum/colsum term of the gradient)
   int64_t* cnt;  // (N, slots) active counts per slot
   int64_t slots;
@@ -302,6 +311,7 @@ inline __attribute__((always_inline)) void self_pair_block_impl(const SelfPairAr
   const T* __restrict slack = A.slack;
   const T* __restrict cls = A.cls;
   const T* __restrict bnd = A.bnd;
+  const T* __restrict thr = A.thr;
   const T* __restrict scale = A.scale;
   const int64_t n = A.n;
   for (int64_t ii = 0; ii < t; ++ii) {
@@ -314,7 +324,10 @@ inline __attribute__((always_inline)) void self_pair_block_impl(const SelfPairAr
     const T ni = sq[i], si = slack[i], ci = cls[i];
     const T rsi = scale[i];
     RowSlots<T> R;
-    for (int k = 0; k < 12; ++k) R.b[k] = k < kSlots ? bnd[k * n + i] : T(0);
+    for (int k = 0; k < 12; ++k) {
+      R.b[k] = k < kSlots ? bnd[k * n + i] : T(0);
+      R.t[k] = k < kSlots ? thr[k * n + i] : -std::numeric_limits<T>::infinity();
+    }
     // a. is any negative entry of the segment small, in either view? (rare: then the scalar loop)
     int small = 0;
 #pragma omp simd reduction(| : small)
@@ -329,11 +342,11 @@ inline __attribute__((always_inline)) void self_pair_block_impl(const SelfPairAr
     if (!small) {
 #pragma omp simd
       for (int64_t j = jb; j < j1; ++j)
-        self_pair_cell<T, GROUPS, KIND, WEIGHTS, false>(A, sq, slack, cls, bnd, scale, n, prow, i, j, j - j0, cb,
+        self_pair_cell<T, GROUPS, KIND, WEIGHTS, false>(A, sq, slack, cls, bnd, thr, scale, n, prow, i, j, j - j0, cb,
                                                           ni, si, ci, rsi, R, B);
     } else {
       for (int64_t j = jb; j < j1; ++j)
-        self_pair_cell<T, GROUPS, KIND, WEIGHTS, true>(A, sq, slack, cls, bnd, scale, n, prow, i, j, j - j0, cb,
+        self_pair_cell<T, GROUPS, KIND, WEIGHTS, true>(A, sq, slack, cls, bnd, thr, scale, n, prow, i, j, j - j0, cb,
                                                          ni, si, ci, rsi, R, B);
     }
     T rsum = 0, rws = 0;
@@ -527,8 +540,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_self(
     std::vector<T> ones;
     if (!scale.has_value()) ones.assign(n, T(1));
     const T* rs = scale.has_value() ? scale->data_ptr<T>() : ones.data();
-    SelfPairArgs<T> A{x.data_ptr<T>(), sq.data_ptr<T>(), slack.data_ptr<T>(), cls.data_ptr<T>(), bnd.data(), rs,
-                      n, dim};
+    SelfPairArgs<T> A{x.data_ptr<T>(), sq.data_ptr<T>(), slack.data_ptr<T>(), cls.data_ptr<T>(), bnd.data(),
+                      thr.data(), rs, n, dim};
     SelfPairTotals tot{sums.data_ptr<double>(), wsum.data_ptr<double>(), counts.data_ptr<int64_t>(), slots};
     auto run = [&](auto groups_c, auto kind_c) {
       constexpr int G = decltype(groups_c)::value;
@@ -552,15 +565,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_self(
       by_kind(std::integral_constant<int, 2>());
     else
       by_kind(std::integral_constant<int, 3>());
-    // the hinge sums: Σ_p Σ_{n active} (t_p − d_n) = Σ_p t_p·k_p − Σ_n c_n·d_n, the panels gave the second
-    for (int64_t i = 0; i < n; ++i) {
-      double thresholds = 0.0;
-      for (int64_t k = 0; k < width; ++k) {
-        const int64_t c = tot.cnt[i * slots + k];
-        if (c > 0) thresholds += static_cast<double>(thr[k * n + i]) * static_cast<double>(c);
-      }
-      tot.sum[i] = thresholds - tot.sum[i];
-    }
     if (want_grad) {
       // the positive pairs: weight ρ_i·W~(k_p, d_ap) on (i, p), into both rows' accumulators
       T* ac = acc.data_ptr<T>();

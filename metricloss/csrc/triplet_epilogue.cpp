@@ -134,7 +134,7 @@ inline void batch_all_row(T* row, int64_t m, const T* ap, const int64_t* mem, co
           const T z = thr[v] - d;
           const T s = softplus(z);
           row_sum += s;
-          row_count += (s != T(0));
+          row_count += (z == z);  // softplus(z) > 0 for every z: counted whether or not exp(z) underflowed
           if (want_weights) {
             const T g = sigmoid(z);
             pos_acc[v] += g;

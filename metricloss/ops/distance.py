@@ -1,6 +1,6 @@
 """Distances, written once and shared by every loss, miner and kernel driver.
 
-Three distances (docs/design.md §2), all computed in the accumulation dtype (fp32, or fp64 for fp64 input):
+Three distances (see *Design › Semantics and defaults* in the docs), all computed in the accumulation dtype (fp32, or fp64 for fp64 input):
 
 ================== ====================== =========================================================
 name               value                  notes
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,8 @@ __all__ = [
     "prepare_embeddings",
     "promote_pair",
     "squared_norms",
+    "sqrt_rn",
+    "sqrt_rn_",
     "safe_sqrt",
     "paired_distance",
     "may_have_duplicate_rows",
@@ -93,14 +96,71 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(x, x, dim=1)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The square root of every distance that enters a decision: correctly rounded, on every path.
+#
+# torch's CPU ``sqrt`` is not correctly rounded (torch 2.13: 1 ulp off for ~20% of fp32 and ~1.4% of fp64
+# inputs, at every ATEN_CPU_CAPABILITY), while C++ ``std::sqrt`` (the native ops), CUDA's ``sqrt`` and
+# numpy's are. A decision t − √u > 0 at a tie (margin 0, a cross-class duplicate, zero rows) or at a
+# rounding-level tie then went one way on one path and the other way on another. Every path therefore takes
+# the correctly rounded root: the native ops ``std::sqrt`` (and bounds on u that assume it), the torch path
+# and the dense reference :func:`sqrt_rn` / :func:`sqrt_rn_`, which on CPU compute it with numpy (the same
+# memory, no copy) and elsewhere are ``torch.sqrt`` (no extra kernel where the device's root is already
+# correct; the choice is static, by device). Under ``torch.compile`` the compiled code's root is taken.
+# ----------------------------------------------------------------------------------------------------
+
+def _numpy_root(u: torch.Tensor) -> bool:
+    """Whether :func:`sqrt_rn` computes √u with numpy: CPU fp32/fp64, eager (not traced or compiled)."""
+    return (u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64) and u.layout == torch.strided
+            and not u.is_conj() and not torch.compiler.is_compiling() and type(u) is torch.Tensor
+            and not torch._C._functorch.is_functorch_wrapped_tensor(u))
+
+
+def sqrt_rn_(u: torch.Tensor) -> torch.Tensor:
+    """√u in place, correctly rounded (round to nearest), on any device; no autograd. Returns ``u``."""
+    if _numpy_root(u):
+        arr = u.detach().numpy()
+        np.sqrt(arr, out=arr)
+        return u
+    return u.sqrt_()
+
+
+class _SqrtRN(torch.autograd.Function):
+    """√u correctly rounded (numpy) with torch.sqrt's gradient, grad / (2√u)."""
+
+    @staticmethod
+    def forward(u):
+        out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        np.sqrt(u.detach().numpy(), out=out.numpy())
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (root,) = ctx.saved_tensors
+        return grad / (2.0 * root)
+
+
+def sqrt_rn(u: torch.Tensor) -> torch.Tensor:
+    """√u correctly rounded (round to nearest) on any device, differentiable as ``torch.sqrt``."""
+    if not _numpy_root(u):
+        return torch.sqrt(u)
+    if torch.is_grad_enabled() and u.requires_grad:
+        return _SqrtRN.apply(u)
+    return sqrt_rn_(u.clone(memory_format=torch.contiguous_format))
+
+
 def safe_sqrt(u: torch.Tensor) -> torch.Tensor:
-    """√u with value 0 and gradient 0 where u <= 0; NaN propagates.
+    """√u (correctly rounded, :func:`sqrt_rn`) with value 0 and gradient 0 where u <= 0; NaN propagates.
 
     The inner ``where`` keeps √0's infinite derivative out of the graph (otherwise 0·inf = NaN in
     backward); the comparison is written as ``~(u <= 0)`` so a NaN stays NaN instead of becoming 0.
     """
     keep = ~(u <= 0)
-    return torch.where(keep, torch.sqrt(torch.where(keep, u, torch.ones_like(u))), torch.zeros_like(u))
+    return torch.where(keep, sqrt_rn(torch.where(keep, u, torch.ones_like(u))), torch.zeros_like(u))
 
 
 def paired_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
@@ -116,10 +176,13 @@ def paired_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Te
     if distance == "cosine":
         return 1.0 - torch.linalg.vecdot(a, b, dim=-1)
     diff = a - b
+    sq = torch.linalg.vecdot(diff, diff, dim=-1)
     if distance == "euclidean":
-        # one fused reduction (no squared temporary); its gradient at a == b is 0, the subgradient
-        return torch.linalg.vector_norm(diff, dim=-1)
-    return torch.linalg.vecdot(diff, diff, dim=-1)
+        # the correctly rounded root of the same sum of squares as the squared kind, the refinement and the
+        # dense reference (not vector_norm, whose own summation order differs in the last bit); gradient 0
+        # at a == b, the subgradient
+        return safe_sqrt(sq)
+    return sq
 
 
 _HASH_ROWS = 8192  # rows hashed at once: an (8192, D) int64 temporary
@@ -266,7 +329,7 @@ class GramFactors:
         if self.self_ref:
             own = _row_indices(rows, u.device)
             u[torch.arange(u.shape[0], device=u.device), own] = 0.0
-        return u.sqrt_() if self.distance == "euclidean" else u
+        return sqrt_rn_(u) if self.distance == "euclidean" else u
 
     def refine(self, u: torch.Tensor, rows: Rows, track: bool = False) -> torch.Tensor:
         """Recompute the small entries of a (c, M) block of squared distances exactly (one device read)."""

@@ -39,7 +39,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .distance import (GramFactors, Rows, gram_backward, paired_distance, scale_distance_weights_)
+from .distance import (GramFactors, Rows, gram_backward, paired_distance, scale_distance_weights_, sqrt_rn_)
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index, use_sorted_semi_hard)
@@ -80,6 +80,13 @@ def _hinge(z: torch.Tensor, margin: Margin) -> torch.Tensor:
     return F.softplus(z) if margin == "soft" else F.relu(z + margin)
 
 
+def _nonzero_terms(terms: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, margin: Margin) -> torch.Tensor:
+    """Which valid terms count as nonzero: h > 0, or for the soft margin every term with z not NaN
+    (softplus(z) > 0 for every z: the count must not depend on whether exp(z) underflowed, which differs
+    between torch's exp and C++'s). One rule for every path and the dense reference."""
+    return valid & ((z == z) if margin == "soft" else (terms > 0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # batch-hard: indices, then exact recompute with autograd
 # ----------------------------------------------------------------------------------------------------
@@ -112,8 +119,9 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
     # which also zeroes its gradient.
     d_ap = paired_distance(a, r[pos_idx.clamp_min(0)], distance)
     d_an = paired_distance(a, r[neg_idx.clamp_min(0)], distance)
-    terms = torch.where(valid, _hinge(d_ap - d_an, margin), torch.zeros_like(d_ap))
-    return LossTerms(terms, valid.sum(), (terms > 0).sum())
+    z = d_ap - d_an
+    terms = torch.where(valid, _hinge(z, margin), torch.zeros_like(d_ap))
+    return LossTerms(terms, valid.sum(), _nonzero_terms(terms, z, valid, margin).sum())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,7 +177,8 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
                 slope = torch.sigmoid(term) if want_weights else None
                 soft = F.softplus(term)
                 sums += soft.sum(1)
-                nonzero += torch.count_nonzero(soft, dim=1)
+                # nonzero: every visible negative of a valid slot (z > -inf), whatever softplus rounded to
+                nonzero += (term > float("-inf")).sum(1)
                 if want_weights:
                     pos_weight[:, k] = slope.sum(1)
                     neg_weight.sub_(slope)
@@ -238,7 +247,8 @@ class _PairRows:
         if self.distance == "cosine":
             d = 1.0 - torch.linalg.vecdot(a3, rows, dim=-1)
         elif self.distance == "euclidean":
-            d = torch.linalg.vector_norm(rows.sub_(a3), dim=-1)
+            e = rows.sub_(a3)
+            d = sqrt_rn_(torch.linalg.vecdot(e, e, dim=-1))
         else:
             e = rows.sub_(a3)
             d = torch.linalg.vecdot(e, e, dim=-1)
@@ -255,7 +265,7 @@ def _semi_hard_terms(a_c: torch.Tensor, r: torch.Tensor, members: torch.Tensor, 
     d_an = pairs.gather(1, neg_idx)
     z = d_ap - d_an
     terms = torch.where(valid, _hinge(z, margin), torch.zeros_like(z))
-    sums, nonzero = terms.sum(1), torch.count_nonzero(terms, dim=1)
+    sums, nonzero = terms.sum(1), _nonzero_terms(terms, z, valid, margin).sum(1)
     if not want_weights:
         return sums, nonzero, None
     slope = torch.sigmoid(z) if margin == "soft" else (z + margin > 0).to(z.dtype)
@@ -565,7 +575,7 @@ def _self_positive_distances(plan: _BlockTripletPlan, a: torch.Tensor, members: 
     else:
         u = ((g + gram.a_sq.unsqueeze(1)) + gram.a_sq[members]).clamp_min_(0)
     small = u < gram.a_slack.unsqueeze(1) + gram.r_slack[members]
-    d = u.sqrt_() if plan.distance == "euclidean" else u
+    d = sqrt_rn_(u) if plan.distance == "euclidean" else u  # correctly rounded: the op's bounds assume it
     i, k = small.nonzero(as_tuple=True)  # the one device read
     if i.numel():
         d[i, k] = paired_distance(a[i], a[members[i, k]], plan.distance)

@@ -31,7 +31,7 @@ def assert_loss_and_grads_match(x, y, ref, kwargs, upstream_seed=0, atol=1e-9):
     With duplicated rows, ties between identical candidates may route a gradient to either copy, so
     gradients are compared summed over groups of identical rows; with margin 0 a duplicate can also put a
     hinge exactly at its kink (m + d_ap − d_an = 0), where either subgradient is right, so only values are
-    compared then (docs/design.md §5: tie-free inputs, or compare values).
+    compared then (*Design › Numerics*: tie-free inputs, or compare values).
     """
     inputs = [x] + ([ref[0]] if ref[0] is not None else [])
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
