@@ -1,6 +1,6 @@
 """metricloss: exact, fast and memory-lean metric-learning losses for PyTorch.
 
-Flat public API (docs/design.md §1)::
+Flat public API (see *Design › Public API* in the docs)::
 
     import metricloss as ml
     import metricloss.functional as MF

@@ -1,4 +1,4 @@
-"""Backend selection shared by every op (docs/design.md §4).
+"""Backend selection shared by every op (see *Design › Backends* in the docs).
 
 ``backend="auto" | "torch" | "triton" | "reference"``:
 

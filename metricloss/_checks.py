@@ -1,6 +1,6 @@
 """Input validation shared by every loss, with messages that name the argument and the expected form.
 
-Every public entry point validates before doing any work (docs/design.md §6): a bad argument raises
+Every public entry point validates before doing any work (see *Design › Bad input* in the docs): a bad argument raises
 ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, range or option), never a
 bare ``IndexError`` or a device-side assert. Checks never synchronise with the device except where a
 value range must be read (label ranges), which is documented at the call site.

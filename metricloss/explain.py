@@ -1,8 +1,8 @@
 """Attention maps for retrieval and classification networks without changing the network: L2-CAF.
 
 L2-CAF, the L2-normalised constrained attention filter (Taha, Yang, Shrivastava, Davis, "A generic
-visualization approach for convolutional neural networks", ECCV 2020; docs/methods.md, the toolbox
-section): a spatial filter f ∈ R^{H×W} is multiplied, as f / ‖f‖₂, into the last convolutional feature map
+visualization approach for convolutional neural networks", ECCV 2020; see *Retrieval toolbox* in the
+docs): a spatial filter f ∈ R^{H×W} is multiplied, as f / ‖f‖₂, into the last convolutional feature map
 A (broadcast over the channels), and optimised so that the rest of the network (the *head*) still gives
 its output::
 

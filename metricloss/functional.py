@@ -111,11 +111,12 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
         embeddings: (N, D) anchors, any float dtype (mined in fp32 at least). Not normalised here
             (``"cosine"`` is scale-free); normalise first if your loss does.
         labels: (N,) integer labels (any integer dtype; compared with ``ref_labels`` in their common dtype).
-        ref_embeddings, ref_labels: optional reference set (M, D), (M,). Without it the anchors are mined
-            against each other and an anchor is never its own positive (excluded by index). A reference
-            set of another float dtype is promoted with the anchors to their common dtype.
+        ref_embeddings: optional (M, D) reference set. Without it the anchors are mined against each other
+            and an anchor is never its own positive (excluded by index). A reference set of another float
+            dtype is promoted with the anchors to their common dtype.
+        ref_labels: (M,) integer labels of ``ref_embeddings`` (given with it).
         distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (docs/design.md §4).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (see *Design › Backends* in the docs).
         chunk_bytes: memory budget of one anchor chunk's temporaries (default 64 MiB).
         ref_self_index: optional (N,) integer tensor: entry i is the reference row that *is* anchor i
             (never its positive, never its negative; excluded by index), or -1 where it has none. Default:
@@ -299,7 +300,7 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
     positive set. A negative j *violates* when z_j = s_j + (m − s_p) > 0 (strict; the positive itself is
     never a violator). L(k) is the rank weight (harmonic: L(k) = Σ_{j≤k} 1/j, L(0) = 0).
 
-    Provenance (docs/methods.md §1, §9): the harmonic L and the ⌊(Y − 1)/N⌋ estimate are confirmed by
+    Provenance (see *Methods › WARP* and *Methods › Provenance* in the docs): the harmonic L and the ⌊(Y − 1)/N⌋ estimate are confirmed by
     independent implementations, not by the paper's text. For multi-hot rows, |𝒩| replaces the paper's
     Y − 1 in the rank estimate and the trial cap. That is our reconstruction [U]: the paper states Y.
 
@@ -469,7 +470,7 @@ def centralized_ranking_loss(embeddings: torch.Tensor, labels: torch.Tensor, wei
                              class_chunk: Optional[int] = None) -> torch.Tensor:
     """Decorrelated global centralized ranking loss (DGCRL, Zheng et al. AAAI 2019): **our reconstruction**.
 
-    The paper's formulas were not available; this implements the reconstruction of docs/methods.md §3:
+    The paper's formulas were not available; this implements the reconstruction of *Methods › DGCRL and the N-S layer* in the docs:
     N-S features x̂_i = s·x_i/‖x_i‖ and centres ĉ_k = s·w_k/‖w_k‖, and per sample
     ``ℓ_i = Σ_{k≠y_i} [margin + ‖x̂_i − ĉ_{y_i}‖² − ‖x̂_i − ĉ_k‖²]_+`` against all C centres.
 
@@ -644,7 +645,7 @@ def mean_singular_value(embeddings: torch.Tensor, normalize: bool = True, method
         s_μ = (σ_1 + … + σ_r) / r
 
     It lies in :func:`svmax_bounds` (b, d) for unit rows: √b / r when every row points the same way, up to
-    √(b / r) when the rows spread evenly (docs/methods.md §6).
+    √(b / r) when the rows spread evenly (see *Methods › SVMax* in the docs).
 
     Args:
         embeddings: (b, d) float tensor, any float dtype; computed in fp32 at least (fp64 for fp64).
@@ -699,7 +700,8 @@ def svmax_regularizer(embeddings: torch.Tensor, weight: float = 1.0, normalize: 
         embeddings: (b, d) float tensor.
         weight: λ >= 0 (default 1.0). The authors give no default; the paper relates λ to the range of the
             ranking loss and to :func:`svmax_bounds`.
-        normalize, method: as :func:`mean_singular_value`.
+        normalize: as :func:`mean_singular_value`.
+        method: as :func:`mean_singular_value`.
 
     Returns:
         A () tensor in fp32 (fp64 for fp64 input).
@@ -726,7 +728,9 @@ def two_head_loss(logits: torch.Tensor, embeddings: torch.Tensor, labels: torch.
         embeddings: (B, D) float embeddings of the embedding head.
         labels: (B,) integer class labels in [0, C).
         triplet_weight: λ >= 0 (default 1.0).
-        margin, distance, normalize: as :func:`triplet_loss`.
+        margin: as :func:`triplet_loss`.
+        distance: as :func:`triplet_loss`.
+        normalize: as :func:`triplet_loss`.
         mining: ``"semi_hard"`` (default) or ``"batch_hard"``.
 
     Returns:

@@ -1,7 +1,7 @@
 """Shared test setup.
 
 TRITON_INTERPRET must be set before anything imports triton: the flag is read when ``@triton.jit``
-decorates a kernel (docs/kernels.md §6), so kernels run on CPU tensors under the interpreter in the tests.
+decorates a kernel (*Kernels › Testing Triton without a GPU*), so kernels run on CPU tensors under the interpreter in the tests.
 """
 
 import os

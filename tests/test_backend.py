@@ -1,4 +1,4 @@
-"""Backend selection (docs/design.md §4): auto, the environment override, loud fallbacks, triton on CPU.
+"""Backend selection (*Design › Backends*): auto, the environment override, loud fallbacks, triton on CPU.
 
 Triton is installed in the test environment; "Triton absent" is simulated by patching ``triton_available``.
 """

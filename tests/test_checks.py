@@ -1,4 +1,4 @@
-"""Every input check raises TypeError/ValueError naming the argument, before any work (docs/design.md §6)."""
+"""Every input check raises TypeError/ValueError naming the argument, before any work (*Design › Bad input*)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The documentation a user gets: forward docstrings, and the docs/ sections the code cites."""
+"""The documentation a user gets: forward docstrings, and the docs site sections the code cites (*Page › Section*)."""
 
 import glob
 import inspect
@@ -35,45 +35,96 @@ def test_forward_docstring_documents_arguments_shapes_and_return(module):
     assert doc.splitlines()[0] in rendered and "Define the computation" not in rendered
 
 
+CITATION = re.compile(r"\*([A-Z][^*›\n]*?) › ([^*\n]+?)\*")           # *Page › Section*
+PAGE_CITATION = re.compile(r"\*([A-Z][^*›\n]*?)\*\s+in\s+the\s+docs")   # *Page* in the docs
+OLD_CITATION = re.compile(r"docs/\w+\.md\s*§")                           # the old file-and-number form
+CODE_FOLDERS = ("metricloss", "tests", "benchmarks", "examples")
+
+
+def _code_files():
+    this = os.path.abspath(__file__)  # its own docstrings show the forms, they cite nothing
+    return [p for folder in CODE_FOLDERS for p in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)
+            if os.path.abspath(p) != this]
+
+
+def _site_headings():
+    """{page title (its ``# `` heading): {section headings}} for every page of the docs site."""
+    pages = {}
+    for path in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            text = re.sub(r"```.*?```", "", f.read(), flags=re.S)  # no headings inside code blocks
+        titles = re.findall(r"^# (.+?)\s*$", text, re.M)
+        assert len(titles) == 1, f"{os.path.relpath(path, ROOT)} must have exactly one '# ' title, has {titles}"
+        sections = {h.replace("`", "") for h in re.findall(r"^#{2,4} (.+?)\s*$", text, re.M)}
+        pages[titles[0].replace("`", "")] = sections
+    return pages
+
+
 def _cited_sections():
-    """Every ``docs/<name>.md §N`` cited in the package, tests, benchmarks, examples and README."""
+    """Every ``*Page › Section*`` (and ``*Page* in the docs``) cited in the package, tests, benchmarks and examples."""
     cited = {}
-    files = [os.path.join(ROOT, "README.md")] + [
-        p for folder in ("metricloss", "tests", "benchmarks", "examples", "docs")
-        for p in glob.glob(os.path.join(ROOT, folder, "**", "*.*"), recursive=True)
-        if p.endswith((".py", ".md"))]
-    for path in files:
+    for path in _code_files():
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        for doc, sections in re.findall(r"docs/(\w+)\.md((?:\s*(?:§|,|and)\s*\d+)+)", text):
-            for number in re.findall(r"\d+", sections):
-                cited.setdefault((doc, int(number)), set()).add(os.path.relpath(path, ROOT))
+        where = os.path.relpath(path, ROOT)
+        for page, section in CITATION.findall(text):
+            cited.setdefault((page, section), set()).add(where)
+        for page in PAGE_CITATION.findall(text):
+            cited.setdefault((page, None), set()).add(where)
     return cited
 
 
 def test_code_cites_docs_sections():
     cited = _cited_sections()
     # the discovery itself works: these citations exist in the package today
-    assert ("design", 4) in cited and ("methods", 1) in cited and ("kernels", 6) in cited
+    assert ("Design", "Backends") in cited and ("Methods", "WARP") in cited
+    assert ("Kernels", "Testing Triton without a GPU") in cited and ("Retrieval toolbox", None) in cited
 
 
 def test_every_cited_docs_section_exists():
+    pages = _site_headings()
     missing = []
-    for (doc, number), where in sorted(_cited_sections().items()):
-        path = os.path.join(ROOT, "docs", f"{doc}.md")
-        assert os.path.exists(path), f"docs/{doc}.md is cited by {sorted(where)} but does not exist"
-        with open(path, encoding="utf-8") as f:
-            headings = re.findall(r"^## (\d+)\. ", f.read(), re.M)
-        if str(number) not in headings:
-            missing.append(f"docs/{doc}.md §{number} (cited by {sorted(where)})")
+    for (page, section), where in sorted(_cited_sections().items(), key=str):
+        if page not in pages:
+            missing.append(f"page *{page}* (cited by {sorted(where)}) is no docs page title: {sorted(pages)}")
+        elif section is not None and section not in pages[page]:
+            missing.append(f"*{page} › {section}* (cited by {sorted(where)}): no such heading; {sorted(pages[page])}")
     assert not missing, missing
+
+
+def test_no_citation_of_docs_files_by_number():
+    """Docstrings name site sections, never ``docs/<file>.md §N`` (docs/ is not in the wheel)."""
+    own = {os.path.join(ROOT, "tests", name) for name in ("test_docs.py", "test_packaging.py")}
+    old = [f"{os.path.relpath(p, ROOT)}: {m.group(0)!r}" for p in _code_files() if p not in own
+           for m in OLD_CITATION.finditer(open(p, encoding="utf-8").read())]
+    assert not old, old
+
+
+def test_docstrings_link_nowhere_outside_the_project():
+    bad = [f"{os.path.relpath(p, ROOT)}: {m.group(0)}"
+           for p in glob.glob(os.path.join(ROOT, "metricloss", "**", "*.py"), recursive=True)
+           for m in re.finditer(r"https?://\S+", open(p, encoding="utf-8").read())]
+    assert not bad, bad
+
+
+GUIDE_PAGES = ["triplet", "warp", "centroid", "cosine", "scale-out", "toolbox", "metrics", "numerics", "native",
+               "benchmarks", "main-job", "gpu", "design", "methods", "kernels"]
 
 
 def test_readme_links_the_docs():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    for doc in ("design", "methods", "kernels"):
-        assert f"(docs/{doc}.md)" in readme
+    for doc in GUIDE_PAGES:
+        assert os.path.exists(os.path.join(ROOT, "docs", f"{doc}.md")), doc
+        assert f"(docs/{doc}.md)" in readme, f"README does not link docs/{doc}.md"
+
+
+def test_every_docs_page_is_in_the_site_nav():
+    with open(os.path.join(ROOT, "mkdocs.yml"), encoding="utf-8") as f:
+        config = f.read()
+    for path in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True):
+        rel = os.path.relpath(path, os.path.join(ROOT, "docs")).replace(os.sep, "/")
+        assert re.search(rf":\s+{re.escape(rel)}\s*$", config, re.M), f"docs/{rel} is not in mkdocs.yml's nav"
 
 
 def _signature_text(obj):
@@ -87,10 +138,15 @@ def _signature_text(obj):
     return ", ".join(parts)
 
 
-@pytest.mark.parametrize("page", ["docs/design.md", "README.md"])
-@pytest.mark.parametrize("name", ["TripletLoss", "WARPLoss", "CentroidTripletLoss", "NormalizeScale", "CosineClassifier",
-                                  "NormSoftmaxLoss", "CentralizedRankingLoss"])
+GUIDE_PAGE_OF = {"TripletLoss": "triplet", "WARPLoss": "warp", "CentroidTripletLoss": "centroid",
+                 "NormalizeScale": "cosine", "CosineClassifier": "cosine", "NormSoftmaxLoss": "cosine",
+                 "CentralizedRankingLoss": "cosine"}
+
+
+@pytest.mark.parametrize("page", ["design", "guide"])
+@pytest.mark.parametrize("name", sorted(GUIDE_PAGE_OF))
 def test_documented_constructor_signatures_are_the_real_ones(page, name):
+    page = f"docs/{GUIDE_PAGE_OF[name] if page == 'guide' else page}.md"
     with open(os.path.join(ROOT, page), encoding="utf-8") as f:
         text = f.read()
     assert f"ml.{name}({_signature_text(getattr(ml, name))})" in text

@@ -21,7 +21,7 @@ there. The driver recomputes those rows with the exact torch path.
 Cost for B rows, C classes, D features: forward 2·B·C·D FLOPs; backward 2·B·C·D·(⌈D/BLOCK_D⌉ + 1)
 FLOPs. Memory O(B·D): the outputs. At B = 65536, C = 1000, D = 512 the forward is 68.7 GFLOP: about 0.14 ms
 at the H100's 494.5 TFLOPS TF32 peak. The CUDA-core epilogue (√, reciprocal, masks, about 15
-operations per pair) bounds it at about 1 ms, so the kernel is epilogue-bound, as docs/kernels.md §4 predicts
+operations per pair) bounds it at about 1 ms, so the kernel is epilogue-bound, as *Kernels › Physical limits and targets (H100)* predicts
 below D ≈ 120 to 240.
 """
 

@@ -1,7 +1,7 @@
 """Fused distance + batch-hard mining kernel (Triton): indices out, no N×M tensor.
 
 One program owns ``BLOCK_M`` anchors and streams the reference set in ``BLOCK_N`` column tiles
-(FlashAssign pattern, docs/kernels.md §3). For each tile it forms the Gram block with ``tl.dot`` over ``D``
+(FlashAssign pattern, see *Kernels › The kernels* in the docs). For each tile it forms the Gram block with ``tl.dot`` over ``D``
 in ``BLOCK_K`` slices (fp32 accumulation), turns it into a distance key, applies the label masks and
 self-exclusion by index, and merges the tile's hardest positive (max) and hardest negative (min) into
 running ``(value, index)`` pairs. Only two int32 indices per anchor are written. The loss recomputes the
@@ -30,7 +30,7 @@ Cost per call (N anchors, M references, D features, b bytes per element):
 **H100 at N = M = 65536, D = 512.** The Gram work is 2·65536²·512 = 4.40 TFLOP.
 
 * bf16 inputs on dense tensor cores (989 TFLOPS SXM) need at least 4.45 ms. With the epilogue to
-  overlap and FA-style Triton efficiency (41–60% of peak, docs/kernels.md §4), the expected time is
+  overlap and FA-style Triton efficiency (41–60% of peak, *Kernels › Physical limits and targets (H100)*), the expected time is
   7.5–10 ms. The sm_90 16-bit configuration (``BLOCK_M=128, BLOCK_N=128, BLOCK_K=64``, 8 warps,
   3 stages) targets this.
 * fp32 inputs use 3-pass TF32 (``tf32x3``: about fp32-accurate mining, 3× the TF32 work): ≥ 26.7 ms
@@ -40,7 +40,7 @@ Cost per call (N anchors, M references, D features, b bytes per element):
   about 32,000 FLOP/B against a ridge of about 295.
 
 Under ``TRITON_INTERPRET=1`` (the CPU tests) tiles are cast to fp32 before ``tl.dot``
-(``CAST_F32``), because the interpreter computes bf16 dots wrongly (docs/kernels.md §6).
+(``CAST_F32``), because the interpreter computes bf16 dots wrongly (see *Kernels › Testing Triton without a GPU* in the docs).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ __all__ = ["CentralizedRankingLoss"]
 class CentralizedRankingLoss(nn.Module):
     """Decorrelated global centralized ranking loss (DGCRL; Zheng et al., AAAI 2019). **A reconstruction.**
 
-    The paper's text was not available to us (docs/methods.md §3): its abstract confirms an N-S layer on
+    The paper's text was not available to us (see *Methods › DGCRL and the N-S layer* in the docs): its abstract confirms an N-S layer on
     features and class centres, a *global* ranking loss against the centres of all classes, and a
     Gram-Schmidt decorrelation of the centres. The exact formulas, the default scale and margin, and
     whether the decorrelation is a re-parametrisation or a penalty are our reconstruction [U]:

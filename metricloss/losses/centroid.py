@@ -24,7 +24,7 @@ class CentroidTripletLoss(nn.Module):
         ℓ_i = ‖x_i − c_{y_i}‖ − α · Σ_{m ≠ y_i} ‖x_i − c_m‖
 
     Summed over all triplets of a class-balanced batch, the (margin-free) triplet loss is at most this
-    bound times a constant, which is dropped (docs/methods.md §2). Cost O(B·C·D), linear in the batch size;
+    bound times a constant, which is dropped (see *Methods › Centroid bound* in the docs). Cost O(B·C·D), linear in the batch size;
     memory O(B·D) beyond a bounded tile, never a (B, C) matrix. Embeddings are used as given (no
     normalisation; the loss grows with ‖x‖, so it is bounded below).
 
@@ -111,7 +111,7 @@ class CentroidTripletLoss(nn.Module):
 
         Raises:
             TypeError, ValueError: bad dtypes, shapes (D other than ``embedding_dim``) or labels outside
-            [0, C), named in the message.
+                [0, C), named in the message.
         """
         where = type(self).__name__
         C.check_embeddings(embeddings, "embeddings", where)

@@ -83,7 +83,7 @@ class TripletLoss(nn.Module):
             no valid term it is 0 and still connected to the graph. NaN or Inf in the input gives NaN.
 
         Raises:
-            TypeError, ValueError: bad dtypes or shapes, named in the message (docs/design.md §6).
+            TypeError, ValueError: bad dtypes or shapes, named in the message (see *Design › Bad input* in the docs).
         """
         return triplet_loss(embeddings, labels, ref_embeddings, ref_labels, margin=self.margin, mining=self.mining,
                             distance=self.distance, normalize=self.normalize, reduction=self.reduction,

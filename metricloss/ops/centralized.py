@@ -1,6 +1,6 @@
 """Decorrelated global centralized ranking loss (DGCRL; Zheng et al., AAAI 2019) — a reconstruction.
 
-The paper's text was not available (docs/methods.md §3 and §9): the abstract confirms an N-S layer on the
+The paper's text was not available (see *Methods › DGCRL and the N-S layer* and *Methods › Provenance* in the docs): the abstract confirms an N-S layer on the
 features and the class centres, a *global* ranking loss against the centres of all classes, and a
 Gram-Schmidt decorrelation of the centres. The formulas below are our documented reconstruction [U]:
 

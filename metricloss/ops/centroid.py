@@ -1,6 +1,6 @@
 """The centroid op: Do et al.'s linear-time upper bound on the triplet loss, and its fixed centroids.
 
-Per row (docs/methods.md §2, §9; Do, Tran, Reid, Kumar, Hoang, Carneiro, CVPR 2019), with C fixed centroids
+Per row (see *Methods › Centroid bound* and *Methods › Provenance* in the docs; Do, Tran, Reid, Kumar, Hoang, Carneiro, CVPR 2019), with C fixed centroids
 c_0 … c_{C−1} and α = 1 / (3(C − 1)):
 
     ℓ_i = ‖x_i − c_{y_i}‖ − α · Σ_{m ≠ y_i} ‖x_i − c_m‖          (non-squared, no hinge; the constant
@@ -103,7 +103,7 @@ def kmeans_sphere_centroids(num_classes: int, embedding_dim: int, seed: int = 0,
     """The paper's data-free centroids: K-means with K = C over random points on the unit sphere.
 
     Do et al. draw many random points on the unit sphere in D dimensions and run K-means with K = C
-    (docs/methods.md §9). The K-means variant and any scaling are not given by the sources ([U]); this is the
+    (see *Methods › Provenance* in the docs). The K-means variant and any scaling are not given by the sources ([U]); this is the
     reconstruction:
 
     1. ``points_per_class · C`` Gaussian vectors from a ``torch.Generator`` seeded with ``seed``,

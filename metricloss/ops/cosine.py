@@ -3,7 +3,7 @@
 Notation: x (B, D) features, W (C, D) class weights (one row per class), y (B,) labels, s > 0 a scale.
 Rows are normalised with the eps placement of ``F.normalize``: x̂ = x / max(‖x‖, eps). A row whose norm
 is below eps is divided by eps (a zero row stays zero) and the gradient there is s/eps times the
-upstream gradient: large but finite (docs/methods.md §4, "zero feature rows must give a finite gradient").
+upstream gradient: large but finite (see *Methods › Cosine classifiers* in the docs: "zero feature rows must give a finite gradient").
 
 * :func:`normalize_scale`: the N-S layer of DGCRL, s·x̂ (Zheng et al., AAAI 2019).
 * :func:`cosine_logits`: s·x̂·Ŵᵀ, minus s·m on the target column (CosFace) — a dense (B, C) output.

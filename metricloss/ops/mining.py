@@ -37,7 +37,7 @@ __all__ = [
     "use_sorted_semi_hard",
 ]
 
-DEFAULT_CHUNK_BYTES = 64 << 20  # 64 MiB of per-chunk temporaries (docs/design.md §4)
+DEFAULT_CHUNK_BYTES = 64 << 20  # 64 MiB of per-chunk temporaries (see *Design › Backends* in the docs)
 
 # Above this many positives per anchor, semi-hard selection sorts each row once (O(M log M)) instead
 # of one masked-argmin pass per positive (O(M·K)); measured crossover on 2 CPU threads: K ≈ 40.

@@ -1,6 +1,6 @@
 """The native (C++/OpenMP) CPU epilogues, built on first use; the torch path is the fallback and reference.
 
-Design, heuristics and what bounds them: docs/kernels.md §8.
+Design, heuristics and what bounds them: see *Kernels › The native CPU kernels (C++)* in the docs.
 
 The sources ship inside the package (``metricloss/csrc/``) and are compiled the first time a CPU loss
 needs them with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja`` are needed; the
@@ -320,7 +320,7 @@ def batch_all_self(x: torch.Tensor, sq_norms: torch.Tensor, slack: torch.Tensor,
     serves anchor i (negative j) and anchor j (negative i). That halves the block GEMM and the two
     gradient GEMMs (1.5 GEMMs of N × N × D in all instead of 3). Each view keeps the Gram value the chunked
     path computes for it (bitwise, where the BLAS sums each dot product in index order), its own small-entry
-    refinement and its own weight. Design: docs/kernels.md §8.
+    refinement and its own weight. Design: *Kernels › The native CPU kernels (C++)* in the docs.
 
     Args:
         x: (N, D) prepared embeddings, float32/float64 CPU, contiguous.

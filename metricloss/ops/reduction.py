@@ -1,6 +1,6 @@
 """Reductions, written once: loss reductions shared by every loss, and fast row-wise arg-reductions.
 
-Loss reductions (docs/design.md §2): every loss produces per-anchor sums of its terms plus two counts, the
+Loss reductions (see *Design › Semantics and defaults* in the docs): every loss produces per-anchor sums of its terms plus two counts, the
 number of valid terms and the number of strictly positive terms; :func:`reduce_loss` turns them into
 ``"mean"`` (over valid terms), ``"mean_nonzero"`` (PML's AvgNonZero, Hermans' BA≠0), ``"sum"`` or
 ``"none"`` (the per-anchor sums). Counts stay on the device: no host sync.

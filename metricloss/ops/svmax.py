@@ -5,7 +5,7 @@ For a (b, d) batch E with L2-normalised rows and singular values σ_1 ≥ … �
     s_μ(E) = (1/r) · Σ_k σ_k = ‖E‖_* / r
 
 Maximising s_μ spreads the batch over many directions (it fights model collapse, where every row points
-the same way). Two exact routes compute it (docs/methods.md §6):
+the same way). Two exact routes compute it (see *Methods › SVMax* in the docs):
 
 * ``"svd"``: ``torch.linalg.svdvals(E)``, the textbook route; its gradient is U·Vᵀ / r (thin SVD).
 * ``"gram"``: the singular values are the square roots of the eigenvalues of the smaller Gram matrix

@@ -1,9 +1,9 @@
 """The WARP op (Weston, Bengio, Usunier, IJCAI 2011): sampled rank estimation and the exact formula.
 
-Notation (docs/methods.md §1). Scores s (B, C); an *example* is a (row i, positive label p) pair: one per row
+Notation: see *Methods › WARP* in the docs. Scores s (B, C); an *example* is a (row i, positive label p) pair: one per row
 for integer labels, one per non-zero entry for multi-hot labels. Its negatives 𝒩 are the labels not in
 the row's positive set (|𝒩| = C − 1 for integer labels; for multi-hot rows |𝒩| stands in for the
-paper's Y − 1, our reconstruction [U] in docs/methods.md §1). With margin m, the hinge of a negative j is
+paper's Y − 1, our reconstruction [U] in *Methods › WARP*). With margin m, the hinge of a negative j is
 z_j = s_j + (m − s_p) and j *violates* when z_j > 0 (strict). The rank-to-loss map is L(k) = Σ_{j≤k} α_j.
 
 * ``mode="exact"``: r = #violators and ℓ = L(r)/r · Σ_{violators} z_j (0/0 = 0). Row chunks under the

@@ -2,7 +2,7 @@
 
 tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton, so the kernel runs on CPU
 tensors. Inputs are tie-free in practice (continuous random data); where two candidates' keys are
-within rounding of each other, the selection is accepted if the two distances agree (docs/kernels.md §6).
+within rounding of each other, the selection is accepted if the two distances agree (*Kernels › Testing Triton without a GPU*).
 """
 
 import pytest

@@ -408,7 +408,7 @@ def test_callable_rank_weight_must_keep_the_shape():
 
 
 # ----------------------------------------------------------------------------------------------------
-# bad input (docs/design.md §6): every message names the argument
+# bad input (*Design › Bad input*): every message names the argument
 # ----------------------------------------------------------------------------------------------------
 
 S = torch.randn(4, 5)
