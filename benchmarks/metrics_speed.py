@@ -114,7 +114,7 @@ def case(method: str, n: int, d: int = 512, out: str = "", threads: int = 2, pro
                     del os.environ[native.ENV_VAR]
                 else:
                     os.environ[native.ENV_VAR] = saved
-            values["native"] = float(setting == "1" and native._state["loaded"])
+            values["native"] = float(setting == "1" and native._state["retrieval"]["loaded"])
             return record(values)
 
         return timed(ours)

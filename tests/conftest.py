@@ -41,11 +41,18 @@ def built():
 
 @pytest.fixture
 def fresh_state():
-    """A process that has not tried the native build yet (restored afterwards)."""
+    """A process that has not tried any native build yet (restored afterwards); yields the per-extension
+    states (``{key: {"loaded", "error", "warned"}}``)."""
     from metricloss.ops import native
 
-    saved = dict(native._state)
-    native._state.update(loaded=False, error=None, warned=False)
+    saved = {key: dict(state) for key, state in native._state.items()}
+    saved_errors = set(native._warned_errors)
+    for state in native._state.values():
+        state.update(loaded=False, error=None, warned=False)
+    native._warned_errors.clear()
     yield native._state
-    native._state.clear()
-    native._state.update(saved)
+    for key, state in native._state.items():
+        state.clear()
+        state.update(saved[key])
+    native._warned_errors.clear()
+    native._warned_errors.update(saved_errors)

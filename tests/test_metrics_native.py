@@ -216,7 +216,7 @@ def _case():
 
 
 def test_switch_zero_runs_torch_and_never_builds(monkeypatch, fresh_state, native_calls):
-    def no_build():
+    def no_build(key):
         raise AssertionError("METRICLOSS_NATIVE=0 must not build")
 
     monkeypatch.setattr(native, "_build", no_build)
@@ -226,12 +226,12 @@ def test_switch_zero_runs_torch_and_never_builds(monkeypatch, fresh_state, nativ
         warnings.simplefilter("error")
         got = retrieval_metrics(x, y, chunk_bytes=2000)
     assert native_calls and not any(native_calls)
-    assert not fresh_state["loaded"] and fresh_state["error"] is None
+    assert not any(st["loaded"] or st["error"] is not None for st in fresh_state.values())
     assert_same(got, reference(x, y))
 
 
 def test_failed_build_warns_once_naming_the_cause_and_runs_torch(monkeypatch, fresh_state, native_calls):
-    def failing_build():
+    def failing_build(key):
         raise native.NativeBuildError("building the native extension failed: simulated: no C++ compiler")
 
     monkeypatch.setattr(native, "_build", failing_build)
@@ -251,7 +251,7 @@ def test_failed_build_warns_once_naming_the_cause_and_runs_torch(monkeypatch, fr
 
 
 def test_failed_build_with_switch_one_raises(monkeypatch, fresh_state):
-    def failing_build():
+    def failing_build(key):
         raise native.NativeBuildError("ninja is not installed (pip install ninja)")
 
     monkeypatch.setattr(native, "_build", failing_build)
@@ -261,7 +261,18 @@ def test_failed_build_with_switch_one_raises(monkeypatch, fresh_state):
         retrieval_metrics(x, y)
 
 
-def test_both_sources_build_into_one_extension():
-    names = {p.name for p in native._SOURCES}
-    assert {"triplet_epilogue.cpp", "retrieval_rank.cpp"} <= names
-    assert all(p.is_file() and p.parent.name == "csrc" for p in native._SOURCES)
+def test_metrics_build_only_the_retrieval_extension(monkeypatch, fresh_state):
+    """A script that only evaluates compiles retrieval_rank.cpp, never the triplet kernels."""
+    asked = []
+
+    def recording_build(key):
+        asked.append(key)
+        raise native.NativeBuildError("simulated")
+
+    monkeypatch.setattr(native, "_build", recording_build)
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    x, y = _case()
+    with pytest.warns(UserWarning, match="simulated"):
+        retrieval_metrics(x, y)
+    assert asked == ["retrieval"]
+    assert native.EXTENSIONS["retrieval"].sources == ("retrieval_rank.cpp",)

@@ -31,7 +31,7 @@ def test_commands_name_existing_scripts(script):
 
 
 def test_test_command_is_the_ci_command():
-    assert 'pip install ".[test]" && pytest' in README
+    command = 'pip install ".[test]" && python -m metricloss.native build && pytest'
+    assert f"| tests (what CI runs) | `{command}` |" in README
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    assert ".[test]" in ci
-    assert "pytest" in ci
+    assert f"{command} --durations=20" in ci

@@ -17,7 +17,9 @@
 // Rows are independent, so they are split across threads (at::parallel_for, OpenMP).
 
 #include <ATen/core/Tensor.h>
-#include <ATen/Functions.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

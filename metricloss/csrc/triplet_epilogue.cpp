@@ -14,7 +14,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Functions.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -786,7 +788,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_fused(
 
 }  // namespace
 
-TORCH_LIBRARY(metricloss_native, m) {
+TORCH_LIBRARY_FRAGMENT(metricloss_native, m) {
   m.def("batch_all_epilogue(Tensor(a!) dist, Tensor d_ap, Tensor members, Tensor in_class, Tensor valid, "
         "Tensor? self_cols, float margin, bool soft, int distance, bool sorted, bool want_weights) "
         "-> (Tensor, Tensor)");

@@ -2,55 +2,107 @@
 
 Design, heuristics and what bounds them: see *Kernels › The native CPU kernels (C++)* in the docs.
 
-The sources ship inside the package (``metricloss/csrc/``) and are compiled the first time a CPU loss
-needs them with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja`` are needed; the
-build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, keyed by the
-sources and the torch version, so later processes only load it). Nothing is compiled at install time:
-``pip install`` needs neither a compiler nor torch in the build environment.
+The sources ship inside the package (``metricloss/csrc/``). Each builds into its own extension (see
+:data:`EXTENSIONS`), compiled the first time an op needs it with :func:`torch.utils.cpp_extension.load`
+(a C++ compiler and ``ninja`` are needed): batch-all over a batch compiles only ``batch_all_self.cpp``,
+:func:`~metricloss.metrics.retrieval_metrics` only ``retrieval_rank.cpp``. Before it compiles, one line
+on standard error says what is built, why, about how long it takes, where it is cached and how to skip it.
+The build is cached under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), keyed by
+the sources and the torch version, so later processes only load it. ``python -m metricloss.native build``
+builds every extension ahead of time. Nothing is compiled at install time: ``pip install`` needs neither a
+compiler nor torch in the build environment.
 
 ``METRICLOSS_NATIVE`` (read at every call):
 
 * unset: on for CPU tensors when the extension builds; if it cannot (no compiler, no ninja, a compile
-  error), one ``UserWarning`` names the cause and the torch path runs from then on;
+  error), one ``UserWarning`` per extension names the cause, points at the caller's line, and the torch
+  path runs from then on;
 * ``0``: always the torch path (no build is attempted);
-* ``1``: always native on CPU; a failed build raises ``RuntimeError`` naming the cause.
+* ``1``: always native on CPU; a failed build raises :class:`NativeBuildError` naming the cause.
+
+``METRICLOSS_NATIVE_ISA`` (read at every call): the widest instruction set the native code may use where
+it dispatches on the CPU (the self-pair cell loop): ``avx512`` (the default: the widest the CPU has),
+``avx2`` or ``baseline``. Same counts, values up to summation order; for emulating an older CPU.
 
 What runs natively, on float32 and float64 CPU blocks, for the chunked batch-all and semi-hard triplet
-losses: each chunk's Gram GEMM in cache-sized tiles, each tile's preparation (clamp, the small-entry
-test, √) and its epilogue while the tile is in cache (:func:`batch_all_fused`: hinge sums, counts and
-the weight block of the GEMM gradient; :func:`semi_hard_fused`: the negative selection, for anchors with
-few positives). The unfused pieces (:func:`prepare_block`, :func:`batch_all_epilogue`,
-:func:`semi_hard_negatives`) serve the chunks the fused ops do not: duplicate reference rows (read
-through a column map) and the exact redo pass (``csrc/triplet_epilogue.cpp``). Batch-all over the batch
-itself runs as one op that takes each unordered pair once (:func:`batch_all_self`,
-``csrc/batch_all_self.cpp``). And the rank histogram
-of each float32 similarity tile of :func:`~metricloss.metrics.retrieval_metrics`
-(:func:`retrieval_rank_histogram`, ``csrc/retrieval_rank.cpp``). The sources build into one extension.
-Everything else, and every other device or dtype, stays on torch.
+losses (``csrc/triplet_epilogue.cpp``): each chunk's Gram GEMM in cache-sized tiles, each tile's
+preparation (clamp, the small-entry test, √) and its epilogue while the tile is in cache
+(:func:`batch_all_fused`: hinge sums, counts and the weight block of the GEMM gradient;
+:func:`semi_hard_fused`: the negative selection, for anchors with few positives). The unfused pieces
+(:func:`prepare_block`, :func:`batch_all_epilogue`, :func:`semi_hard_negatives`) serve the chunks the
+fused ops do not: duplicate reference rows (read through a column map) and the exact redo pass. Batch-all
+over the batch itself runs as one op that takes each unordered pair once (:func:`batch_all_self`,
+``csrc/batch_all_self.cpp``). And the rank histogram of each float32 similarity tile of
+:func:`~metricloss.metrics.retrieval_metrics` (:func:`retrieval_rank_histogram`,
+``csrc/retrieval_rank.cpp``). Everything else, and every other device or dtype, stays on torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
 import threading
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["ENV_VAR", "FUSED_TILE_ROWS", "SELF_PAIR_COLUMN_BLOCK", "NativeBuildError", "batch_all_epilogue",
-           "batch_all_fused", "batch_all_self",
-           "fused_tile_rows", "native_enabled", "native_library", "prepare_block", "retrieval_rank_histogram",
-           "semi_hard_fused", "semi_hard_negatives"]
+from .._warn import warn_at_caller
+
+__all__ = ["ENV_VAR", "EXTENSIONS", "FUSED_TILE_ROWS", "ISA_ENV_VAR", "SELF_PAIR_COLUMN_BLOCK", "NativeBuildError",
+           "NativeExtension", "batch_all_epilogue", "batch_all_fused", "batch_all_self", "build_directory",
+           "build_extension", "fused_tile_rows", "is_built", "native_enabled", "native_library", "native_max_isa",
+           "prepare_block", "retrieval_rank_histogram", "semi_hard_fused", "semi_hard_negatives"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
+ISA_ENV_VAR = "METRICLOSS_NATIVE_ISA"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-# compiled (ninja builds them in parallel) and, with the header they share, hashed into the build's name
-_SOURCES = tuple(_CSRC / name for name in ("triplet_epilogue.cpp", "batch_all_self.cpp", "retrieval_rank.cpp"))
-_HEADERS = (_CSRC / "triplet_common.h",)
 _DISTANCE_KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
+
+
+@dataclass(frozen=True)
+class NativeExtension:
+    """One native extension: the sources it compiles from and the ops it registers.
+
+    Attributes:
+        key: its name in :data:`EXTENSIONS` (``"triplet"``, ``"self_pairs"``, ``"retrieval"``).
+        sources: the ``.cpp`` files under ``metricloss/csrc/`` (compiled; with ``headers``, hashed into
+            the build's name).
+        headers: the headers they include from ``metricloss/csrc/``.
+        serves: what it is for, in words (the build message quotes it).
+        build_seconds: about how long it compiles, measured on 2 cores (the build message quotes it).
+    """
+
+    key: str
+    sources: Tuple[str, ...]
+    headers: Tuple[str, ...]
+    serves: str
+    build_seconds: int
+
+    @property
+    def paths(self) -> Tuple[Path, ...]:
+        """The sources, then the headers, as paths inside the package."""
+        return tuple(_CSRC / name for name in self.sources + self.headers)
+
+
+# One extension per source, so an op compiles only what it runs (separate shared libraries that add their
+# ops to the one ``torch.ops.metricloss_native`` namespace). build_seconds: measured with
+# ``python -m metricloss.native build`` on a fresh TORCH_EXTENSIONS_DIR, 2-core AMD EPYC, g++ 12 (see
+# *Native CPU path › The first build* in the docs); a slower or busy machine takes a few times longer.
+EXTENSIONS: Dict[str, NativeExtension] = {
+    ext.key: ext for ext in (
+        NativeExtension("triplet", ("triplet_epilogue.cpp",), ("triplet_common.h",),
+                        "the chunked batch-all and semi-hard triplet losses", 10),
+        NativeExtension("self_pairs", ("batch_all_self.cpp",), ("triplet_common.h",),
+                        "batch-all over the batch itself", 20),
+        NativeExtension("retrieval", ("retrieval_rank.cpp",), (), "retrieval_metrics", 10),
+    )
+}
 
 # Named heuristic: the fused ops compute a chunk's Gram block in tiles of this many anchor rows and reduce
 # each tile while it is in cache. Fewer rows make the tile GEMM inefficient (measured on one core, (t × 130)
@@ -62,87 +114,188 @@ FUSED_TILE_ROWS = 128
 # packed 8-bit count field holds at most this many cells of a row (so at most 255).
 SELF_PAIR_COLUMN_BLOCK = 128
 # The widest build of the self-pair cell loop it may run, where the CPU has it: 0 the baseline build, 1 AVX2,
-# 2 AVX-512 (the default: the widest the CPU has). Same counts, values up to summation order; a switch for
-# tests (tests/ops/test_native.py compares them) and for ruling a build out.
+# 2 AVX-512 (the default: the widest the CPU has). Same counts, values up to summation order. The tests set
+# it to compare the builds; users set ``METRICLOSS_NATIVE_ISA`` (:func:`native_max_isa` takes the narrower).
 SELF_PAIR_MAX_ISA = 2
+_ISA_LEVELS = {"baseline": 0, "avx2": 1, "avx512": 2}
 # The most positive slots the self-pair op takes (3 packed groups of 4; the chunked path's threshold-
 # sorting heuristic takes over above 12).
 SELF_PAIR_MAX_SLOTS = 12
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
-_state = {"loaded": False, "error": None, "warned": False}
+# per extension: loaded, the build error (None: not tried or loaded), whether its failure was warned about
+_state: Dict[str, dict] = {key: {"loaded": False, "error": None, "warned": False} for key in EXTENSIONS}
+_warned_errors: set = set()  # the causes already warned about
 
 
 class NativeBuildError(RuntimeError):
-    """The native extension could not be built or loaded (the message names the cause)."""
+    """A native extension could not be built or loaded (the message names the cause)."""
 
 
-def _extension_name() -> str:
+def _extension(key: str) -> NativeExtension:
+    try:
+        return EXTENSIONS[key]
+    except KeyError:
+        raise ValueError(f"unknown native extension {key!r}; expected one of {sorted(EXTENSIONS)}") from None
+
+
+def _extension_name(key: str) -> str:
     """One build per torch version and per source text: an extension built against another torch's headers
     must not be loaded, and two installs (or checkouts) with different sources sharing one
     ``TORCH_EXTENSIONS_DIR`` must not rebuild over each other's build directory."""
+    ext = _extension(key)
     tag = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
     digest = hashlib.sha256()
-    for path in _SOURCES + _HEADERS:
+    for path in ext.paths:
         digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
-    return f"metricloss_native_{tag}_{digest.hexdigest()[:12]}"
+    return f"metricloss_{key}_{tag}_{digest.hexdigest()[:12]}"
 
 
-def _build() -> None:
-    """Compile (or load the cached build of) the extension; registers ``torch.ops.metricloss_native``."""
+def build_directory(key: str) -> Path:
+    """Where extension ``key`` is (or will be) built and cached: ``TORCH_EXTENSIONS_DIR`` (default
+    ``~/.cache/torch_extensions/py<version>_<accelerator>``) / its name."""
+    # torch.utils.cpp_extension's own rule, without its side effect of creating the directory
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils import cpp_extension
+
+        accelerator = ("rocm" + torch.version.hip.replace(".", "") if torch.version.hip is not None
+                       else "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda is not None else "cpu")
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(cpp_extension.get_default_build_root(), f"{python}_{accelerator}")
+    return Path(root) / _extension_name(key)
+
+
+def is_built(key: str) -> bool:
+    """Whether extension ``key`` is in the cache already (its first use then loads it, no compile)."""
+    return (build_directory(key) / f"{_extension_name(key)}.so").is_file()
+
+
+def _first_error_line(text: str) -> str:
+    """The compiler's first ``error:`` line of a build log (else its last non-empty line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line and not line.startswith("Error building extension"):
+            return line
+    return lines[-1] if lines else ""
+
+
+def _build(key: str) -> None:
+    """Compile (or load the cached build of) extension ``key``; adds its ops to ``torch.ops.metricloss_native``.
+
+    Says on standard error what it compiles before a compile (not when it only loads the cached build).
+
+    Raises:
+        NativeBuildError: naming the cause (missing sources, no C++ compiler, no ninja, the compiler's
+            first error line, a library that does not load).
+    """
     from torch.utils import cpp_extension
 
-    missing = [str(p) for p in _SOURCES + _HEADERS if not p.is_file()]
+    ext = _extension(key)
+    missing = [str(p) for p in ext.paths if not p.is_file()]
     if missing:
         raise NativeBuildError(f"the native sources are missing: {', '.join(missing)}")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH; install g++ or clang (e.g. "
+                               f"`apt install g++`) or set CXX")
     if not cpp_extension.is_ninja_available():
-        raise NativeBuildError("ninja is not installed (pip install ninja)")
+        raise NativeBuildError("ninja is not installed; pip install ninja")
+    name = _extension_name(key)
+    cached = is_built(key)
+    if not cached:
+        sources = ", ".join(ext.sources)
+        print(f"metricloss: compiling the native CPU kernels for {ext.serves} ({sources}), once per torch "
+              f"version: about {ext.build_seconds} s on 2 cores, longer on a slow or busy machine. Cached in "
+              f"{build_directory(key)}. Skip it with {ENV_VAR}=0 (the torch path); build everything ahead "
+              f"with `python -m metricloss.native build`.", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     try:
-        cpp_extension.load(name=_extension_name(), sources=[str(p) for p in _SOURCES],
-                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
-    except Exception as exc:  # compiler missing, compile or link error, unloadable library
-        text = str(exc).strip().splitlines()
-        raise NativeBuildError(f"building the native extension failed: {type(exc).__name__}: "
-                               f"{text[-1] if text else ''}".rstrip(": ")) from exc
+        with warnings.catch_warnings():
+            # torch's own compiler checks warn in words of their own; the cause, if any, is raised below
+            warnings.simplefilter("ignore")
+            cpp_extension.load(name=name, sources=[str(_CSRC / s) for s in ext.sources],
+                               extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                                             "-ffp-contract=off"],
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as exc:  # compile or link error, unloadable library
+        raise NativeBuildError(f"building the native extension {key!r} failed: {type(exc).__name__}: "
+                               f"{_first_error_line(str(exc))}".rstrip(": ")) from exc
+    if not cached:
+        print(f"metricloss: built the native {key!r} kernels in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
 
 
-def native_library() -> bool:
-    """Build/load the extension once per process; True when it is loaded.
+def build_extension(key: str) -> None:
+    """Build (or load) extension ``key`` now, whatever ``METRICLOSS_NATIVE`` says.
+
+    Raises:
+        NativeBuildError: the build failed (the message names the cause).
+    """
+    _extension(key)
+    with _lock:
+        if not _state[key]["loaded"]:
+            _build(key)
+            _state[key].update(loaded=True, error=None)
+
+
+def native_library(extension: Optional[str] = None) -> bool:
+    """Build/load extension ``extension`` (``None``: every one) once per process; True when it is loaded.
+
+    Args:
+        extension: a key of :data:`EXTENSIONS`, or None.
 
     Raises:
         NativeBuildError: when ``METRICLOSS_NATIVE=1`` and the build failed.
-    Otherwise a failed build warns once (naming the cause) and returns False from then on.
+    Otherwise a failed build warns once per extension (naming the cause, pointing at the caller's line)
+    and returns False from then on.
     """
+    if extension is None:
+        return all([native_library(key) for key in EXTENSIONS])
+    _extension(extension)
     forced = os.environ.get(ENV_VAR, "") == "1"
+    state = _state[extension]
     with _lock:
-        if not _state["loaded"] and _state["error"] is None:
+        if not state["loaded"] and state["error"] is None:
             try:
-                _build()
-                _state["loaded"] = True
+                _build(extension)
+                state["loaded"] = True
             except NativeBuildError as exc:
-                _state["error"] = str(exc)
-        if _state["loaded"]:
+                state["error"] = str(exc)
+        if state["loaded"]:
             return True
         if forced:
-            raise NativeBuildError(f"{ENV_VAR}=1 but {_state['error']}")
-        if not _state["warned"]:
-            _state["warned"] = True
-            warnings.warn(f"metricloss: the native CPU kernels are not available ({_state['error']}); "
-                          f"using the torch path (set {ENV_VAR}=0 to silence this)", UserWarning, stacklevel=3)
-        return False
+            raise NativeBuildError(f"{ENV_VAR}=1 but {state['error']}")
+        # once per extension, and once for a cause they share (no compiler, no ninja)
+        warn = not state["warned"] and state["error"] not in _warned_errors
+        state["warned"] = True
+        _warned_errors.add(state["error"])
+    if warn:
+        warn_at_caller(f"metricloss: the native CPU kernels are not available: {state['error']}. Using the torch "
+                       f"path (set {ENV_VAR}=0 to silence this).", UserWarning)
+    return False
 
 
-def native_enabled(t: torch.Tensor) -> bool:
-    """Whether the native path serves a block like ``t``: float32/float64 on CPU, ``METRICLOSS_NATIVE``
-    not ``0``, and the extension built (built here on first use)."""
+def native_enabled(t: torch.Tensor, extension: str) -> bool:
+    """Whether the native path of extension ``extension`` serves a block like ``t``: float32/float64 on
+    CPU, ``METRICLOSS_NATIVE`` not ``0``, and the extension built (built here on first use)."""
     setting = os.environ.get(ENV_VAR, "")
     if setting not in ("", "0", "1"):
         raise ValueError(f"{ENV_VAR} must be 0, 1 or unset, got {setting!r}")
     if setting == "0" or t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES:
         return False
-    return native_library()
+    return native_library(extension)
+
+
+def native_max_isa() -> int:
+    """The widest build the ISA-dispatching native code may run: the narrower of :data:`SELF_PAIR_MAX_ISA`
+    and ``METRICLOSS_NATIVE_ISA`` (0 baseline, 1 AVX2, 2 AVX-512; a build the CPU lacks runs the widest
+    it has)."""
+    setting = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    if setting and setting not in _ISA_LEVELS:
+        raise ValueError(f"{ISA_ENV_VAR} must be one of {', '.join(_ISA_LEVELS)} or unset, got {setting!r}")
+    return min(int(SELF_PAIR_MAX_ISA), _ISA_LEVELS.get(setting, 2))
 
 
 def batch_all_epilogue(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
@@ -165,7 +318,7 @@ def batch_all_epilogue(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Te
         (sums (c,), nonzero counts (c,) int64, W̃ (c, M) written over ``dist``'s storage or None), or None
         when the native path does not serve this block (see :func:`native_enabled`).
     """
-    if not native_enabled(dist):
+    if not native_enabled(dist, "triplet"):
         return None
     block = dist if dist.is_contiguous() else dist.contiguous()
     soft = margin == "soft"
@@ -191,7 +344,7 @@ def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.T
         (c, W) int64 reference indices (padding slots: arbitrary in-range indices), ``dist`` overwritten
         with the negatives' distances (own class +inf), or None.
     """
-    if sorted_selection or dist.shape[1] == 0 or not native_enabled(dist):
+    if sorted_selection or dist.shape[1] == 0 or not native_enabled(dist, "triplet"):
         return None
     from .mining import tie_bound
 
@@ -224,7 +377,7 @@ def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
     Returns:
         redo (c,) bool, or None.
     """
-    if not native_enabled(u) or not u.is_contiguous():
+    if not native_enabled(u, "triplet") or not u.is_contiguous():
         return None
     return torch.ops.metricloss_native.prepare_block(
         u, a_slack.to(u.dtype).contiguous(), r_slack.to(u.dtype).contiguous(), members.contiguous(),
@@ -262,7 +415,7 @@ def semi_hard_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: t
         (negative indices (c, W) int64 as :func:`semi_hard_negatives`, redo (c,) bool as
         :func:`prepare_block`), or None when the native path does not serve this chunk.
     """
-    if members.shape[1] == 0 or r_factors.shape[0] == 0 or not native_enabled(a_factors):
+    if members.shape[1] == 0 or r_factors.shape[0] == 0 or not native_enabled(a_factors, "triplet"):
         return None
     dtype = a_factors.dtype
     return torch.ops.metricloss_native.semi_hard_fused(
@@ -294,7 +447,7 @@ def batch_all_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: t
     Returns:
         (sums (c,), nonzero counts (c,) int64, redo (c,) bool), or None.
     """
-    if members.shape[1] == 0 or r_factors.shape[0] == 0 or not native_enabled(a_factors):
+    if members.shape[1] == 0 or r_factors.shape[0] == 0 or not native_enabled(a_factors, "triplet"):
         return None
     dtype = a_factors.dtype
     soft = margin == "soft"
@@ -339,14 +492,14 @@ def batch_all_self(x: torch.Tensor, sq_norms: torch.Tensor, slack: torch.Tensor,
         path does not serve the call (see :func:`native_enabled`).
     """
     width = members.shape[1]
-    if width == 0 or width > SELF_PAIR_MAX_SLOTS or x.shape[0] == 0 or not native_enabled(x):
+    if width == 0 or width > SELF_PAIR_MAX_SLOTS or x.shape[0] == 0 or not native_enabled(x, "self_pairs"):
         return None
     dtype = x.dtype
     sums, nonzero, grad = torch.ops.metricloss_native.batch_all_self(
         x.contiguous(), sq_norms.to(dtype).contiguous(), slack.to(dtype).contiguous(), class_ids.to(dtype).contiguous(),
         members.contiguous(), valid.contiguous(), d_ap.to(dtype).contiguous(), float(margin), _DISTANCE_KINDS[distance],
         None if row_scale is None else row_scale.to(dtype).contiguous(), bool(want_grad), int(tile_rows),
-        SELF_PAIR_COLUMN_BLOCK, int(SELF_PAIR_MAX_ISA))
+        SELF_PAIR_COLUMN_BLOCK, native_max_isa())
     return sums, nonzero, (grad if want_grad else None)
 
 
@@ -376,7 +529,7 @@ def retrieval_rank_histogram(tile: torch.Tensor, rel: torch.Tensor, lowest: torc
         keys below theirs}, or None when the native path does not serve this tile (a non-float32 or
         non-contiguous tile, or see :func:`native_enabled`).
     """
-    if tile.dtype != torch.float32 or not tile.is_contiguous() or not native_enabled(tile):
+    if tile.dtype != torch.float32 or not tile.is_contiguous() or not native_enabled(tile, "retrieval"):
         return None
     return torch.ops.metricloss_native.retrieval_rank_histogram(
         tile, rel.contiguous(), lowest.reshape(-1).contiguous(), -1 if own_start is None else int(own_start),

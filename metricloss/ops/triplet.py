@@ -370,7 +370,7 @@ class _BlockTripletPlan:
         # (see :func:`_self_positive_distances`) and exact zeros from the refinement.
         self.self_pairs = (mining == "batch_all" and self_ref and margin != "soft" and 0 < self.width
                            and not use_sorted_batch_all(self.width) and _SELF_PAIR_MIN_ROWS <= a.shape[0]
-                           and _exact_class_ids(a.shape[0], a.dtype) and native_enabled(a))
+                           and _exact_class_ids(a.shape[0], a.dtype) and native_enabled(a, "self_pairs"))
         self.gram = GramFactors(a, r, distance, canonical=not self.self_pairs)
         m, elem = r.shape[0], a.element_size()
         # dist, slack, neg, the weight block and one temporary per element, plus bool/int scratch
@@ -389,7 +389,7 @@ class _BlockTripletPlan:
         # chunks (one for a whole batch, typically for semi-hard), so fewer, larger GEMMs and torch ops.
         self.fused = self.self_pairs or (self.width > 0 and m > 0 and self.gram.canon is None
                                          and (mining == "batch_all" or not use_sorted_semi_hard(self.width))
-                                         and native_enabled(a))
+                                         and native_enabled(a, "triplet"))
         self.rows = self.exact_rows
         if self.fused:
             self.rows = rows_per_chunk(m, elem if mining == "batch_all" else 1, chunk_bytes, bytes_per_row=per_row)
@@ -491,7 +491,7 @@ class _BlockTripletPlan:
         """CPU: the block as distances plus its ``redo`` and ``small_ap`` tests in one C++ pass per row
         (:func:`~metricloss.ops.native.prepare_block`); None where the native path does not serve it."""
         gram = self.gram
-        if not native_enabled(gram.A):
+        if not native_enabled(gram.A, "triplet"):
             return None
         u = gram.raw_rows(rows, out=self.scratch.get("dist", c))
         # the positives' cancellation test reads the clamped d² (own cells +inf), before the block is finished

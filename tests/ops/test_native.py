@@ -140,8 +140,8 @@ def test_fused_ops_tile_inside_a_chunk(built, monkeypatch, native_calls, mining,
 def test_native_skips_other_dtypes(built, monkeypatch):
     """Only float32/float64 blocks are native (half inputs accumulate in fp32 before they get here)."""
     monkeypatch.setenv(native.ENV_VAR, "1")
-    assert not native.native_enabled(torch.zeros(2, 2, dtype=torch.float16))
-    assert native.native_enabled(torch.zeros(2, 2, dtype=torch.float32))
+    assert not native.native_enabled(torch.zeros(2, 2, dtype=torch.float16), "triplet")
+    assert native.native_enabled(torch.zeros(2, 2, dtype=torch.float32), "triplet")
 
 
 def test_switch_zero_forces_torch_and_never_builds(monkeypatch, fresh_state, native_calls):
@@ -157,11 +157,11 @@ def test_switch_zero_forces_torch_and_never_builds(monkeypatch, fresh_state, nat
         for mining in MININGS:
             MF.triplet_loss(x, y, mining=mining).backward()
     assert native_calls and not any(native_calls)
-    assert not fresh_state["loaded"] and fresh_state["error"] is None
+    assert not any(st["loaded"] or st["error"] is not None for st in fresh_state.values())
 
 
 def test_failed_build_warns_once_naming_the_cause_and_runs_torch(monkeypatch, fresh_state, native_calls):
-    def failing_build():
+    def failing_build(key):
         raise native.NativeBuildError("building the native extension failed: simulated: no C++ compiler")
 
     monkeypatch.setattr(native, "_build", failing_build)
@@ -186,7 +186,7 @@ def test_failed_build_warns_once_naming_the_cause_and_runs_torch(monkeypatch, fr
 
 
 def test_failed_build_with_switch_one_raises(monkeypatch, fresh_state):
-    def failing_build():
+    def failing_build(key):
         raise native.NativeBuildError("ninja is not installed (pip install ninja)")
 
     monkeypatch.setattr(native, "_build", failing_build)
@@ -201,7 +201,7 @@ def test_build_reports_a_missing_ninja(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     with pytest.raises(native.NativeBuildError, match="ninja is not installed"):
-        native._build()
+        native._build("triplet")
 
 
 def test_build_reports_a_compile_failure(monkeypatch):
@@ -212,7 +212,7 @@ def test_build_reports_a_compile_failure(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", broken_load)
     with pytest.raises(native.NativeBuildError, match=r"RuntimeError: c\+\+: fatal error: simulated"):
-        native._build()
+        native._build("triplet")
 
 
 def test_bad_switch_value_is_refused(monkeypatch):
@@ -223,8 +223,9 @@ def test_bad_switch_value_is_refused(monkeypatch):
 
 def test_sources_ship_inside_the_package():
     """The wheel carries the sources (pyproject package-data); the build reads them from the package."""
-    assert all(p.is_file() and p.parent.name == "csrc" and p.parent.parent.name == "metricloss"
-               for p in native._SOURCES + native._HEADERS)
+    paths = [p for ext in native.EXTENSIONS.values() for p in ext.paths]
+    assert paths and all(p.is_file() and p.parent.name == "csrc" and p.parent.parent.name == "metricloss"
+                         for p in paths)
 
 
 @pytest.mark.parametrize("mining", MININGS)
@@ -253,21 +254,22 @@ def test_native_prepares_every_first_pass_chunk(built, monkeypatch, mining, self
 
 
 def test_extension_name_follows_torch_version_and_sources(monkeypatch, tmp_path):
-    """Builds of different sources (another install or checkout) never share a build directory."""
-    name = native._extension_name()
-    assert name.startswith("metricloss_native_") and name == native._extension_name()
-    src = tmp_path / "triplet_epilogue.cpp"
-    src.write_text("// other sources\n")
-    monkeypatch.setattr(native, "_SOURCES", (src,))
-    other = native._extension_name()
-    assert other != name
-    src.write_text("// changed again\n")
-    again = native._extension_name()
+    """Builds of different sources (another install or checkout) never share a build directory, and each
+    extension has its own."""
+    names = {key: native._extension_name(key) for key in native.EXTENSIONS}
+    assert len(set(names.values())) == len(names)
+    assert all(name.startswith(f"metricloss_{key}_") for key, name in names.items())
+    assert names["triplet"] == native._extension_name("triplet")
+    for name in ("triplet_epilogue.cpp", "triplet_common.h"):
+        (tmp_path / name).write_text(f"// {name}\n")
+    monkeypatch.setattr(native, "_CSRC", tmp_path)
+    other = native._extension_name("triplet")
+    assert other != names["triplet"]
+    (tmp_path / "triplet_epilogue.cpp").write_text("// changed again\n")
+    again = native._extension_name("triplet")
     assert again != other
-    header = tmp_path / "triplet_common.h"  # the shared header is part of the sources
-    header.write_text("// a header\n")
-    monkeypatch.setattr(native, "_HEADERS", (header,))
-    assert native._extension_name() != again
+    (tmp_path / "triplet_common.h").write_text("// the shared header is part of the sources\n")
+    assert native._extension_name("triplet") != again
 
 
 # ----------------------------------------------------------------------------------------------------
