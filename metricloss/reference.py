@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops.mining import tie_bound, tie_rtol  # semantics shared (the tie band), no computation
+from .ops.mining import tie_bound, tie_rtol_slots  # semantics shared (the tie band), no computation
 from .ops.reduction import LossTerms  # the container only: no computation is shared with metricloss.ops
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_terms", "triplet_loss_loop", "warp_loss",
@@ -154,7 +154,7 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
                        tie_dtype: Optional[torch.dtype] = None) -> LossTerms:
     """Dense :class:`~metricloss.ops.reduction.LossTerms` of :func:`triplet_loss` (per-anchor sums and counts).
 
-    ``tie_dtype``: the dtype whose tie band (:func:`metricloss.ops.mining.tie_rtol`) decides semi-hard's
+    ``tie_dtype``: the dtype whose tie band (:func:`metricloss.ops.mining.tie_rtol_slots`) decides semi-hard's
     "farther than the positive"; default the computation's own dtype. ``torch.float32`` reproduces, in fp64,
     the choices the chunked path makes on fp16/bf16/fp32 inputs (which it computes in fp32).
 
@@ -186,11 +186,14 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
     if mining == "semi_hard":
         # "farther" is beyond the tie band of the positive; among the nearest farther ones (within the
         # band of the nearest) the first index
-        rtol = tie_rtol(x.shape[1], x.dtype if tie_dtype is None else tie_dtype)
+        # band of the nearest) the first index; the band of each (a, p) is the chunked paths' Gram error bound
+        r_sq = (y * y).sum(1)
+        rtol = tie_rtol_slots(d, (x * x).sum(1), r_sq.max() if r_sq.numel() else r_sq.new_zeros(()), x.shape[1],
+                              x.dtype if tie_dtype is None else tie_dtype, distance)             # [a, p]
         farther = neg[:, None, :] & (d[:, None, :] > tie_bound(d, rtol, distance)[:, :, None])    # [a, p, n]
         cand = torch.where(farther, d[:, None, :], torch.full_like(farther, float("inf"), dtype=d.dtype))
         nearest = cand.min(2, keepdim=True).values
-        first = (cand <= tie_bound(nearest, rtol, distance)).to(torch.uint8).argmax(2)           # [a, p]
+        first = (cand <= tie_bound(nearest, rtol[:, :, None], distance)).to(torch.uint8).argmax(2)  # [a, p]
         nearest_farther = d.gather(1, first)
         farthest = d.masked_fill(~neg, float("-inf")).max(1, keepdim=True).values
         d_an = torch.where(farther.any(2), nearest_farther, farthest.expand_as(nearest_farther))

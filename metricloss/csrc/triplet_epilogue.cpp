@@ -281,7 +281,8 @@ std::tuple<at::Tensor, at::Tensor> batch_all_epilogue(at::Tensor dist, const at:
 // Semi-hard selection (metricloss/ops/mining.py::semi_hard_negative_idx, few-positives branch): per
 // (anchor, positive slot k) the nearest negative farther than the positive's tie bound, d_j > bound_k
 // (bound = tie_bound(d_ap), computed by the caller); among those within the tie bound of the nearest one,
-// lim_k = nearest_k * (1 + rtol) (+ rtol for cosine), the first index; else the first farthest negative.
+// lim_k = nearest_k * (1 + rtol_k) (+ rtol_k for cosine; rtol_k the slot's tie tolerance,
+// metricloss/ops/mining.py::tie_rtol_slots), the first index; else the first farthest negative.
 // The own class and own column are hidden (+inf, as the torch path leaves them).
 //
 // Each value is a branch-free reduction over the row (vectorised: `omp simd`), followed by a search for
@@ -292,10 +293,8 @@ std::tuple<at::Tensor, at::Tensor> batch_all_epilogue(at::Tensor dist, const at:
 // the class) are left to the farthest negative: the caller masks them.
 template <typename T>
 inline void semi_hard_row(T* row, int64_t m, const T* bd, const int64_t* mem, const bool* inc, int64_t width,
-                          int64_t self_col, double rtol, bool cosine, int64_t* o) {
+                          int64_t self_col, const T* rt, bool cosine, int64_t* o) {
   const T inf = std::numeric_limits<T>::infinity();
-  const T scale = static_cast<T>(1.0 + rtol);
-  const T offset = cosine ? static_cast<T>(rtol) : T(0);
   for (int64_t k = 0; k < width; ++k)
     if (inc[k]) row[mem[k]] = inf;
   if (self_col >= 0) row[self_col] = inf;
@@ -326,9 +325,9 @@ inline void semi_hard_row(T* row, int64_t m, const T* bd, const int64_t* mem, co
     if (!(best < inf)) continue;  // none beyond the bound: the farthest negative
     // 3. the first index beyond the bound within the tie limit of the nearest (rtol 0: the nearest itself)
     T lim = best;
-    if (rtol > 0) {
-      const T t = best * scale;
-      lim = t + offset;
+    if (rt[k] > T(0)) {  // as tie_bound: best * (1 + rtol) (+ rtol for cosine), each step rounded in T
+      const T t = best * (T(1) + rt[k]);
+      lim = cosine ? t + rt[k] : t;
     }
     for (int64_t j = 0; j < m; ++j) {
       const T d = row[j];
@@ -339,23 +338,26 @@ inline void semi_hard_row(T* row, int64_t m, const T* bd, const int64_t* mem, co
 
 template <typename T>
 void semi_hard_rows(T* dist, const T* bound, const int64_t* members, const bool* in_class, const int64_t* self_cols,
-                    int64_t c, int64_t m, int64_t width, double rtol, bool cosine, int64_t* out) {
+                    int64_t c, int64_t m, int64_t width, const T* rtol, bool cosine, int64_t* out) {
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       semi_hard_row(dist + i * m, m, bound + i * width, members + i * width, in_class + i * width, width,
-                    self_cols != nullptr ? self_cols[i] : int64_t(-1), rtol, cosine, out + i * width);
+                    self_cols != nullptr ? self_cols[i] : int64_t(-1), rtol + i * width, cosine, out + i * width);
   });
 }
 
 at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& bound, const at::Tensor& members,
-                            const at::Tensor& in_class, const c10::optional<at::Tensor>& self_cols, double rtol,
-                            bool cosine) {
+                            const at::Tensor& in_class, const c10::optional<at::Tensor>& self_cols,
+                            const at::Tensor& rtol, bool cosine) {
   TORCH_CHECK(dist.device().is_cpu() && dist.dim() == 2 && dist.is_contiguous(),
               "semi_hard_select: dist must be a contiguous 2-D CPU tensor");
   const int64_t c = dist.size(0), m = dist.size(1), width = members.size(1);
   TORCH_CHECK(bound.is_contiguous() && bound.scalar_type() == dist.scalar_type() && bound.size(0) == c &&
                   bound.size(1) == width,
               "semi_hard_select: bound must be contiguous (c, W) of dist's dtype");
+  TORCH_CHECK(rtol.is_contiguous() && rtol.scalar_type() == dist.scalar_type() && rtol.size(0) == c &&
+                  rtol.size(1) == width,
+              "semi_hard_select: rtol must be contiguous (c, W) of dist's dtype");
   TORCH_CHECK(members.is_contiguous() && members.scalar_type() == at::kLong && members.size(0) == c &&
                   in_class.is_contiguous() && in_class.scalar_type() == at::kBool,
               "semi_hard_select: members (c, W) int64 and in_class bool, contiguous");
@@ -368,7 +370,7 @@ at::Tensor semi_hard_select(at::Tensor dist, const at::Tensor& bound, const at::
   auto out = at::empty({c, width}, members.options());
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "semi_hard_select", [&] {
     semi_hard_rows<scalar_t>(dist.data_ptr<scalar_t>(), bound.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
-                             in_class.data_ptr<bool>(), self_ptr, c, m, width, rtol, cosine,
+                             in_class.data_ptr<bool>(), self_ptr, c, m, width, rtol.data_ptr<scalar_t>(), cosine,
                              out.data_ptr<int64_t>());
   });
   return out;
@@ -532,7 +534,7 @@ void for_each_gram_tile(const at::Tensor& a_factors, const at::Tensor& r_factors
 //   2. one scan for the first indices: of the farthest value, and per slot of the first negative
 //      beyond the bound within the tie limit of the nearest; it stops once every one is found.
 //
-// The bound of a slot is tie_bound(d_ap) = d_ap * (1 + rtol) (+ rtol for cosine) of the block's own
+// The bound of a slot is tie_bound(d_ap) = d_ap * (1 + rtol_k) (+ rtol_k for cosine) of the block's own
 // anchor-positive distance, or of the exact one `d_ap_exact` where the positive's Gram entry is small
 // (u_ap < a_slack_i + r_slack_p on the clamped raw entry, the own cell +inf), as the unfused path takes
 // it. The own class and the own column stay hidden (as NaN) throughout. The result equals prepare_block,
@@ -610,11 +612,9 @@ inline int64_t first_equal(const T* row, int64_t m, T value) {
 template <typename T>
 void semi_hard_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t width, const T* a_slack,
                           const T* r_slack, const int64_t* members, const bool* in_class, const int64_t* self_cols,
-                          int64_t own_start, bool take_sqrt, const T* d_ap_exact, double rtol, bool cosine,
+                          int64_t own_start, bool take_sqrt, const T* d_ap_exact, const T* rtol, bool cosine,
                           int64_t* out, bool* redo) {
   const T inf = std::numeric_limits<T>::infinity();
-  const T scale = static_cast<T>(1.0 + rtol);
-  const T offset = static_cast<T>(rtol);
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const int64_t groups = (width + kSlotGroup - 1) / kSlotGroup;
   const int64_t padded = groups * kSlotGroup;
@@ -640,8 +640,9 @@ void semi_hard_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t w
         const T v = row[col] < T(0) ? T(0) : row[col];
         T d = own_col >= 0 && col == own_col ? T(0) : (take_sqrt ? std::sqrt(v) : v);
         if (small[k]) d = d_ap_exact[i * width + k];
-        const T b = d * scale;
-        bound[k] = cosine ? b + offset : b;
+        const T rk = rtol[i * width + k];
+        const T b = d * (T(1) + rk);  // tie_bound(d_ap, rtol_k), each step rounded in T
+        bound[k] = cosine ? b + rk : b;
       }
       // 2. hide the own class and the own column, then the reduction passes. The hidden cells hold NaN,
       //    which every comparison below rejects: no small-entry slack, never the farthest, never beyond a
@@ -663,9 +664,10 @@ void semi_hard_fused_rows(T* tile, int64_t row0, int64_t t, int64_t m, int64_t w
         found[k] = -1;
         lim[k] = best[k];
         if (best[k] < inf) {
-          if (rtol > 0) {
-            const T tl = best[k] * scale;
-            lim[k] = cosine ? tl + offset : tl;
+          const T rk = rtol[i * width + k];
+          if (rk > T(0)) {
+            const T tl = best[k] * (T(1) + rk);
+            lim[k] = cosine ? tl + rk : tl;
           }
         }
       }
@@ -692,11 +694,14 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_fused(const at::Tensor& a_factors, 
                                                    const at::Tensor& a_slack, const at::Tensor& r_slack,
                                                    const at::Tensor& members, const at::Tensor& in_class,
                                                    const c10::optional<at::Tensor>& self_cols, int64_t own_start,
-                                                   bool take_sqrt, const at::Tensor& d_ap_exact, double rtol,
+                                                   bool take_sqrt, const at::Tensor& d_ap_exact, const at::Tensor& rtol,
                                                    bool cosine, int64_t tile_rows) {
   const int64_t* self_ptr = check_fused_operands("semi_hard_fused", a_factors, r_factors, a_slack, r_slack, members,
                                                   in_class, self_cols, own_start, d_ap_exact, tile_rows);
   const int64_t c = a_factors.size(0), m = r_factors.size(0), width = members.size(1);
+  TORCH_CHECK(rtol.is_contiguous() && rtol.scalar_type() == a_factors.scalar_type() && rtol.dim() == 2 &&
+                  rtol.size(0) == c && rtol.size(1) == width,
+              "semi_hard_fused: rtol must be contiguous (c, W) of the factors' dtype");
   auto out = at::empty({c, width}, members.options());
   auto redo = at::empty({c}, members.options().dtype(at::kBool));
   for_each_gram_tile(a_factors, r_factors, c10::nullopt, tile_rows, [&](at::Tensor& tile, int64_t s, int64_t t) {
@@ -704,7 +709,8 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_fused(const at::Tensor& a_factors, 
       semi_hard_fused_rows<scalar_t>(tile.data_ptr<scalar_t>(), s, t, m, width, a_slack.data_ptr<scalar_t>(),
                                      r_slack.data_ptr<scalar_t>(), members.data_ptr<int64_t>(),
                                      in_class.data_ptr<bool>(), self_ptr, own_start, take_sqrt,
-                                     d_ap_exact.data_ptr<scalar_t>(), rtol, cosine, out.data_ptr<int64_t>(),
+                                     d_ap_exact.data_ptr<scalar_t>(), rtol.data_ptr<scalar_t>(), cosine,
+                                     out.data_ptr<int64_t>(),
                                      redo.data_ptr<bool>());
     });
   });
@@ -795,13 +801,13 @@ TORCH_LIBRARY_FRAGMENT(metricloss_native, m) {
   m.def("prepare_block(Tensor(a!) u, Tensor a_slack, Tensor r_slack, Tensor members, Tensor in_class, "
         "Tensor? self_cols, int own_start, bool take_sqrt) -> Tensor");
   m.def("semi_hard_select(Tensor(a!) dist, Tensor bound, Tensor members, Tensor in_class, Tensor? self_cols, "
-        "float rtol, bool cosine) -> Tensor");
+        "Tensor rtol, bool cosine) -> Tensor");
   m.def("batch_all_fused(Tensor a_factors, Tensor r_factors, Tensor a_slack, Tensor r_slack, Tensor members, "
         "Tensor in_class, Tensor valid, Tensor? self_cols, int own_start, bool take_sqrt, Tensor d_ap_exact, "
         "float margin, bool soft, int distance, bool sorted, Tensor(a!)? weights, int tile_rows) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("semi_hard_fused(Tensor a_factors, Tensor r_factors, Tensor a_slack, Tensor r_slack, Tensor members, "
-        "Tensor in_class, Tensor? self_cols, int own_start, bool take_sqrt, Tensor d_ap_exact, float rtol, "
+        "Tensor in_class, Tensor? self_cols, int own_start, bool take_sqrt, Tensor d_ap_exact, Tensor rtol, "
         "bool cosine, int tile_rows) -> (Tensor, Tensor)");
 }
 

@@ -12,7 +12,7 @@ Mining returns indices only (no gradient). Losses recompute the selected distanc
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -34,6 +34,7 @@ __all__ = [
     "semi_hard_negative_idx",
     "tie_bound",
     "tie_rtol",
+    "tie_rtol_slots",
     "use_sorted_semi_hard",
 ]
 
@@ -62,9 +63,41 @@ def tie_rtol(dim: int, dtype: torch.dtype) -> float:
     return _TIE_SAFETY * 2.0 * (dim + 2) * torch.finfo(dtype).eps / REFINE_RATIO
 
 
-def tie_bound(d: torch.Tensor, rtol: float, distance: str) -> torch.Tensor:
+def tie_rtol_slots(d_ap: torch.Tensor, a_sq: torch.Tensor, r_sq_max: torch.Tensor, dim: int, dtype: torch.dtype,
+                   distance: str) -> torch.Tensor:
+    """The tie tolerance of each (anchor, positive slot): how far a negative's Gram distance near d_ap can be
+    off, so semi-hard's "farther than the positive" is decided the same by every path and the reference.
+
+    An unrefined Gram entry's d² = ‖a‖² + ‖r‖² − 2a·r has absolute error at most about
+    2·(D + 2)·eps·(‖a‖² + ‖r‖²) (a dot product of D + 2 terms whose magnitudes sum to at most
+    2·(‖a‖² + ‖r‖²)); a refined (small) entry is exact to rounding. Near d_ap that is a relative error of
+    (D + 2)·eps·(‖a‖² + max‖r‖²)/d_ap² on the distance (twice that on d²; cosine, unit rows: an absolute
+    4·(D + 2)·eps). The tolerance is :data:`_TIE_SAFETY` times that, never wider than :func:`tie_rtol`
+    (the worst case over every entry). L2-normalised fp32 rows at D = 512: about 1e-4 against ``tie_rtol``'s
+    1.6e-2.
+
+    Args:
+        d_ap: (c, W) anchor-positive distances (squared for ``squared_euclidean``, 1 − cos for cosine).
+        a_sq: (c,) the anchors' squared norms (the Gram factors'); r_sq_max: () the largest reference one.
+        dim, dtype: the embeddings' width and the dtype the distances are computed in.
+
+    Returns:
+        (c, W) relative tolerances in ``d_ap``'s dtype, for :func:`tie_bound`.
+    """
+    cap = tie_rtol(dim, dtype)
+    eps = torch.finfo(dtype).eps
+    if distance == "cosine":
+        return torch.full_like(d_ap, min(cap, _TIE_SAFETY * 4.0 * (dim + 2) * eps))
+    err_sq = (a_sq.to(d_ap.dtype).unsqueeze(1) + r_sq_max.to(d_ap.dtype)) * (2.0 * (dim + 2) * eps)  # on d²
+    rel = err_sq / (2.0 * d_ap * d_ap) if distance == "euclidean" else err_sq / d_ap
+    # d_ap = 0 (a duplicate positive, or zero rows): inf or 0/0, the worst case
+    return torch.nan_to_num(rel * _TIE_SAFETY, nan=cap, posinf=cap).clamp_(max=cap)
+
+
+def tie_bound(d: torch.Tensor, rtol: Union[float, torch.Tensor], distance: str) -> torch.Tensor:
     """The largest distance still tied with ``d``: ``d·(1 + rtol)``, plus ``rtol`` for cosine, whose error
-    is absolute (1 − â·b̂ cancels for near-parallel rows; its scale is 1 whatever ``d``)."""
+    is absolute (1 − â·b̂ cancels for near-parallel rows; its scale is 1 whatever ``d``). ``rtol``: a float,
+    or a tensor broadcasting with ``d`` (:func:`tie_rtol_slots`)."""
     return d * (1.0 + rtol) + rtol if distance == "cosine" else d * (1.0 + rtol)
 
 
@@ -177,7 +210,7 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
 
 def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor,
                            in_class: torch.Tensor, self_cols: Optional[torch.Tensor],
-                           scratch: Optional[torch.Tensor] = None, rtol: float = 0.0,
+                           scratch: Optional[torch.Tensor] = None, rtol: Union[float, torch.Tensor] = 0.0,
                            distance: str = "euclidean") -> torch.Tensor:
     """TF-Addons semi-hard negatives for one anchor chunk.
 
@@ -192,7 +225,8 @@ def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torc
         d_ap: (c, W) anchor-positive distances of the member table.
         members, in_class: (c, W) the positive table; self_cols as in :func:`mask_own_class_`.
         scratch: an optional (c, M) buffer like ``dist`` for the per-slot candidates.
-        rtol: the tie tolerance; distance: the distance kind (cosine ties have an absolute floor).
+        rtol: the tie tolerance, a float or (c, W) per slot (:func:`tie_rtol_slots`); distance: the distance
+            kind (cosine ties have an absolute floor).
 
     Returns:
         (c, W) int64 reference indices. Entries for padding slots or anchors without negatives are
@@ -220,11 +254,13 @@ def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torc
     out = torch.empty((c, width), dtype=torch.int64, device=dist.device)
     cand = torch.empty_like(neg) if scratch is None else scratch
     inf = torch.full((), float("inf"), dtype=neg.dtype, device=neg.device)
+    per_slot = isinstance(rtol, torch.Tensor)
     for k in range(width):
         torch.where(neg > bound[:, k:k + 1], neg, inf, out=cand)
         val, idx = row_argmin(cand)
-        if rtol > 0:
-            idx = torch.le(cand, tie_bound(val, rtol, distance).unsqueeze(1)).view(torch.uint8).argmax(1)
+        if per_slot or rtol > 0:
+            limit = tie_bound(val, rtol[:, k] if per_slot else rtol, distance)
+            idx = torch.le(cand, limit.unsqueeze(1)).view(torch.uint8).argmax(1)
         out[:, k] = torch.where(val < float("inf"), idx, far_idx)
     return out
 

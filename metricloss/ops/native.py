@@ -330,8 +330,8 @@ def batch_all_epilogue(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Te
 
 
 def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
-                        self_cols: Optional[torch.Tensor], sorted_selection: bool, rtol: float = 0.0,
-                        distance: str = "euclidean") -> Optional[torch.Tensor]:
+                        self_cols: Optional[torch.Tensor], sorted_selection: bool,
+                        rtol: Union[float, torch.Tensor] = 0.0, distance: str = "euclidean") -> Optional[torch.Tensor]:
     """Semi-hard negatives of one anchor chunk in native passes per row, or None (use the torch path).
 
     The same selection as :func:`~metricloss.ops.mining.semi_hard_negative_idx` (per positive slot the nearest
@@ -349,10 +349,19 @@ def semi_hard_negatives(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.T
     from .mining import tie_bound
 
     block = dist if dist.is_contiguous() else dist.contiguous()
-    bound = tie_bound(d_ap.to(block.dtype), rtol, distance).contiguous()  # as the torch path computes it
+    d_ap = d_ap.to(block.dtype)
+    slot_rtol = _slot_rtol(rtol, d_ap)
+    bound = tie_bound(d_ap, slot_rtol, distance).contiguous()  # as the torch path computes it
     return torch.ops.metricloss_native.semi_hard_select(
         block, bound, members.contiguous(), in_class.contiguous(),
-        None if self_cols is None else self_cols.to(torch.int64).contiguous(), float(rtol), distance == "cosine")
+        None if self_cols is None else self_cols.to(torch.int64).contiguous(), slot_rtol, distance == "cosine")
+
+
+def _slot_rtol(rtol: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The tie tolerance as a contiguous (c, W) tensor of ``like``'s dtype (a float: the same for every slot)."""
+    if isinstance(rtol, torch.Tensor):
+        return rtol.to(like.dtype).expand(like.shape).contiguous()
+    return torch.full_like(like, float(rtol))
 
 
 def prepare_block(u: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor, members: torch.Tensor,
@@ -394,7 +403,7 @@ def fused_tile_rows(num_refs: int, element_size: int) -> int:
 def semi_hard_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,
                     members: torch.Tensor, in_class: torch.Tensor, self_cols: Optional[torch.Tensor],
                     own_start: Optional[int], distance: str, d_ap_exact: torch.Tensor,
-                    rtol: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                    rtol: Union[float, torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """A semi-hard chunk's Gram block, block preparation and negative selection in one native op, or None
     (use the unfused path).
 
@@ -409,7 +418,8 @@ def semi_hard_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: t
         a_slack: (c,), r_slack: (M,) the two halves of the small-entry bound.
         members, in_class: (c, W) int64 / bool positive table; self_cols: (c,) own columns (-1: none) or None.
         own_start: the reference set is the batch and the chunk starts at anchor ``own_start``, else None.
-        distance: the distance name; d_ap_exact: (c, W) exact anchor-positive distances; rtol: the tie tolerance.
+        distance: the distance name; d_ap_exact: (c, W) exact anchor-positive distances; rtol: the tie
+            tolerance, a float or (c, W) per slot (:func:`~metricloss.ops.mining.tie_rtol_slots`).
 
     Returns:
         (negative indices (c, W) int64 as :func:`semi_hard_negatives`, redo (c,) bool as
@@ -422,7 +432,8 @@ def semi_hard_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: t
         a_factors.contiguous(), r_factors.contiguous(), a_slack.to(dtype).contiguous(), r_slack.to(dtype).contiguous(),
         members.contiguous(), in_class.contiguous(), None if self_cols is None else self_cols.to(torch.int64).contiguous(),
         -1 if own_start is None else int(own_start), distance == "euclidean", d_ap_exact.to(dtype).contiguous(),
-        float(rtol), distance == "cosine", fused_tile_rows(r_factors.shape[0], a_factors.element_size()))
+        _slot_rtol(rtol, d_ap_exact.to(dtype)), distance == "cosine",
+        fused_tile_rows(r_factors.shape[0], a_factors.element_size()))
 
 
 def batch_all_fused(a_factors: torch.Tensor, r_factors: torch.Tensor, a_slack: torch.Tensor, r_slack: torch.Tensor,

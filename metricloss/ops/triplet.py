@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .distance import (GramFactors, Rows, gram_backward, paired_distance, scale_distance_weights_, sqrt_rn_)
 from .labels import ClassIndex
 from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
-                     semi_hard_negative_idx, tie_rtol, triton_or_torch_for_self_index, use_sorted_semi_hard)
+                     semi_hard_negative_idx, tie_rtol_slots, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
 from .native import batch_all_fused as native_batch_all_fused
 from .native import batch_all_self as native_batch_all_self
@@ -204,13 +204,15 @@ def _batch_all_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tens
 
 def _semi_hard_block(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor, in_class: torch.Tensor,
                      valid: torch.Tensor, self_cols: Optional[torch.Tensor], margin: Margin, distance: str,
-                     want_weights: bool, a_c: torch.Tensor, r: torch.Tensor, scratch: "_Scratch"):
+                     want_weights: bool, a_c: torch.Tensor, r: torch.Tensor, scratch: "_Scratch",
+                     a_sq: torch.Tensor, r_sq_max: torch.Tensor):
     """Semi-hard on one chunk. Overwrites ``dist``. Returns (sums (c,), nonzero counts (c,), PairChunkGrad or None).
 
     The block only selects: the loss recomputes d(a, p) and d(a, n*) exactly from the selected rows
-    (O(c·W·D)), and so does the gradient.
+    (O(c·W·D)), and so does the gradient. ``a_sq`` (c,) and ``r_sq_max`` () are the Gram factors' squared
+    norms, for the tie band of each slot (:func:`~metricloss.ops.mining.tie_rtol_slots`).
     """
-    rtol = tie_rtol(a_c.shape[1], a_c.dtype)
+    rtol = tie_rtol_slots(d_ap, a_sq, r_sq_max, a_c.shape[1], a_c.dtype, distance)
     # CPU, few positives: the selection in native passes per row (None: the native path does not serve it)
     neg_idx = native_semi_hard_negatives(dist, d_ap, members, in_class, self_cols,
                                          use_sorted_semi_hard(members.shape[1]), rtol, distance)
@@ -372,6 +374,8 @@ class _BlockTripletPlan:
                            and not use_sorted_batch_all(self.width) and _SELF_PAIR_MIN_ROWS <= a.shape[0]
                            and _exact_class_ids(a.shape[0], a.dtype) and native_enabled(a, "self_pairs"))
         self.gram = GramFactors(a, r, distance, canonical=not self.self_pairs)
+        # the largest reference norm², for semi-hard's tie band (a 0-dim tensor: no host read)
+        self.r_sq_max = self.gram.r_sq.amax() if r.shape[0] else self.gram.r_sq.new_zeros(())
         m, elem = r.shape[0], a.element_size()
         # dist, slack, neg, the weight block and one temporary per element, plus bool/int scratch
         per_ref = 5 * elem + 2 + (16 if (mining == "batch_all" and use_sorted_batch_all(self.width)) else 0)
@@ -477,7 +481,8 @@ class _BlockTripletPlan:
         d_ap = pairs.gather(0, members)  # exact; the bounds of the small entries, and the loss
         selected = native_semi_hard_fused(gram.A[rows], gram.R, gram.a_slack[rows], gram.r_slack, members, in_class,
                                           self_cols, own_start, self.distance, d_ap,
-                                          tie_rtol(a.shape[1], a.dtype))
+                                          tie_rtol_slots(d_ap, gram.a_sq[rows], self.r_sq_max, a.shape[1], a.dtype,
+                                                         self.distance))
         if selected is None:
             return None
         neg_idx, redo = selected
@@ -513,9 +518,12 @@ class _BlockTripletPlan:
         if not exact and self.width > 0:
             d_ap = torch.where(small_ap, paired_distance(a_c.unsqueeze(1), r[members], self.distance), d_ap)
         valid = in_class & (cls.num_neg > 0).unsqueeze(1)
-        block = _batch_all_block if self.mining == "batch_all" else _semi_hard_block
-        sums, nonzero, grad = block(dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance,
-                                    want_weights, a_c, r, self.scratch)
+        args = (dist, d_ap, members, in_class, valid, self_cols, self.margin, self.distance, want_weights, a_c, r,
+                self.scratch)
+        if self.mining == "batch_all":
+            sums, nonzero, grad = _batch_all_block(*args)
+        else:
+            sums, nonzero, grad = _semi_hard_block(*args, self.gram.a_sq[rows], self.r_sq_max)
         return sums, nonzero, grad, redo
 
 
