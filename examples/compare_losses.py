@@ -66,18 +66,36 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cpu_isa  # noqa: E402
+
+#: The instruction-set pin the docs' table was made under (``--isa``; :mod:`cpu_isa`).
+TABLE_ISA = "avx2"
+
+
+def _requested_isa(argv: List[str]) -> str:
+    """``--isa`` from the command line, read before argparse runs (the pin must precede ``import torch``)."""
+    for i, arg in enumerate(argv):
+        if arg == "--isa" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--isa="):
+            return arg.split("=", 1)[1]
+    return TABLE_ISA
+
+
+if __name__ == "__main__" and _requested_isa(sys.argv[1:]) in cpu_isa.PINS:
+    cpu_isa.pin(_requested_isa(sys.argv[1:]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 import datasets  # noqa: E402
 
@@ -717,6 +735,78 @@ def claims(summary: List[Dict]) -> List[Dict]:
     return out
 
 
+def plot_results(plt, summary: List[Dict], args) -> Dict[str, List[str]]:
+    """``results.png``: training time, retrieval on the unseen classes, and the seen-class validation mAP per
+    epoch, from scratch and (on its own axis) for the rows that fine-tune another row's model.
+
+    Every row keeps one colour and line style in every panel (a qualitative palette, 10 colours, cycled
+    with 4 line styles), and the legend sits outside the curves, at the right. Returns the rows drawn on
+    each curve panel (``{"convergence": [...], "fine-tuning": [...]}``) and the figure's title (``"title"``).
+    """
+    trained = [s for s in summary if s["epochs"]]
+    finetuned = {m.name for m in METHODS if m.finetunes is not None}
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">"]
+    palette = plt.get_cmap("tab10").colors
+    look = {s["loss"]: dict(color=palette[i % 10], ls=styles[(i // 10 + i) % 4], marker=markers[i % len(markers)])
+            for i, s in enumerate(trained)}
+    hatch = {s["loss"]: ("//" if i >= 10 else "") for i, s in enumerate(trained)}  # a colour's second use
+    fig = plt.figure(figsize=(19, 5.4))
+    grid = fig.add_gridspec(1, 4, width_ratios=[1.0, 1.0, 1.25, 0.55], wspace=0.35)
+    ax_time, ax_ret, ax_curve, ax_ft = (fig.add_subplot(grid[0, c]) for c in range(4))
+    names = [s["loss"] for s in trained]
+    pos = np.arange(len(trained))
+    bars = ax_time.barh(pos, [s["seconds"][0] for s in trained], xerr=[s["seconds"][1] for s in trained],
+                        color=[look[n]["color"] for n in names], edgecolor="white")
+    for bar, n in zip(bars, names):
+        bar.set_hatch(hatch[n])
+    ax_time.set_yticks(pos, names, fontsize=8)
+    ax_time.invert_yaxis()
+    ax_time.set_xlabel("training time (s)")
+    ax_time.set_title("cost", fontsize=10)
+    width = 0.4
+    ax_ret.barh(pos - width / 2, [s["mAP"][0] for s in trained], xerr=[s["mAP"][1] for s in trained],
+                height=width, color="0.35", label="mAP")
+    ax_ret.barh(pos + width / 2, [s["MAP@R"][0] for s in trained], xerr=[s["MAP@R"][1] for s in trained],
+                height=width, color="0.7", label="MAP@R")
+    ax_ret.axvline(summary[0]["mAP"][0], color="k", ls=":", lw=1, label="untrained mAP")
+    ax_ret.set_yticks(pos, [])
+    ax_ret.invert_yaxis()
+    ax_ret.set_xlabel("unseen classes")
+    ax_ret.set_title("retrieval", fontsize=10)
+    ax_ret.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
+    drawn: Dict[str, List[str]] = {"convergence": [], "fine-tuning": []}
+    for s in trained:
+        ax = ax_ft if s["loss"] in finetuned else ax_curve
+        drawn["fine-tuning" if s["loss"] in finetuned else "convergence"].append(s["loss"])
+        curve = s["val_mAP_curve"]
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=s["loss"], lw=1.6, ms=4, **look[s["loss"]])
+    ax_curve.set_xlabel("epoch (trained from scratch)")
+    ax_curve.set_ylabel("seen-class validation mAP")
+    ax_curve.set_title("convergence", fontsize=10)
+    ax_ft.set_xlabel("fine-tuning epoch")
+    ax_ft.set_title("fine-tuning", fontsize=10)
+    ax_ft.sharey(ax_curve)
+    if not any(s["loss"] in finetuned for s in trained):
+        ax_ft.text(0.5, 0.5, "no fine-tuned row", ha="center", va="center", transform=ax_ft.transAxes, fontsize=8)
+    for ax, epochs in ((ax_curve, args.epochs), (ax_ft, args.finetune_epochs)):
+        ax.set_xticks(range(1, epochs + 1, max(1, epochs // 8)))
+        ax.grid(alpha=0.3)
+    handles, labels = [], []
+    for ax in (ax_curve, ax_ft):
+        h, lab = ax.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.825, 0.5), fontsize=8, frameon=False)
+    seeds = ", ".join(str(seed) for seed in args.seeds)
+    title = (f"{args.dataset}: {args.epochs} epochs from scratch, {args.finetune_epochs} fine-tuning; "
+             f"mean ± std over seeds {seeds}")
+    fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.11, right=0.815, bottom=0.17, top=0.86)
+    fig.savefig(os.path.join(args.out, "results.png"), dpi=110)
+    plt.close(fig)
+    return {**drawn, "title": [title]}
+
+
 def write_outputs(rows: List[Dict], summary: List[Dict], claim_rows: List[Dict], meta: Dict, args) -> str:
     os.makedirs(args.out, exist_ok=True)
     table = HEADER + "\n" + "\n".join(format_row(s) for s in summary)
@@ -734,35 +824,7 @@ def write_outputs(rows: List[Dict], summary: List[Dict], claim_rows: List[Dict],
     except ImportError:
         print("matplotlib is not installed: no results.png (pip install '.[examples]')")
         return table
-    trained = [s for s in summary if s["epochs"]]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    names = [s["loss"] for s in trained]
-    pos = np.arange(len(trained))
-    axes[0].barh(pos, [s["seconds"][0] for s in trained], xerr=[s["seconds"][1] for s in trained], color="tab:blue")
-    axes[0].set_yticks(pos, names)
-    axes[0].set_xlabel("training time (s), mean ± std over seeds")
-    axes[0].invert_yaxis()
-    width = 0.38
-    axes[1].barh(pos - width / 2, [s["mAP"][0] for s in trained], xerr=[s["mAP"][1] for s in trained],
-                 height=width, label="mAP")
-    axes[1].barh(pos + width / 2, [s["MAP@R"][0] for s in trained], xerr=[s["MAP@R"][1] for s in trained],
-                 height=width, label="MAP@R")
-    axes[1].axvline(summary[0]["mAP"][0], color="tab:blue", ls=":", lw=1, label="untrained mAP")
-    axes[1].set_yticks(pos, [])
-    axes[1].invert_yaxis()
-    axes[1].set_xlabel("retrieval on unseen classes")
-    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
-    colours = plt.get_cmap("tab20").colors  # 11+ rows: the default 10-colour cycle would repeat
-    for i, s in enumerate(trained):
-        axes[2].plot(np.arange(1, len(s["val_mAP_curve"]) + 1), s["val_mAP_curve"], marker=".", label=s["loss"],
-                     color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
-    axes[2].set_xlabel("epoch")
-    axes[2].set_ylabel("seen-class validation mAP (mean over seeds)")
-    axes[2].legend(fontsize=7)
-    fig.suptitle(f"metricloss loss comparison: {args.dataset}, {args.epochs} epochs, seeds {args.seeds}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "results.png"), dpi=110)
-    plt.close(fig)
+    plot_results(plt, summary, args)
     return table
 
 
@@ -786,6 +848,10 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine 2 threads ran 3-8x slower, waiting on each other)")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    ap.add_argument("--isa", choices=sorted(cpu_isa.PINS), default=TABLE_ISA,
+                    help="instruction set of torch, MKL, oneDNN and metricloss's native loops, pinned before torch "
+                         f"loads ({TABLE_ISA}: the docs' table; native: the widest the CPU has). Only takes effect "
+                         "when the script is run, not imported")
     args = ap.parse_args(argv)
     if args.epochs is None:
         args.epochs = 20 if args.full else 8
@@ -799,12 +865,21 @@ def parse_args(argv=None):
     return args
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+def check_isa(rep: Dict, args) -> Optional[str]:
+    """A loud warning if this run's numerics do not run on the instruction set the docs' table was made on
+    (the pin not in effect, or a CPU without AVX2); None if they do."""
+    pinned = all(os.environ.get(k) == v for k, v in cpu_isa.PINS[TABLE_ISA].items())
+    avx2 = rep["torch_cpu_capability"] == "AVX2" and rep["onednn_isa"] == "Intel AVX2"
+    if args.isa == TABLE_ISA and pinned and avx2:
+        return None
+    bar = "!" * 100
+    why = (f"--isa {args.isa}" if args.isa != TABLE_ISA else
+           "the pin is not in effect (torch was imported before the script set it)" if not pinned else
+           "this CPU does not run the AVX2 code paths")
+    return (f"{bar}\nINSTRUCTION SET DIFFERS from the one the docs' table was made on ({TABLE_ISA} pinned): {why}.\n"
+            f"  this run: {cpu_isa.summary(rep)}\n"
+            f"  Convolutions and GEMMs round differently, so the metrics match the docs' table only up to the\n"
+            f"  seed-to-seed spread: judge the verdicts on the spread, not on the third decimal.\n{bar}")
 
 
 def main(argv=None) -> List[Dict]:
@@ -813,14 +888,16 @@ def main(argv=None) -> List[Dict]:
     torch.set_num_threads(args.threads)
     data = prepare_data(args)
     fp, vers = data["fingerprint"], datasets.versions()
-    warning = check_fingerprint(fp, args)
+    isa = cpu_isa.report()
+    warning = "\n".join(w for w in (check_fingerprint(fp, args), check_isa(isa, args)) if w) or None
     describe = (f"{args.dataset}: {data['num_images']} images, {len(data['names'])} classes; training on "
                 f"{data['num_classes']} classes ({len(data['y_train'])} images, {len(data['y_val'])} held out), "
                 f"retrieval on {data['num_test_classes']} unseen classes ({len(data['y_test'])} images)\n"
                 f"dataset fingerprint: sha256 {fp['sha256']}, {fp['classes']} classes, {fp['images']} images"
                 + (f" (font set {datasets.FONT_SET_VERSION})" if args.dataset == "fonts" else "") + "\n"
                 "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items())
-                + f"; {cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {args.threads} threads")
+                + f"; {os.cpu_count()} CPUs, {args.threads} threads\n"
+                f"instruction set: {cpu_isa.summary(isa)}; {isa['mkl']}")
     print(describe, flush=True)
     if warning:
         print(warning, flush=True)
@@ -835,7 +912,8 @@ def main(argv=None) -> List[Dict]:
     claim_rows = claims(summary)
     wall = time.perf_counter() - start
     meta = {"describe": describe, "fingerprint": fp, "expected_fingerprint": EXPECTED_FINGERPRINT,
-            "fingerprint_matches": warning is None, "warning": warning, "versions": vers, "wall_seconds": wall,
+            "fingerprint_matches": check_fingerprint(fp, args) is None, "isa": isa, "isa_pin": args.isa,
+            "isa_matches": check_isa(isa, args) is None, "warning": warning, "versions": vers, "wall_seconds": wall,
             "recipes": {m.name: m.recipe for m in selected}}
     table = write_outputs(rows, summary, claim_rows, meta, args)
     print("\n" + table + "\n")

@@ -115,3 +115,75 @@ def test_hermans_schedule_and_verdicts():
     assert compare.epochs_to_90([0.1, 0.5, 0.95, 1.0]) == 3
     assert compare.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert np.isclose(compare.svmax_weight(112, 64, 0.2), 0.2 / (math.sqrt(112 / 64) - math.sqrt(112) / 64))
+
+
+def _avx2_report(**changes):
+    rep = {"cpu": "Some CPU", "machine": "x86_64", "cpu_flags": {"avx2": True, "avx512f": False},
+           "torch_cpu_capability": "AVX2", "onednn_isa": "Intel AVX2", "mkl": "MKL", "switches": {}}
+    rep.update(changes)
+    return rep
+
+
+def test_isa_differs_loudly(monkeypatch):
+    """The run warns unless the AVX2 pin is in effect and torch and oneDNN really run AVX2."""
+    compare = _load("compare_losses")
+    cpu_isa = _load("cpu_isa")
+    for key, value in cpu_isa.PINS["avx2"].items():
+        monkeypatch.setenv(key, value)
+    args = compare.parse_args([])
+    assert args.isa == compare.TABLE_ISA == "avx2"
+    assert compare.check_isa(_avx2_report(), args) is None
+    assert "--isa native" in compare.check_isa(_avx2_report(), compare.parse_args(["--isa", "native"]))
+    wide = compare.check_isa(_avx2_report(torch_cpu_capability="AVX512", onednn_isa="Intel AVX-512"), args)
+    assert "INSTRUCTION SET DIFFERS" in wide and "does not run the AVX2 code paths" in wide
+    assert "judge the verdicts on the spread" in wide
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert "the pin is not in effect" in compare.check_isa(_avx2_report(), args)
+
+
+def test_isa_pin_and_report(monkeypatch):
+    cpu_isa = _load("cpu_isa")
+    with pytest.raises(ValueError, match="unknown ISA pin 'avx9'"):
+        cpu_isa.pin("avx9")
+    with pytest.raises(RuntimeError, match="before torch is imported"):  # the tests imported torch
+        cpu_isa.pin("avx2")
+    cpu_isa.pin("native")  # sets nothing: allowed at any time
+    assert set(cpu_isa.SWITCHES) == {"ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+                                     "ONEDNN_MAX_CPU_ISA", "METRICLOSS_NATIVE_ISA"}
+    rep = cpu_isa.report()
+    assert rep["cpu"] and rep["torch_cpu_capability"] and rep["onednn_isa"] and rep["mkl"]
+    assert set(rep["switches"]) == set(cpu_isa.SWITCHES)
+    line = cpu_isa.summary(rep)
+    assert rep["cpu"] in line and f"torch CPU capability {rep['torch_cpu_capability']}" in line
+
+
+def test_isa_pin_reaches_torch_and_onednn(tmp_path):
+    """Run as a script, the pin is set before torch loads: torch and oneDNN report AVX2 (on an x86-64 CPU
+    with AVX2)."""
+    import subprocess
+
+    cpu_isa = _load("cpu_isa")
+    if not cpu_isa.cpu_flags().get("avx2"):
+        pytest.skip("not an x86-64 CPU with AVX2")
+    code = ("import sys; sys.path.insert(0, 'examples'); import cpu_isa; cpu_isa.pin('avx2'); "
+            "print(cpu_isa.summary(cpu_isa.report()))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "torch CPU capability AVX2, oneDNN ISA Intel AVX2" in done.stdout
+
+
+def test_results_png_puts_fine_tuning_on_its_own_axis(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compare = _load("compare_losses")
+    args = compare.parse_args(["--out", str(tmp_path)])
+    row = dict(epochs=8, seconds=(1.0, 0.1), mAP=(0.4, 0.01), **{"MAP@R": (0.2, 0.01)}, val_mAP_curve=[0.1, 0.2])
+    summary = [dict(row, loss="(untrained network)", epochs=0), dict(row, loss="cross-entropy"),
+               dict(row, loss="WARP (fine-tunes cross-entropy)", epochs=4)]
+    drawn = compare.plot_results(plt, summary, args)
+    assert drawn["convergence"] == ["cross-entropy"] and drawn["fine-tuning"] == ["WARP (fine-tunes cross-entropy)"]
+    assert drawn["title"] == ["fonts: 8 epochs from scratch, 4 fine-tuning; mean ± std over seeds 0, 1, 2"]
+    assert "[" not in drawn["title"][0] and (tmp_path / "results.png").stat().st_size > 0
