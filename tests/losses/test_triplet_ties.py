@@ -31,7 +31,7 @@ from metricloss.ops.distance import paired_distance, safe_sqrt, sqrt_rn, sqrt_rn
 
 
 def _labels(n: int, per: int, g: torch.Generator) -> torch.Tensor:
-    labels = torch.arange(n // per).repeat_interleave(per)
+    labels = torch.arange(n) // per  # classes of `per` (the last one shorter when per does not divide n)
     return labels[torch.randperm(n, generator=g)]
 
 
