@@ -46,9 +46,7 @@ MEAN_NONZERO_KINK = ("issue 12 item 10: with reduction='mean_nonzero', a hinge t
 
 # (predicate on a failing trial's description and exception, reason): failures already reported (to be fixed in
 # files other helpers own); each has a minimal reproducer below
-KNOWN: List = [
-    (lambda d, e: d.get("reduction") == "mean_nonzero" and d.get("kind") in ("ints", "dups"), MEAN_NONZERO_KINK),
-]
+KNOWN: List = []  # none left: the mean_nonzero kink below is fixed (exact ties decided exactly on every path)
 
 
 class Sweep:
@@ -412,7 +410,9 @@ def dense_retrieval_metrics(q, labels, g, g_labels, leave_one_out: bool, ks, met
     """Brute force in fp64: sort every row by (similarity desc, index asc), read the relevant ranks."""
     q, g = q.double(), g.double()
     if metric == "cosine":
-        sim = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
+        # elementwise, not a GEMM: a GEMM may round one dot product differently in different output columns,
+        # which would break the exact ties of duplicate rows
+        sim = (F.normalize(q, dim=1)[:, None, :] * F.normalize(g, dim=1)[None, :, :]).sum(-1)
     else:
         sim = -((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
     sums = {f"R@{k}": 0.0 for k in ks}
@@ -632,8 +632,8 @@ def test_known_mixed_label_dtypes_wrap(op):
             assert math.isclose(got[name], want[name], rel_tol=1e-6, abs_tol=1e-9), (name, got, want)
 
 
-@pytest.mark.xfail(strict=False, reason=MEAN_NONZERO_KINK)
-def test_known_mean_nonzero_count_depends_on_chunks():
+def test_mean_nonzero_count_does_not_depend_on_chunks():
+    """Once known (MEAN_NONZERO_KINK): exactly-zero hinges at integer rows were counted by rounding."""
     t = _draw_triplet(193)  # 31 integer rows in 2-D, cosine, margin 0.2, batch-all
     kw = dict(margin=0.2, mining="batch_all", distance="cosine", normalize=False, reduction="mean_nonzero",
               backend="torch")

@@ -134,23 +134,29 @@ def _check(monkeypatch, name: str, path: str) -> None:
         where = f"{name} {mining} on {path}"
         assert int(terms.num_terms) == num_terms, where
         if name.startswith("simplex") and not fp64:
-            # fp32 simplices: every decision is a rounding-level tie of fp32 distances, which fp64 decides
-            # otherwise; the paths agree with each other exactly (the same Gram values, the same roots)
-            # and with fp64 to a fraction of the terms
+            # fp32 simplices: every hinge d_ap − d_an is ~1e-6 against fp32 distances of √2 whose Gram error
+            # is ~(D + 2)·eps ≈ 1e-5 at D = 128 to 6e-5 at D = 512, so fp32 decides a few percent of them
+            # otherwise than fp64 (measured: 0.3% at N = 256, 2.9% at N = 512, on every path). The paths
+            # agree with each other to rounding: the chunked ops exactly, the self-pair op (its own Gram
+            # value for both views of a cell) to 1e-3 of the terms (measured 7.6e-5 and 2.8e-4 of them)
             want = _torch_path_nonzero(name, mining)
-            assert abs(num_nonzero - want) <= 0.01 * num_nonzero, where
+            assert abs(num_nonzero - want) <= 0.04 * num_nonzero, where
+            got_nonzero = int(terms.num_nonzero)
+            assert abs(got_nonzero - want) <= 1e-3 * want, f"{where}: nonzero {got_nonzero} vs torch path {want}"
         else:
             want = num_nonzero
-        assert int(terms.num_nonzero) == want, f"{where}: nonzero {int(terms.num_nonzero)} != {want}"
+            assert int(terms.num_nonzero) == want, f"{where}: nonzero {int(terms.num_nonzero)} != {want}"
         # fp64: the distances' rounding (Gram entries, ~eps·‖x‖² each) averaged over the terms; fp32 inputs:
-        # the fp32 rounding of every distance against fp64 (the torch path reaches ~1e-4 on the simplices)
-        rtol = (1e-9 if fp64 else 5e-4) if name.startswith("simplex") else (1e-12 if fp64 else 1e-5)
+        # the fp32 rounding of every distance against fp64 (measured up to 5.9e-4 on the simplices, where a
+        # hinge sum formed as a difference of large sums was off by 27%)
+        rtol = (1e-9 if fp64 else 1e-3) if name.startswith("simplex") else (1e-12 if fp64 else 1e-5)
         assert abs(float(got) - total) <= rtol * abs(total) + 1e-300, f"{where}: loss {float(got)!r} vs {total!r}"
         if mining != "batch_all" and opts["normalize"] and args[0] == "zeros":
             continue  # a zero anchor's positives (negatives) tie at rounding level: which one is mined is a
             # tie-break by the last bit, the loss and counts the same, the gradient not
-        # (fp32 simplices: ~1% of the decisions are fp32 rounding-level ties that fp64 decides otherwise)
-        gtol = 1e-9 if fp64 else (2e-2 if name.startswith("simplex") else 3e-4)
+        # (fp32 simplices: up to 3% of the decisions are fp32 rounding-level ties that fp64 decides otherwise,
+        # and the gradient moves with them: measured 2.8% at N = 512)
+        gtol = 1e-9 if fp64 else (4e-2 if name.startswith("simplex") else 3e-4)
         err = float((xx.grad.double() - grad).norm() / grad.norm().clamp_min(1e-300))
         assert err <= gtol, f"{where}: gradient relative error {err:.3g}"
 
