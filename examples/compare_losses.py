@@ -50,11 +50,11 @@ trained from scratch, so the shared optimiser is the research's small-CNN recipe
 
 Data (offline, ``examples/datasets.py``): font identification on the 24 fonts matplotlib 3.11.2 ships
 (pinned in the ``examples`` extra); the run prints a fingerprint of the rendered arrays and warns loudly if
-it differs from the one the README's table was made from. ``--dataset digits`` is a quick check.
+it differs from the one the docs' table was made from. ``--dataset digits`` is a quick check.
 The data and the class split are the same for every seed; a seed sets the initialisation and the batches.
 
 Usage:
-    python examples/compare_losses.py                      # default: 3 seeds, 8 epochs (284-358 s wall on a shared 2-core CPU)
+    python examples/compare_losses.py                      # default: 3 seeds, 8 epochs, AVX2 pinned (157 s wall on a shared 2-core CPU)
     python examples/compare_losses.py --full               # 5 seeds, 20 epochs
     python examples/compare_losses.py --seeds 0 1 2 3 --epochs 12 --losses "batch-hard triplet" NormSoftmax
 Outputs: a markdown table on stdout and in ``<out>/results.md``, ``<out>/results.json``, ``<out>/results.png``.
@@ -104,7 +104,7 @@ from metricloss.metrics import retrieval_metrics  # noqa: E402
 
 EMBED_DIM = 64
 
-#: Fingerprint of the default dataset (fonts, 24 px, 3 renders, jitter seed 0) the README's table was made
+#: Fingerprint of the default dataset (fonts, 24 px, 3 renders, jitter seed 0) the docs' table was made
 #: from (matplotlib 3.11.2, Pillow 13.0.0, numpy 2.4.6). A different value means different pixels.
 EXPECTED_FINGERPRINT = {"sha256": "90474f5c73b221806e0060bd7eeb8f64a85440b1076cb1eb2008c9d59db39bad",
                         "classes": 24, "images": 4464}
@@ -531,14 +531,14 @@ def is_default_data(args) -> bool:
 
 
 def check_fingerprint(fp: Dict, args) -> Optional[str]:
-    """A loud warning if the default data's fingerprint is not the README's; None if it is (or not default)."""
+    """A loud warning if the default data's fingerprint is not the docs' table's; None if it is (or not default)."""
     if not is_default_data(args) or fp == EXPECTED_FINGERPRINT:
         return None
     bar = "!" * 100
-    return (f"{bar}\nDATASET FINGERPRINT DIFFERS from the one the README's table was made from:\n"
-            f"  this run: {fp}\n  README:   {EXPECTED_FINGERPRINT}\n"
+    return (f"{bar}\nDATASET FINGERPRINT DIFFERS from the one the docs' table was made from:\n"
+            f"  this run: {fp}\n  docs:     {EXPECTED_FINGERPRINT}\n"
             f"  The glyph pixels differ (other Pillow/FreeType or matplotlib fonts than the pinned ones?):\n"
-            f"  the table below is NOT comparable to the README's.\n{bar}")
+            f"  the table below is NOT comparable to the docs' table.\n{bar}")
 
 
 def run_seed(args, data: Dict, seed: int, selected: List[Method]) -> List[Dict]:
