@@ -143,10 +143,13 @@ def _extension(key: str) -> NativeExtension:
 def _extension_name(key: str) -> str:
     """One build per torch version and per source text: an extension built against another torch's headers
     must not be loaded, and two installs (or checkouts) with different sources sharing one
-    ``TORCH_EXTENSIONS_DIR`` must not rebuild over each other's build directory."""
+    ``TORCH_EXTENSIONS_DIR`` must not rebuild over each other's build directory. The sources' directory is
+    part of the key too: ninja rebuilds a cached build whose compile command names other source paths, so
+    two checkouts of the same sources would otherwise recompile over each other (with no message, since the
+    library is there)."""
     ext = _extension(key)
     tag = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(str(_CSRC).encode() + b"\0")
     for path in ext.paths:
         digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
     return f"metricloss_{key}_{tag}_{digest.hexdigest()[:12]}"

@@ -237,3 +237,12 @@ def test_a_shared_cause_warns_once(monkeypatch, fresh_state):
         "metricloss: the native CPU kernels are not available: ninja is not installed; pip install ninja. "
         "Using the torch path (set METRICLOSS_NATIVE=0 to silence this)."]
     assert fresh_state["self_pairs"]["error"] == fresh_state["triplet"]["error"]
+
+
+def test_two_checkouts_do_not_share_a_build(monkeypatch, tmp_path):
+    """Same sources, another directory: another build (ninja would recompile a build whose command names
+    other paths, silently, over the first checkout's)."""
+    name = native._extension_name("retrieval")
+    (tmp_path / "retrieval_rank.cpp").write_bytes((native._CSRC / "retrieval_rank.cpp").read_bytes())
+    monkeypatch.setattr(native, "_CSRC", tmp_path)
+    assert native._extension_name("retrieval") != name
