@@ -2,18 +2,23 @@
 
 Every public entry point validates before doing any work (see *Design › Bad input* in the docs): a bad argument raises
 ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, range or option), never a
-bare ``IndexError`` or a device-side assert. Checks never synchronise with the device except where a
-value range must be read (label ranges), which is documented at the call site.
+bare ``IndexError``. Checks of values (label ranges, a degenerate class matrix) read them on the host only
+where that stalls nothing (:func:`host_reads_are_free`: CPU tensors, eager); on an accelerator they are
+device-side assertions (``torch._assert_async``, as ``F.cross_entropy`` checks its targets), so a training
+step never waits for the host and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
+    "host_reads_are_free",
+    "accelerator_rules",
     "check_embeddings",
     "check_labels",
     "check_reference_set",
@@ -78,16 +83,50 @@ def check_labels(labels: object, n: int, name: str = "labels", where: str = "",
     return labels
 
 
+_ACCELERATOR_RULES = [False]
+
+
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether a check may read values of ``t`` on the host: a CPU tensor in eager mode, where the read waits
+    for nothing. On an accelerator a read stalls the stream and forbids CUDA-graph capture; under
+    ``torch.compile`` it breaks the graph. There value checks are device-side assertions
+    (:func:`device_assert`) or run on a first call only. :func:`accelerator_rules` makes CPU tensors follow
+    the accelerator's rules (to count, on CPU, what a GPU step costs)."""
+    return t.device.type == "cpu" and not _ACCELERATOR_RULES[0] and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def accelerator_rules() -> Iterator[None]:
+    """Within it, checks on CPU tensors take the accelerator's path (:func:`host_reads_are_free` is False):
+    what ``benchmarks/step_costs.py`` and the step-cost tests count. Not thread-safe; for measurement."""
+    saved = _ACCELERATOR_RULES[0]
+    _ACCELERATOR_RULES[0] = True
+    try:
+        yield
+    finally:
+        _ACCELERATOR_RULES[0] = saved
+
+
+def device_assert(ok: torch.Tensor, message: str) -> None:
+    """Assert the 0-dim bool ``ok`` without a host read: ``torch._assert_async``. On CUDA a failure is a
+    device-side assertion when the kernel runs (its message in the error log, later CUDA calls fail, as with
+    ``F.cross_entropy``'s target check; ``CUDA_LAUNCH_BLOCKING=1`` makes it point at the call); on CPU it
+    raises ``RuntimeError(message)`` at once; under ``torch.compile`` it is part of the graph."""
+    torch._assert_async(ok, message)
+
+
 def check_label_range(labels: torch.Tensor, num_classes: int, name: str = "labels", where: str = "") -> None:
-    """Check ``0 <= labels < num_classes``. Reads two scalars from the device (one sync)."""
+    """Check ``0 <= labels < num_classes``: a ``ValueError`` with the values found where host reads are free
+    (CPU, eager: :func:`host_reads_are_free`), a device-side assertion elsewhere (no sync)."""
     prefix = f"{where}: " if where else ""
     if labels.numel() == 0:
         return
-    if torch.compiler.is_compiling():
-        # Under torch.compile a host read would break the graph (a data-dependent guard): the same test
-        # becomes an asynchronous device-side assertion inside the graph (it fails when the graph runs).
-        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
-                            f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes})")
+    if not host_reads_are_free(labels):
+        # a host read would stall the stream (and break a torch.compile graph): the same test as an
+        # asynchronous device-side assertion (it fails when the kernels run)
+        wide = labels.to(torch.int64) if labels.dtype in WIDE_UNSIGNED else labels
+        device_assert(((wide >= 0) & (wide < num_classes)).all(),
+                      f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes})")
         return
     # torch has no aminmax for uint16/32/64; int64 holds uint16/32 exactly, and a uint64 value of 2**63 or
     # more (never a valid class) wraps negative, so it fails the check too

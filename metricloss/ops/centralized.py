@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from .._checks import device_assert, host_reads_are_free
 from .autograd import not_twice_differentiable, scaled_saved_gradients
 from .cosine import NORM_EPS, block_view, normalize_backward, normalize_scale, unit_rows
 from .distance import (accumulation_dtype, gram_backward, paired_distance, scale_distance_weights_,
@@ -330,11 +331,13 @@ def centralized_ranking_op(x: torch.Tensor, labels: torch.Tensor, weight: torch.
     dependent = None
     if decorrelation == "qr":
         (centres, dependent), normalize = _gram_schmidt(weight.to(dtype)), False
-        if not torch.compiler.is_compiling() and bool(dependent):  # one host read per call, outside any loop
-            raise ValueError("centralized_ranking_loss: `weight` has linearly dependent rows (e.g. an all-zero "
-                             "or a repeated class row), so decorrelation='qr' (Gram-Schmidt) is undefined and "
-                             "its gradient would be NaN; re-initialise those rows or use "
-                             "decorrelation='penalty'")
+        message = ("centralized_ranking_loss: `weight` has linearly dependent rows (e.g. an all-zero or a "
+                   "repeated class row), so decorrelation='qr' (Gram-Schmidt) is undefined and its gradient would "
+                   "be NaN; re-initialise those rows or use decorrelation='penalty'")
+        if not host_reads_are_free(dependent):
+            device_assert(~dependent, message)  # no host read on an accelerator or under torch.compile
+        elif bool(dependent):  # CPU: one host read per call, outside any loop
+            raise ValueError(message)
     else:
         centres, normalize = weight, True
     chunk = centres.shape[0] if class_chunk is None else class_chunk

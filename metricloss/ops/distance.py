@@ -46,6 +46,7 @@ __all__ = [
     "paired_distance",
     "may_have_duplicate_rows",
     "canonical_columns",
+    "canonical_columns_dense",
     "GramFactors",
     "refine_small_entries",
     "scale_distance_weights_",
@@ -210,8 +211,7 @@ def may_have_duplicate_rows(x: torch.Tensor) -> bool:
     if x.shape[0] < 2:
         return False
     int_dtype = _INT_VIEW[x.element_size()]
-    gen = torch.Generator().manual_seed(0x5EED)
-    coeff = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=gen, dtype=torch.int64) | 1).to(x.device)
+    coeff = _hash_coefficients(x.shape[1], x.device)
     hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for s in range(0, x.shape[0], _HASH_ROWS):
         bits = (x[s:s + _HASH_ROWS] + 0.0).view(int_dtype).to(torch.int64)
@@ -240,6 +240,45 @@ def canonical_columns(r: torch.Tensor) -> Optional[torch.Tensor]:
     if not bool((canon != torch.arange(m, device=r.device)).any()):
         return None
     return canon
+
+
+_HASH_COEFFS: dict = {}
+
+
+def _hash_coefficients(dim: int, device: torch.device) -> torch.Tensor:
+    """The fixed random linear form of :func:`may_have_duplicate_rows` for rows of ``dim``, made once per
+    (dim, device): a training loop then never rebuilds or copies it (no per-step launch)."""
+    key = (dim, device)
+    if key not in _HASH_COEFFS:
+        gen = torch.Generator().manual_seed(0x5EED)
+        _HASH_COEFFS[key] = (torch.randint(-(1 << 62), 1 << 62, (dim,), generator=gen, dtype=torch.int64)
+                             | 1).to(device)
+    return _HASH_COEFFS[key]
+
+
+def canonical_columns_dense(r: torch.Tensor) -> torch.Tensor:
+    """(M,) int64: for each row of ``r`` its first identical row, without a host read, in O(M·D + M²) work
+    and an (M, M) bool temporary: for batches small enough to mine in one block
+    (:func:`~metricloss.ops.mining.batch_hard_indices_dense`).
+
+    Each row's bit pattern is hashed as in :func:`may_have_duplicate_rows` (−0.0 read as +0.0, as ``==``
+    compares); a row's candidate is the first row with the same hash, kept when the two rows are equal
+    (``==`` on every element, so rows holding NaN are never duplicates) and replaced by the row itself
+    otherwise. This equals :func:`canonical_columns` (identity where that returns None) unless two different
+    rows collide in the 64-bit hash *and* the earlier one precedes a real duplicate of the later one; such a
+    duplicate then reads its own column (its tie goes by the GEMM's rounding, as without canonical columns).
+    """
+    m = r.shape[0]
+    arange = torch.arange(m, device=r.device)
+    if m < 2 or r.shape[1] == 0:
+        return arange
+    int_dtype = _INT_VIEW[r.element_size()]
+    hashes = (r + 0.0).view(int_dtype).to(torch.int64).mul_(_hash_coefficients(r.shape[1], r.device)).sum(1)
+    # 1. the first row with the same hash: the first True of each row of the (M, M) equality (its diagonal
+    #    is True, so there is one)
+    first = (hashes.unsqueeze(1) == hashes.unsqueeze(0)).view(torch.uint8).argmax(1)
+    # 2. kept only when the rows are equal
+    return torch.where((r[first] == r).all(1), first, arange)
 
 
 Rows = Union[slice, torch.Tensor]
@@ -275,15 +314,35 @@ class GramFactors:
         self._R: Optional[torch.Tensor] = None
         self.a_sq = squared_norms(a)
         self.r_sq = self.a_sq if r is a else squared_norms(r)
-        if distance == "cosine":
-            self.a_slack = torch.full_like(self.a_sq, REFINE_RATIO)
-            self.r_slack = torch.zeros_like(self.r_sq)
-        else:
-            self.a_slack = REFINE_RATIO * self.a_sq
-            self.r_slack = REFINE_RATIO * self.r_sq
-        # the older per-row bound REFINE_RATIO·(‖a_i‖² + max_j ‖r_j‖²), kept for callers that refine by row
-        self.refine_thresh = self.a_slack + (self.r_slack.max() if r.shape[0] else 0.0)
+        self._a_slack: Optional[torch.Tensor] = None
+        self._r_slack: Optional[torch.Tensor] = None
+        self._refine_thresh: Optional[torch.Tensor] = None
         self.canon = canonical_columns(r.detach()) if canonical else None
+
+    # The refinement bounds are built on first use too: a miner that only orders by the block (batch-hard's
+    # one-block path) launches no kernel for them.
+    @property
+    def a_slack(self) -> torch.Tensor:
+        """(N,) the anchors' half of the small-entry bound: REFINE_RATIO·‖a‖² (cosine: REFINE_RATIO)."""
+        if self._a_slack is None:
+            self._a_slack = (torch.full_like(self.a_sq, REFINE_RATIO) if self.distance == "cosine"
+                             else REFINE_RATIO * self.a_sq)
+        return self._a_slack
+
+    @property
+    def r_slack(self) -> torch.Tensor:
+        """(M,) the references' half: REFINE_RATIO·‖r‖² (cosine: 0)."""
+        if self._r_slack is None:
+            self._r_slack = (torch.zeros_like(self.r_sq) if self.distance == "cosine"
+                             else REFINE_RATIO * self.r_sq)
+        return self._r_slack
+
+    @property
+    def refine_thresh(self) -> torch.Tensor:
+        """(N,) the older per-row bound REFINE_RATIO·(‖a_i‖² + max_j ‖r_j‖²), for callers that refine by row."""
+        if self._refine_thresh is None:
+            self._refine_thresh = self.a_slack + (self.r_slack.max() if self.r.shape[0] else 0.0)
+        return self._refine_thresh
 
     # The factors are built on first use (O((N + M)·D) copies): a caller that only needs the norms and
     # slacks (the native self-pair op) never builds them. Plain attributes, not functools.cached_property,

@@ -29,6 +29,9 @@ __all__ = [
     "MINING_BACKENDS",
     "mine_batch_hard",
     "batch_hard_indices",
+    "batch_hard_indices_dense",
+    "batch_hard_dense",
+    "batch_hard_fits_one_block",
     "batch_hard_indices_triton",
     "kernel_dtype",
     "semi_hard_negative_idx",
@@ -206,6 +209,79 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
         _, neg = row_argmin(key)
         neg_idx[s:e] = torch.where(c.num_neg > 0, neg, -1)
     return pos_idx, neg_idx
+
+
+# Named heuristic: bytes per (anchor, reference) cell of the one-block batch-hard miner: the key block, its two
+# masked copies and three bool masks (same class, own column, and their combinations).
+_DENSE_BYTES_PER_CELL = 3 * 4 + 4
+
+
+def batch_hard_fits_one_block(n: int, m: int, elem: int, chunk_bytes: Optional[int]) -> bool:
+    """Named heuristic: whether batch-hard mines the whole (N, M) problem as one dense block
+    (:func:`batch_hard_indices_dense`): when its temporaries, (N·M) cells of
+    ``_DENSE_BYTES_PER_CELL`` bytes (fp32; fp64 keys count double) plus the (M, M) duplicate test, fit the
+    chunk budget. At the default 64 MiB that is N = M up to about 1,400 (fp32, the batch as its own
+    reference set)."""
+    budget = default_chunk_bytes() if chunk_bytes is None else chunk_bytes
+    per_cell = _DENSE_BYTES_PER_CELL + 3 * max(elem - 4, 0)
+    return n * m * per_cell + m * m <= budget
+
+
+def batch_hard_indices_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
+                             self_ref: bool, distance: str, self_index: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hardest positive and hardest negative per anchor in one dense (N, M) block, with no host read.
+
+    The small-batch form of :func:`batch_hard_indices` (see :func:`batch_hard_fits_one_block`): the same
+    Gram key (the same GEMM of :class:`~metricloss.ops.distance.GramFactors`), the same canonical columns for
+    duplicate rows (:func:`~metricloss.ops.distance.canonical_columns_dense`), the same rules (first index on
+    ties, the own row excluded by index), so the same indices; but the classes are an (N, M) label
+    comparison instead of a sorted class index with a member table, whose width is a host read. No
+    data-dependent shape, no host read: capturable in a CUDA graph and by ``torch.compile(fullgraph=True)``.
+
+    Args:
+        a: (N, D) prepared anchors; r: (M, D) prepared references (``a`` itself when ``self_ref``).
+        labels: (N,) and ref_labels: (M,) integer labels (any integer dtypes; compared in their common one).
+        self_ref: reference i is anchor i. self_index: otherwise an optional (N,) int64 own reference row
+            per anchor (-1: none), neither a positive nor a negative of that anchor.
+
+    Returns:
+        ``(pos_idx, neg_idx)``: int64 (N,), -1 where the anchor has no positive / no negative.
+    """
+    pos_idx, neg_idx, has_pos, has_neg = batch_hard_dense(a, r, labels, ref_labels, self_ref, distance, self_index)
+    minus_one = torch.full((), -1, dtype=torch.int64, device=a.device)
+    return torch.where(has_pos, pos_idx, minus_one), torch.where(has_neg, neg_idx, minus_one)
+
+
+def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
+                     self_ref: bool, distance: str, self_index: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_hard_indices_dense` before the -1 marks: ``(pos_idx, neg_idx, has_pos, has_neg)``, the
+    indices (N,) int64 always in range (an anchor without a positive gets some row; mask with ``has_pos``)
+    and the two (N,) bool masks. For the loss, which gathers the rows and masks the terms itself."""
+    from .distance import canonical_columns_dense
+    from .labels import comparable_labels
+
+    n, m = a.shape[0], r.shape[0]
+    gram = GramFactors(a, r, distance)
+    # 1. one GEMM: key_ij orders row i like d(a_i, r_j); duplicate references read their first copy's column
+    key = torch.mm(gram.A, gram.R.T).index_select(1, canonical_columns_dense(r))
+    # 2. who is whom: "not a positive" = another label or the anchor's own column; "not a negative" = the
+    #    same label or the own column (the own row is excluded from both sides by index, never by value)
+    la, lr = comparable_labels(labels), comparable_labels(ref_labels)
+    other = la.unsqueeze(1) != lr.unsqueeze(0)
+    own = torch.arange(n, device=a.device) if self_ref else self_index
+    if own is not None:
+        is_own = torch.arange(m, device=a.device).unsqueeze(0) == own.unsqueeze(1)
+        not_positive, not_negative = other | is_own, other <= is_own          # other <= own: ~other | own
+    else:
+        not_positive, not_negative = other, ~other
+    # 3. hardest positive: the largest key of the class; hardest negative: the smallest outside it (first
+    #    index on ties, as torch.max / torch.min along a row). The own class's keys are hidden by ±inf, so
+    #    a row of +-inf means "none": the masks' any() says so, not the value.
+    pos_idx = key.masked_fill(not_positive, float("-inf")).max(1).indices
+    neg_idx = key.masked_fill_(not_negative, float("inf")).min(1).indices
+    return pos_idx, neg_idx, ~not_positive.all(1), ~not_negative.all(1)
 
 
 def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor,

@@ -79,16 +79,20 @@ def mask_nonfinite(loss: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     untouched. The pass is ``aminmax`` (NaN propagates into both, ±Inf into one): no (N, D) bool temporary
     (measured 0.06 ms against 0.63 ms for ``isfinite(t).all()`` on 4096 × 128 fp32).
     """
-    finite = torch.ones((), dtype=torch.bool, device=loss.device)
+    # 0·lo + 0·hi is 0 for finite extremes and NaN for ±Inf or NaN (0·inf = NaN): added to the loss, a
+    # constant that leaves a finite loss bitwise unchanged (x + 0 = x; only −0.0 becomes +0.0) and its
+    # gradient untouched, in four kernels per input (a where over a bool mask took nine)
+    guard = None
     for t in inputs:
         if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
             continue  # nothing to check; integers are finite
         if t.is_complex():
-            finite = finite & torch.isfinite(t).all()
-            continue
-        lo, hi = torch.aminmax(t.detach())
-        finite = finite & torch.isfinite(lo) & torch.isfinite(hi)
-    return torch.where(finite, loss, torch.full_like(loss, float("nan")))
+            part = torch.where(torch.isfinite(t).all(), 0.0, float("nan")).to(loss.dtype)
+        else:
+            lo, hi = torch.aminmax(t.detach())
+            part = lo * 0.0 + hi * 0.0
+        guard = part if guard is None else guard + part
+    return loss if guard is None else loss + guard.to(loss.dtype)
 
 
 def _group_view(x: torch.Tensor) -> Tuple[torch.Tensor, int]:

@@ -39,9 +39,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .distance import (GramFactors, Rows, gram_backward, paired_distance, scale_distance_weights_, sqrt_rn_)
+from .distance import (GramFactors, Rows, gram_backward, paired_distance, safe_sqrt, scale_distance_weights_,
+                       sqrt_rn, sqrt_rn_)
 from .labels import ClassIndex
-from .mining import (batch_hard_indices, batch_hard_indices_triton, mask_own_class_, rows_per_chunk,
+from .mining import (batch_hard_dense, batch_hard_fits_one_block, batch_hard_indices, batch_hard_indices_triton,
+                     mask_own_class_, rows_per_chunk,
                      semi_hard_negative_idx, tie_rtol_slots, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
 from .native import batch_all_fused as native_batch_all_fused
@@ -51,6 +53,7 @@ from .native import prepare_block as native_prepare_block
 from .native import semi_hard_fused as native_semi_hard_fused
 from .native import semi_hard_negatives as native_semi_hard_negatives
 from .reduction import LossTerms
+from .._checks import host_reads_are_free
 from .._warn import warn_if_no_valid_triplet
 
 __all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
@@ -91,7 +94,23 @@ def _nonzero_terms(terms: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, ma
 # batch-hard: indices, then exact recompute with autograd
 # ----------------------------------------------------------------------------------------------------
 
-_TRITON_LABELS_CHECKED = [False]
+# The mining paths that read no class sizes (the Triton kernel, the dense one-block miner) check the labels
+# for a batch without a valid triplet on their first call only: one device read per process, before any
+# CUDA-graph capture. Keyed by path.
+_LABELS_CHECKED = {"triton": False, "dense": False}
+
+
+def _check_labels_once(path: str, ref_labels: torch.Tensor, self_ref: bool) -> None:
+    """The no-valid-triplet warning of a path that reads no class sizes: every call where host reads are free
+    (CPU, eager), the first call of the process elsewhere (one device read)."""
+    if torch.compiler.is_compiling():
+        return
+    if not host_reads_are_free(ref_labels):
+        if _LABELS_CHECKED[path]:
+            return
+        _LABELS_CHECKED[path] = True
+    index = ClassIndex(ref_labels)
+    warn_if_no_valid_triplet(index.max_count, index.num_refs, self_ref, "triplet_loss (batch_hard)")
 
 
 def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
@@ -100,28 +119,133 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
     with torch.no_grad():
         backend = triton_or_torch_for_self_index(backend, self_index, backend, "triplet_loss")
         if backend == "triton":
-            if not _TRITON_LABELS_CHECKED[0]:
-                # the kernel reads no class sizes: check the labels on the first call only (one device read
-                # per process, before any CUDA-graph capture)
-                _TRITON_LABELS_CHECKED[0] = True
-                index = ClassIndex(ref_labels)
-                warn_if_no_valid_triplet(index.max_count, index.num_refs, self_ref, "triplet_loss (batch_hard)")
+            _check_labels_once("triton", ref_labels, self_ref)
             pos_idx, neg_idx = batch_hard_indices_triton(a.detach().to(mining_dtype), labels,
                                                          r.detach().to(mining_dtype), ref_labels, self_ref, distance)
+            valid = (pos_idx >= 0) & (neg_idx >= 0)
+            idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
+        elif batch_hard_fits_one_block(a.shape[0], r.shape[0], a.element_size(), chunk_bytes):
+            # small batches: one dense block, no host read (see batch_hard_dense)
+            _check_labels_once("dense", ref_labels, self_ref)
+            a_d = a.detach()
+            pos_idx, neg_idx, has_pos, has_neg = batch_hard_dense(a_d, a_d if r is a else r.detach(), labels,
+                                                                  ref_labels, self_ref, distance, self_index)
+            valid = has_pos & has_neg
+            idx = torch.stack([pos_idx, neg_idx])
         else:
             index = ClassIndex(ref_labels)
             cls = index.anchor_classes(labels, self_ref, self_index)
             warn_if_no_valid_triplet(index.max_count, index.num_refs, self_ref, "triplet_loss (batch_hard)")
             pos_idx, neg_idx = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance,
                                                   chunk_bytes, self_index)
-    valid = (pos_idx >= 0) & (neg_idx >= 0)
-    # Invalid anchors gather row 0 (any in-range row): their term is computed, then masked by `where`,
-    # which also zeroes its gradient.
-    d_ap = paired_distance(a, r[pos_idx.clamp_min(0)], distance)
-    d_an = paired_distance(a, r[neg_idx.clamp_min(0)], distance)
-    z = d_ap - d_an
-    terms = torch.where(valid, _hinge(z, margin), torch.zeros_like(d_ap))
-    return LossTerms(terms, valid.sum(), _nonzero_terms(terms, z, valid, margin).sum())
+            valid = (pos_idx >= 0) & (neg_idx >= 0)
+            idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
+    terms, num_terms, num_nonzero = BatchHardPairTerms.apply(a, r, idx, valid, margin, distance)[:3]
+    return LossTerms(terms, num_terms, num_nonzero)
+
+
+def _pair_distances(a: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, distance: str):
+    """d(a_i, r_idx[g, i]) for the (2, N) pairs of ``idx``, both groups from one gather: ``(d (2, N), e, sq,
+    rows)`` with rows = r[idx] (2, N, D), e = a − rows and sq = ‖e‖² (None for cosine). Bitwise
+    :func:`~metricloss.ops.distance.paired_distance` (the same products and sums, the correctly rounded
+    root); differentiable."""
+    n, dim = a.shape
+    rows = r.index_select(0, idx.reshape(-1)).view(2, n, dim)
+    if distance == "cosine":
+        return 1.0 - torch.linalg.vecdot(a, rows, dim=-1), None, None, rows
+    e = a - rows
+    sq = torch.linalg.vecdot(e, e, dim=-1)
+    # sq >= 0 or NaN, so the root needs safe_sqrt's guard only for its gradient (which backward writes)
+    return (sqrt_rn(sq) if distance == "euclidean" else sq), e, sq, rows
+
+
+def _batch_hard_from_distances(d: torch.Tensor, valid: torch.Tensor, margin: Margin):
+    """(terms (N,), z, active (N,) bool) from the (2, N) distances: term = h(d_ap − d_an), 0 where not valid;
+    ``active`` the terms :func:`_nonzero_terms` counts."""
+    z = d[0] - d[1]
+    terms = _hinge(z, margin).masked_fill(~valid, 0.0)
+    active = (terms > 0) if margin != "soft" else (valid & (z == z))
+    return terms, z, active
+
+
+class BatchHardPairTerms(torch.autograd.Function):
+    """The batch-hard terms of the selected pairs, exact, with a closed-form gradient: few kernels per step.
+
+    Inputs: prepared anchors ``a`` (N, D) and references ``r`` (M, D) (may be one tensor), ``idx`` (2, N)
+    int64 the selected positive (row 0) and negative (row 1) reference rows (any in-range row for an invalid
+    anchor), ``valid`` (N,) bool (the anchor has both), the margin and the distance. Outputs: ``(terms (N,),
+    num_terms (), num_nonzero ())``, the counts int64 and not differentiable; the rest is internal.
+
+    1. d_ap, d_an from the rows' difference, both pairs in one gather (:func:`_pair_distances`).
+    2. term_i = h(d_ap − d_an) (hinge [m + z]_+ or softplus z), 0 where not valid.
+    3. Gradient, prepared in the forward pass and scaled by the upstream one in backward. With e = a − r_idx:
+       ∂d/∂a = e/d (Euclidean; 0 at d = 0, the subgradient), 2e (squared), −r_idx (cosine on unit rows);
+       ∂d/∂r_idx = −∂d/∂a (cosine: −a); ∂term/∂d_ap = −∂term/∂d_an = h'(z) (the hinge's step, or
+       sigmoid(z)). For the hinge these are autograd's own roundings (g·h'/d, then ·e).
+
+    A backward run with ``create_graph=True`` recomputes the terms with autograd from the saved inputs, so
+    second derivatives (``gradgradcheck``) are autograd's.
+    """
+
+    @staticmethod
+    def forward(a, r, idx, valid, margin, distance):
+        d, e, sq, rows = _pair_distances(a, r, idx, distance)
+        terms, z, active = _batch_hard_from_distances(d, valid, margin)
+        return terms, valid.sum(), active.sum(), d, z, active, e, sq, rows
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, r, idx, valid, margin, distance = inputs
+        terms, num_terms, num_nonzero, d, z, active, e, sq, rows = output
+        ctx.mark_non_differentiable(*(t for t in (num_terms, num_nonzero, d, z, active, e, sq, rows) if t is not None))
+        ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero tensors for them
+        ctx.margin, ctx.distance, ctx.r_rows = margin, distance, r.shape[0]
+        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if not any(ctx.needs):
+            return
+        # h'(z) per anchor, signed per pair: +h' for d_ap, −h' for d_an (0 where not valid)
+        with torch.no_grad():
+            slope = active.to(terms.dtype) if margin != "soft" else torch.sigmoid(z).masked_fill_(~valid, 0.0)
+            signed = torch.stack([slope, slope.neg()])
+            if distance == "euclidean":
+                # ∂d/∂e = e/d: g·h'/d, 0 where d = 0 (a division by +inf); NaN propagates
+                signed = signed / d.masked_fill(sq <= 0, float("inf"))
+            elif distance == "squared_euclidean":
+                signed = signed * 2.0
+        ctx.save_for_backward(signed, rows if distance == "cosine" else e, a, r, idx, valid)
+
+    @staticmethod
+    def backward(ctx, grad_terms, *unused):
+        none = (None,) * 4
+        if grad_terms is None or not any(ctx.needs):
+            return (None, None) + none
+        signed, pair, a, r, idx, valid = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the same terms through autograd, for a differentiable gradient
+            with torch.enable_grad():
+                # two distinct views, so that each input gets its own partial derivative even when r is a
+                a_in, r_in = a.view_as(a), r.view_as(r)
+                inputs = [t for t, need in ((a_in, ctx.needs[0]), (r_in, ctx.needs[1])) if need]
+                d = _pair_distances(a_in, r_in, idx, ctx.distance)[0]
+                if ctx.distance == "euclidean":
+                    # autograd through the root: safe_sqrt's guard keeps √0's infinite slope out
+                    d = safe_sqrt(_pair_distances(a_in, r_in, idx, "squared_euclidean")[0])
+                terms = _batch_hard_from_distances(d, valid, ctx.margin)[0]
+                grads = iter(torch.autograd.grad(terms, inputs, grad_terms, create_graph=True, allow_unused=True))
+            return (next(grads) if ctx.needs[0] else None, next(grads) if ctx.needs[1] else None) + none
+        coef = (signed * grad_terms).unsqueeze(-1)                               # (2, N, 1)
+        dim = pair.shape[-1]
+        if ctx.distance == "cosine":
+            grad_a = (coef * pair).sum(0).neg_() if ctx.needs[0] else None       # ∂(1 − a·r)/∂a = −r
+            grad_pairs = (coef * a).view(-1, dim)                                # ∂/∂r = −a
+        else:
+            ge = coef * pair                                                     # (2, N, D): g·h'/d · e
+            grad_a = ge[0] + ge[1] if ctx.needs[0] else None
+            grad_pairs = ge.view(-1, dim)                                        # ∂/∂r = −ge
+        grad_r = None
+        if ctx.needs[1]:
+            grad_r = grad_pairs.new_zeros((ctx.r_rows, dim)).index_add_(0, idx.reshape(-1), grad_pairs, alpha=-1.0)
+        return (grad_a, grad_r) + none
 
 
 # ----------------------------------------------------------------------------------------------------

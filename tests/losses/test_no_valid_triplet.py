@@ -91,14 +91,29 @@ def test_the_check_reads_only_host_values():
     assert len(caught) == 2
 
 
-def test_the_triton_path_checks_its_first_call(monkeypatch):
-    """The Triton batch-hard kernel reads no class sizes: the labels are checked on the process's first call
-    (one device read, before any CUDA-graph capture), and not after."""
-    pytest.importorskip("triton")
+@pytest.mark.parametrize("path", ["triton", "dense"])
+def test_paths_without_class_sizes_check_every_cpu_call_and_an_accelerators_first(path, monkeypatch):
+    """The Triton batch-hard kernel and the dense one-block miner read no class sizes. Where host reads are
+    free (CPU, eager) the labels are checked on every call; under the accelerator's rules on the process's
+    first call only (one device read, before any CUDA-graph capture), and not after."""
+    if path == "triton":
+        pytest.importorskip("triton")
+    from metricloss import _checks
     from metricloss.ops import triplet as triplet_ops
 
-    monkeypatch.setattr(triplet_ops, "_TRITON_LABELS_CHECKED", [False])
-    x = torch.randn(8, 4)
-    _, caught = _record(lambda: ml.TripletLoss(backend="triton")(x, torch.arange(8)))
-    assert len(caught) == 1 and caught[0].filename == __file__
-    assert triplet_ops._TRITON_LABELS_CHECKED == [True]
+    loss = ml.TripletLoss(backend="triton" if path == "triton" else "torch")
+    x, distinct = torch.randn(8, 4), torch.arange(8)
+    monkeypatch.setitem(triplet_ops._LABELS_CHECKED, path, False)
+    for _ in range(2):  # CPU: every call checks (the warning itself is once per process: reset between)
+        _warn._reset_for_tests()
+        _, caught = _record(lambda: loss(x, distinct))
+        assert len(caught) == 1 and caught[0].filename == __file__
+    assert not triplet_ops._LABELS_CHECKED[path]
+    with _checks.accelerator_rules():
+        _warn._reset_for_tests()
+        _, caught = _record(lambda: loss(x, distinct))
+        assert len(caught) == 1 and caught[0].filename == __file__
+        assert triplet_ops._LABELS_CHECKED[path]
+        _warn._reset_for_tests()
+        _, caught = _record(lambda: loss(x, distinct))
+        assert caught == []  # checked once: no further read

@@ -199,9 +199,15 @@ def test_syncs_do_not_grow_with_the_number_of_chunks(mining, reduction, normaliz
             (loss * w).sum().backward() if reduction == "none" else loss.backward()
         return step
 
-    many, one = _syncs(run(1)), _syncs(run(1 << 30))  # one row per chunk vs one chunk
+    # one row per chunk vs one chunk (100 kB: too small for batch-hard's dense one-block path)
+    many, one = _syncs(run(1)), _syncs(run(100_000))
     assert many == one
     assert sum(one.values()) <= 6
+    if mining == "batch_hard":
+        # the dense one-block path (a large budget): no more than the chunked one; on CPU only the
+        # no-valid-triplet check's reads (an accelerator does those on its first call only)
+        dense = _syncs(run(1 << 30))
+        assert sum(dense.values()) < sum(one.values())
 
 
 # ---------------------------------------------------------------------------------------------------
