@@ -181,10 +181,18 @@ def check_self_index(index: object, n: int, m: int, name: str = "ref_self_index"
                      device: Optional[torch.device] = None) -> torch.Tensor:
     """Check an own-row index: (n,) integer tensor with values in [-1, m) on ``device``; returns it as int64.
 
-    Reads two scalars from the device (one sync) for the range check.
+    The range check reads two scalars where host reads are free (:func:`host_reads_are_free`), and is a
+    device-side assertion elsewhere (no sync).
     """
     prefix = f"{where}: " if where else ""
     check_labels(index, n, name, where, of="embeddings", device=device)  # (n,) integer tensor, same device
+    if index.numel() == 0:
+        return index.to(torch.int64)
+    if not host_reads_are_free(index):
+        wide = index.to(torch.int64)
+        device_assert(((wide >= -1) & (wide < m)).all(),
+                      f"{prefix}`{name}` must hold reference rows in [0, {m}) or -1 (no own row)")
+        return wide
     lo, hi = (int(v) for v in torch.aminmax(index.to(torch.int64)))
     if lo < -1 or hi >= m:
         raise ValueError(f"{prefix}`{name}` must hold reference rows in [0, {m}) or -1 (no own row), "

@@ -92,6 +92,9 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
         self.register_buffer("queue_idx", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.int64))
+        # (queue_idx, num_filled) mirrored on the host: each call advances it by the batch size, so a step
+        # reads nothing from the device. None after load_state_dict (read once on the next call).
+        self._ring_on_host: Optional[Tuple[int, int]] = (0, 0)
 
     def reset_queue(self) -> None:
         """Empty the memory (the stored rows are zeroed, the ring restarts at slot 0)."""
@@ -99,11 +102,19 @@ class CrossBatchMemory(nn.Module):
         self.label_memory.zero_()
         self.queue_idx.zero_()
         self.num_filled.zero_()
+        self._ring_on_host = (0, 0)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ring_on_host = None  # the loaded ring position is read from the buffers on the next call
 
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Write rows into the ring (oldest first overwritten); returns their slots (n,) int64.
 
-        Reads the write position and fill level from the device once (one sync per call).
+        The write position and fill level are mirrored on the host (no device read), except on the first
+        call after ``load_state_dict`` (one read). Change the ring through :meth:`reset_queue`,
+        :meth:`enqueue`, ``forward`` or ``load_state_dict``: an in-place edit of the ``queue_idx`` /
+        ``num_filled`` buffers is not seen by the mirror.
         """
         return self._enqueue(embeddings, labels)[0]
 
@@ -117,13 +128,18 @@ class CrossBatchMemory(nn.Module):
         if n > self.memory_size:
             raise ValueError(f"CrossBatchMemory: {n} rows to enqueue in one call exceed memory_size="
                              f"{self.memory_size}; the batch would overwrite itself")
-        start, filled = torch.stack([self.queue_idx, self.num_filled]).tolist() if state is None else state
+        if state is None:
+            state = self._ring_on_host
+        if state is None:
+            state = tuple(torch.stack([self.queue_idx, self.num_filled]).tolist())
+        start, filled = state
         filled = min(filled + n, self.memory_size)
         slots = torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
         self.label_memory[slots] = labels.to(torch.int64)
         self.queue_idx.fill_((start + n) % self.memory_size)
         self.num_filled.fill_(filled)
+        self._ring_on_host = ((start + n) % self.memory_size, filled)
         return slots, filled
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor, enqueue_mask: Optional[torch.Tensor],

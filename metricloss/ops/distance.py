@@ -112,8 +112,9 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
 
 def _numpy_root(u: torch.Tensor) -> bool:
     """Whether :func:`sqrt_rn` computes √u with numpy: CPU fp32/fp64, eager (not traced or compiled)."""
-    return (u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64) and u.layout == torch.strided
-            and not u.is_conj() and not torch.compiler.is_compiling() and type(u) is torch.Tensor
+    # is_compiling first: Dynamo must not trace the tensor tests after it (an opaque object, a graph break)
+    return (not torch.compiler.is_compiling() and u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64)
+            and u.layout == torch.strided and not u.is_conj() and type(u) is torch.Tensor
             and not torch._C._functorch.is_functorch_wrapped_tensor(u))
 
 

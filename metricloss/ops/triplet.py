@@ -140,7 +140,9 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
                                                   chunk_bytes, self_index)
             valid = (pos_idx >= 0) & (neg_idx >= 0)
             idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
-    terms, num_terms, num_nonzero = BatchHardPairTerms.apply(a, r, idx, valid, margin, distance)[:3]
+    # r is a: passed as None (one tensor given twice is something torch.compile cannot capture)
+    terms, num_terms, num_nonzero = BatchHardPairTerms.apply(a, None if r is a else r, idx, valid, margin,
+                                                             distance)[:3]
     return LossTerms(terms, num_terms, num_nonzero)
 
 
@@ -148,15 +150,17 @@ def _pair_distances(a: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, distanc
     """d(a_i, r_idx[g, i]) for the (2, N) pairs of ``idx``, both groups from one gather: ``(d (2, N), e, sq,
     rows)`` with rows = r[idx] (2, N, D), e = a − rows and sq = ‖e‖² (None for cosine). Bitwise
     :func:`~metricloss.ops.distance.paired_distance` (the same products and sums, the correctly rounded
-    root); differentiable."""
+    root); differentiable. ``sq`` is None unless the distance is Euclidean (then d = √sq)."""
     n, dim = a.shape
     rows = r.index_select(0, idx.reshape(-1)).view(2, n, dim)
     if distance == "cosine":
         return 1.0 - torch.linalg.vecdot(a, rows, dim=-1), None, None, rows
     e = a - rows
     sq = torch.linalg.vecdot(e, e, dim=-1)
+    if distance != "euclidean":
+        return sq, e, None, rows  # the distance is sq itself (returned once: one tensor twice trips Dynamo)
     # sq >= 0 or NaN, so the root needs safe_sqrt's guard only for its gradient (which backward writes)
-    return (sqrt_rn(sq) if distance == "euclidean" else sq), e, sq, rows
+    return sqrt_rn(sq), e, sq, rows
 
 
 def _batch_hard_from_distances(d: torch.Tensor, valid: torch.Tensor, margin: Margin):
@@ -171,7 +175,7 @@ def _batch_hard_from_distances(d: torch.Tensor, valid: torch.Tensor, margin: Mar
 class BatchHardPairTerms(torch.autograd.Function):
     """The batch-hard terms of the selected pairs, exact, with a closed-form gradient: few kernels per step.
 
-    Inputs: prepared anchors ``a`` (N, D) and references ``r`` (M, D) (may be one tensor), ``idx`` (2, N)
+    Inputs: prepared anchors ``a`` (N, D) and references ``r`` (M, D) (None: the anchors themselves), ``idx`` (2, N)
     int64 the selected positive (row 0) and negative (row 1) reference rows (any in-range row for an invalid
     anchor), ``valid`` (N,) bool (the anchor has both), the margin and the distance. Outputs: ``(terms (N,),
     num_terms (), num_nonzero ())``, the counts int64 and not differentiable; the rest is internal.
@@ -189,7 +193,7 @@ class BatchHardPairTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(a, r, idx, valid, margin, distance):
-        d, e, sq, rows = _pair_distances(a, r, idx, distance)
+        d, e, sq, rows = _pair_distances(a, a if r is None else r, idx, distance)
         terms, z, active = _batch_hard_from_distances(d, valid, margin)
         return terms, valid.sum(), active.sum(), d, z, active, e, sq, rows
 
@@ -199,8 +203,10 @@ class BatchHardPairTerms(torch.autograd.Function):
         terms, num_terms, num_nonzero, d, z, active, e, sq, rows = output
         ctx.mark_non_differentiable(*(t for t in (num_terms, num_nonzero, d, z, active, e, sq, rows) if t is not None))
         ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero tensors for them
-        ctx.margin, ctx.distance, ctx.r_rows = margin, distance, r.shape[0]
-        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.margin, ctx.distance, ctx.self_ref = margin, distance, r is None
+        ctx.r_rows = a.shape[0] if r is None else r.shape[0]
+        # the gradients to compute: the anchors', and the references' (folded into the anchors' when r is a)
+        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[0] if r is None else ctx.needs_input_grad[1])
         if not any(ctx.needs):
             return
         # h'(z) per anchor, signed per pair: +h' for d_ap, −h' for d_an (0 where not valid)
@@ -212,7 +218,7 @@ class BatchHardPairTerms(torch.autograd.Function):
                 signed = signed / d.masked_fill(sq <= 0, float("inf"))
             elif distance == "squared_euclidean":
                 signed = signed * 2.0
-        ctx.save_for_backward(signed, rows if distance == "cosine" else e, a, r, idx, valid)
+        ctx.save_for_backward(signed, rows if distance == "cosine" else e, a, a if r is None else r, idx, valid)
 
     @staticmethod
     def backward(ctx, grad_terms, *unused):
@@ -232,7 +238,10 @@ class BatchHardPairTerms(torch.autograd.Function):
                     d = safe_sqrt(_pair_distances(a_in, r_in, idx, "squared_euclidean")[0])
                 terms = _batch_hard_from_distances(d, valid, ctx.margin)[0]
                 grads = iter(torch.autograd.grad(terms, inputs, grad_terms, create_graph=True, allow_unused=True))
-            return (next(grads) if ctx.needs[0] else None, next(grads) if ctx.needs[1] else None) + none
+            grad_a, grad_r = (next(grads) if ctx.needs[0] else None), (next(grads) if ctx.needs[1] else None)
+            if ctx.self_ref:
+                return (grad_a + grad_r, None) + none
+            return (grad_a, grad_r) + none
         coef = (signed * grad_terms).unsqueeze(-1)                               # (2, N, 1)
         dim = pair.shape[-1]
         if ctx.distance == "cosine":
@@ -245,6 +254,8 @@ class BatchHardPairTerms(torch.autograd.Function):
         grad_r = None
         if ctx.needs[1]:
             grad_r = grad_pairs.new_zeros((ctx.r_rows, dim)).index_add_(0, idx.reshape(-1), grad_pairs, alpha=-1.0)
+            if ctx.self_ref:  # one tensor: its two gradients summed as autograd sums them (bitwise)
+                return (grad_a + grad_r, None) + none
         return (grad_a, grad_r) + none
 
 

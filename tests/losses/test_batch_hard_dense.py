@@ -155,3 +155,35 @@ def test_the_dense_path_serves_small_batches_and_the_chunked_engine_large_ones(d
     assert mining_ops.batch_hard_fits_one_block(1400, 1400, 4, None)
     assert not mining_ops.batch_hard_fits_one_block(2048, 2048, 4, None)
     assert mining_ops.batch_hard_fits_one_block(2048, 2048, 4, 128 << 20)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("margin", [0.2, "soft"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("ref", ["self", "bank_with_own_rows"])
+def test_fullgraph_compile_equals_eager(distance, margin, reduction, ref):
+    """No host read and no data-dependent shape: the one-block path compiles as one graph (aot_eager: Dynamo
+    and AOTAutograd without a C++ compiler), with the eager loss and gradients."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g, dtype=torch.float64), torch.arange(32) // 4
+    bank, bank_labels, own = None, None, None
+    if ref != "self":
+        bank = torch.cat([torch.randn(10, 8, generator=g, dtype=torch.float64), x[:16]])
+        bank_labels = torch.cat([torch.randint(0, 8, (10,), generator=g), y[:16]])
+        own = torch.cat([torch.arange(10, 26), torch.full((16,), -1)])
+
+    def fn(t, b):
+        out = MF.triplet_loss(t, y, b, bank_labels, mining="batch_hard", backend="torch", distance=distance,
+                              margin=margin, reduction=reduction, ref_self_index=own)
+        return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    inputs = [(x.clone().requires_grad_(), None if bank is None else bank.clone().requires_grad_()) for _ in range(2)]
+    want, got = fn(*inputs[0]), compiled(*inputs[1])
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inputs[1][0].grad, inputs[0][0].grad, rtol=1e-12, atol=1e-12)
+    if bank is not None:
+        torch.testing.assert_close(inputs[1][1].grad, inputs[0][1].grad, rtol=1e-12, atol=1e-12)

@@ -38,6 +38,34 @@ def test_ring_fills_then_wraps_oldest_first():
     assert int(mem.num_filled) == 0 and int(mem.queue_idx) == 0 and not mem.embedding_memory.any()
 
 
+def test_the_ring_position_is_kept_on_the_host_and_reread_after_load_state_dict():
+    import collections
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from benchmarks.gpu_check import make_sync_counter
+
+    mem = ml.CrossBatchMemory(ml.TripletLoss(), D, 10, dtype=torch.float64)
+    batches = _batches(4, n=4)
+    with make_sync_counter() as syncs:
+        for x, y in batches[:3]:
+            mem.enqueue(x, y)
+    assert syncs.counts.get("tolist", 0) == 0  # no device read per call
+    assert (int(mem.queue_idx), int(mem.num_filled)) == (2, 10)
+    # a state saved elsewhere (another position) is read once after loading, then mirrored again
+    other = ml.CrossBatchMemory(ml.TripletLoss(), D, 10, dtype=torch.float64)
+    other.enqueue(*batches[0])
+    mem.load_state_dict(other.state_dict())
+    with make_sync_counter() as syncs:
+        first, second = mem.enqueue(*batches[3]), mem.enqueue(*batches[3])
+    assert syncs.counts == collections.Counter({"tolist": 1})
+    assert first.tolist() == [4, 5, 6, 7] and second.tolist() == [8, 9, 0, 1]
+    assert (int(mem.queue_idx), int(mem.num_filled)) == (2, 10)
+    mem.reset_queue()
+    assert mem.enqueue(*batches[0]).tolist() == [0, 1, 2, 3]
+
+
 def test_enqueued_rows_are_detached_copies():
     mem = ml.CrossBatchMemory(ml.TripletLoss(), D, 8)
     x = torch.randn(4, D, requires_grad=True)
