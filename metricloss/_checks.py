@@ -97,8 +97,10 @@ def host_reads_are_free(t: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def accelerator_rules() -> Iterator[None]:
-    """Within it, checks on CPU tensors take the accelerator's path (:func:`host_reads_are_free` is False):
-    what ``benchmarks/step_costs.py`` and the step-cost tests count. Not thread-safe; for measurement."""
+    """Within it, CPU tensors take the accelerator's path: checks as device-side assertions
+    (:func:`host_reads_are_free` is False) and the plain torch ops where a CPU-tuned form exists
+    (:func:`metricloss.ops.reduction.row_argmin`): what ``benchmarks/step_costs.py`` and the step-cost tests
+    count. Not thread-safe; for measurement."""
     saved = _ACCELERATOR_RULES[0]
     _ACCELERATOR_RULES[0] = True
     try:

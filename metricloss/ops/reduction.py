@@ -95,6 +95,14 @@ def mask_nonfinite(loss: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     return loss if guard is None else loss + guard.to(loss.dtype)
 
 
+def _cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether to take the CPU-tuned form of an op: a CPU tensor, unless the step is being counted as an
+    accelerator's (:func:`metricloss._checks.accelerator_rules`), whose form is the plain torch op."""
+    from .._checks import _ACCELERATOR_RULES
+
+    return x.device.type == "cpu" and not _ACCELERATOR_RULES[0]
+
+
 def _group_view(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     rows, cols = x.shape
     full = cols // _GROUP
@@ -113,7 +121,7 @@ def row_argmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _row_arg(x: torch.Tensor, largest: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
-    if cols < 2 * _GROUP or x.device.type != "cpu":
+    if cols < 2 * _GROUP or not _cpu_kernels(x):
         return x.max(1) if largest else x.min(1)
     grouped, full = _group_view(x)
     # 1. best value of each 64-wide group (vectorised amin/amax)

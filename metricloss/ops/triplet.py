@@ -124,7 +124,8 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
                                                          r.detach().to(mining_dtype), ref_labels, self_ref, distance)
             valid = (pos_idx >= 0) & (neg_idx >= 0)
             idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
-        elif batch_hard_fits_one_block(a.shape[0], r.shape[0], a.element_size(), chunk_bytes):
+        elif batch_hard_fits_one_block(a.shape[0], r.shape[0], a.element_size(), chunk_bytes,
+                                       cpu=host_reads_are_free(a)):
             # small batches: one dense block, no host read (see batch_hard_dense)
             _check_labels_once("dense", ref_labels, self_ref)
             a_d = a.detach()

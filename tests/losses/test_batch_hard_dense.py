@@ -155,6 +155,25 @@ def test_the_dense_path_serves_small_batches_and_the_chunked_engine_large_ones(d
     assert mining_ops.batch_hard_fits_one_block(1400, 1400, 4, None)
     assert not mining_ops.batch_hard_fits_one_block(2048, 2048, 4, None)
     assert mining_ops.batch_hard_fits_one_block(2048, 2048, 4, 128 << 20)
+    # on CPU (host reads free, the chunked engine faster on large blocks) at most 256 x 256 cells
+    assert mining_ops.batch_hard_fits_one_block(256, 256, 4, None, cpu=True)
+    assert not mining_ops.batch_hard_fits_one_block(512, 512, 4, None, cpu=True)
+
+
+def test_cpu_keeps_the_chunked_engine_for_large_blocks_and_an_accelerator_does_not(monkeypatch):
+    from metricloss import _checks
+    from metricloss.ops import triplet as triplet_ops
+
+    served = []
+    real = mining_ops.batch_hard_dense
+    monkeypatch.setattr(triplet_ops, "batch_hard_dense", lambda *a, **k: served.append("dense") or real(*a, **k))
+    x, y = torch.randn(512, 8), torch.arange(512) // 4
+    want = MF.triplet_loss(x, y, backend="torch")
+    assert served == []
+    with _checks.accelerator_rules():
+        got = MF.triplet_loss(x, y, backend="torch")
+    assert served == ["dense"]
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
