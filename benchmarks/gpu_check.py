@@ -1004,6 +1004,84 @@ def case_speed_others(run: Run) -> None:
           lambda: _fwd_bwd(F.cross_entropy, sc.detach().clone(), yw))
 
 
+def cuda_graphed(step: Callable[[], None], device) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (warm-up on a side stream, then one capture); returns its replay.
+    Raises where the step cannot be captured (a host sync, a data-dependent shape): the reason is recorded."""
+    import torch
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def case_small_batch(run: Run) -> None:
+    """The regime users train in: every loss at N in {128, 256, 512, 1024, 4096} (D = 128, fp32), eager and
+    CUDA-graphed, against PML and against a dense torch version and its torch.compile'd form."""
+    import torch
+    import torch.nn.functional as F
+
+    import metricloss as ml
+
+    sizes = [64] if run.dry else ([256, 1024] if run.quick else [128, 256, 512, 1024, 4096])
+    d = 16 if run.dry else 128
+    cuda = run.device.type == "cuda"
+    for n in sizes:
+        g = gen(9100 + n)
+        x = torch.randn(n, d, generator=g).to(run.device)
+        labels = make_labels(n, "pk", g).to(run.device)
+        classes = max(2, n // 4)
+        scores = torch.randn(n, 1000 if not run.dry else 20, generator=g).to(run.device)
+        score_labels = torch.randint(0, scores.shape[1], (n,), generator=g).to(run.device)
+        params = dict(N=n, D=d, dtype="fp32")
+        norm_softmax = ml.NormSoftmaxLoss(d, classes).to(run.device)
+        losses = {
+            "batch-hard (auto)": (lambda: ml.TripletLoss(margin=0.2), x),
+            "batch-hard (torch one-block)": (lambda: ml.TripletLoss(margin=0.2, backend="torch"), x),
+            "batch-all": (lambda: ml.TripletLoss(margin=0.2, mining="batch_all", reduction="mean_nonzero"), x),
+            "semi-hard": (lambda: ml.TripletLoss(margin=0.2, mining="semi_hard"), x),
+            "NormSoftmax": (lambda: norm_softmax, x),
+            "WARP exact, (N, 1000)": (lambda: ml.WARPLoss(mode="exact"), scores),
+            "WARP sampled, (N, 1000)": (lambda: ml.WARPLoss(), scores),
+            "F.cross_entropy, (N, 1000)": (lambda: F.cross_entropy, scores),
+        }
+        for name, (make, inputs) in losses.items():
+            y = score_labels if inputs is scores else labels
+            lib = "torch" if name.startswith("F.") else "metricloss"
+            _time(run, "small batch", f"{name}: {lib} eager", params,
+                  lambda mk=make, t=inputs, yy=y: _fwd_bwd(mk(), t.detach().clone(), yy), repeats=50, warmup=3)
+            if not cuda:
+                run.timings.append(dict(family="small batch", method=f"{name}: CUDA-graphed", **params,
+                                        error="skipped: no CUDA device"))
+                continue
+            _time(run, "small batch", f"{name}: CUDA-graphed", params,
+                  lambda mk=make, t=inputs, yy=y: cuda_graphed(_fwd_bwd(mk(), t.detach().clone(), yy), run.device),
+                  repeats=50, warmup=3)
+        for mining in ("batch_hard", "batch_all"):
+            pml = _pml_loss(mining)
+            if pml is None:
+                run.timings.append(dict(family="small batch", method=f"{mining}: PML eager", **params,
+                                        error="pytorch-metric-learning not importable (carry .wheels/)"))
+            else:
+                _time(run, "small batch", f"{mining}: PML eager", params,
+                      lambda f=pml: _fwd_bwd(f, x.detach().clone(), labels), repeats=20, warmup=2)
+        _time(run, "small batch", "batch_hard: dense torch eager", params,
+              lambda: _fwd_bwd(dense_batch_hard, x.detach().clone(), labels), repeats=50, warmup=3)
+        if run.dry or run.quick:  # compiling takes tens of seconds per shape: full runs only
+            run.timings.append(dict(family="small batch", method="batch_hard: dense torch.compile", **params,
+                                    error=f"skipped: {'dry' if run.dry else 'quick'} run"))
+            continue
+        compiled = torch.compile(dense_batch_hard, dynamic=False, mode="reduce-overhead" if cuda else "default")
+        _time(run, "small batch", "batch_hard: dense torch.compile" + (" (reduce-overhead)" if cuda else ""),
+              params, lambda: _fwd_bwd(compiled, x.detach().clone(), labels), repeats=50, warmup=3)
+
+
 def _dense_centroid(x, labels, centroids):
     """The naive centroid bound: the full (B, C) ``torch.cdist`` matrix."""
     import torch
@@ -1136,6 +1214,7 @@ CASES: List[Tuple[str, Callable[[Run], None], Dict[str, float]]] = [
     ("speed: batch-hard", case_speed_batch_hard, {"quick": 22, "full": 90}),
     ("speed: other losses", case_speed_others, {"quick": 8, "full": 30}),
     ("host syncs", case_syncs, {"quick": 6, "full": 10}),
+    ("speed: small batches", case_small_batch, {"quick": 12, "full": 90}),
 ]
 
 # Every public name the check covers (the test asserts the report names each).
