@@ -211,13 +211,7 @@ def may_have_duplicate_rows(x: torch.Tensor) -> bool:
     """
     if x.shape[0] < 2:
         return False
-    int_dtype = _INT_VIEW[x.element_size()]
-    coeff = _hash_coefficients(x.shape[1], x.device)
-    hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    for s in range(0, x.shape[0], _HASH_ROWS):
-        bits = (x[s:s + _HASH_ROWS] + 0.0).view(int_dtype).to(torch.int64)
-        hashes[s:s + _HASH_ROWS] = bits.mul_(coeff).sum(1)
-    ordered = torch.sort(hashes).values
+    ordered = torch.sort(_row_hashes(x)).values
     return bool((ordered[1:] == ordered[:-1]).any())
 
 
@@ -257,6 +251,19 @@ def _hash_coefficients(dim: int, device: torch.device) -> torch.Tensor:
     return _HASH_COEFFS[key]
 
 
+def _row_hashes(x: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: each row's bit pattern (−0.0 read as +0.0) under the fixed random linear form of
+    :func:`_hash_coefficients` (wrapping arithmetic), in blocks of ``_HASH_ROWS`` rows."""
+    int_dtype = _INT_VIEW[x.element_size()]
+    coeff = _hash_coefficients(x.shape[1], x.device)
+    if x.shape[0] <= _HASH_ROWS:
+        return (x + 0.0).view(int_dtype).to(torch.int64).mul_(coeff).sum(1)
+    hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for s in range(0, x.shape[0], _HASH_ROWS):
+        hashes[s:s + _HASH_ROWS] = (x[s:s + _HASH_ROWS] + 0.0).view(int_dtype).to(torch.int64).mul_(coeff).sum(1)
+    return hashes
+
+
 def canonical_columns_dense(r: torch.Tensor) -> torch.Tensor:
     """(M,) int64: for each row of ``r`` its first identical row, without a host read, in O(M·D + M²) work
     and an (M, M) bool temporary: for batches small enough to mine in one block
@@ -273,8 +280,7 @@ def canonical_columns_dense(r: torch.Tensor) -> torch.Tensor:
     arange = torch.arange(m, device=r.device)
     if m < 2 or r.shape[1] == 0:
         return arange
-    int_dtype = _INT_VIEW[r.element_size()]
-    hashes = (r + 0.0).view(int_dtype).to(torch.int64).mul_(_hash_coefficients(r.shape[1], r.device)).sum(1)
+    hashes = _row_hashes(r)
     # 1. the first row with the same hash: the first True of each row of the (M, M) equality (its diagonal
     #    is True, so there is one)
     first = (hashes.unsqueeze(1) == hashes.unsqueeze(0)).view(torch.uint8).argmax(1)

@@ -17,8 +17,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._backend import _warn_once, resolve_backend
-from .distance import GramFactors, prepare_embeddings, promote_pair
-from .labels import AnchorClasses, ClassIndex
+from .distance import GramFactors, canonical_columns_dense, prepare_embeddings, promote_pair
+from .labels import AnchorClasses, ClassIndex, comparable_labels
 from .reduction import row_argmax, row_argmin
 
 __all__ = [
@@ -267,9 +267,6 @@ def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref
     """:func:`batch_hard_indices_dense` before the -1 marks: ``(pos_idx, neg_idx, has_pos, has_neg)``, the
     indices (N,) int64 always in range (an anchor without a positive gets some row; mask with ``has_pos``)
     and the two (N,) bool masks. For the loss, which gathers the rows and masks the terms itself."""
-    from .distance import canonical_columns_dense
-    from .labels import comparable_labels
-
     n, m = a.shape[0], r.shape[0]
     gram = GramFactors(a, r, distance)
     # 1. one GEMM: key_ij orders row i like d(a_i, r_j); duplicate references read their first copy's column
@@ -285,9 +282,9 @@ def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref
     else:
         not_positive, not_negative = other, ~other
     # 3. hardest positive: the largest key of the class; hardest negative: the smallest outside it (first
-    #    index on ties, as torch.max / torch.min along a row). The own class's keys are hidden by ±inf, so
-    #    a row of +-inf means "none": the masks' any() says so, not the value.
-    #    (row_argmax / row_argmin: torch.max / torch.min along rows, faster on CPU, the same results)
+    #    index on ties, as torch.max / torch.min along a row; row_argmax / row_argmin give the same results,
+    #    faster on CPU). Whether an anchor has a positive / a negative is read off the masks, not the
+    #    values (a row of ±inf).
     pos_idx = row_argmax(key.masked_fill(not_positive, float("-inf")))[1]
     neg_idx = row_argmin(key.masked_fill_(not_negative, float("inf")))[1]
     return pos_idx, neg_idx, ~not_positive.all(1), ~not_negative.all(1)

@@ -95,8 +95,8 @@ def _nonzero_terms(terms: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, ma
 # ----------------------------------------------------------------------------------------------------
 
 # The mining paths that read no class sizes (the Triton kernel, the dense one-block miner) check the labels
-# for a batch without a valid triplet on their first call only: one device read per process, before any
-# CUDA-graph capture. Keyed by path.
+# for a batch without a valid triplet on every CPU call, and on an accelerator on their first call only (one
+# device read per process, before any CUDA-graph capture): whether that first check ran, by path.
 _LABELS_CHECKED = {"triton": False, "dense": False}
 
 
@@ -233,10 +233,11 @@ class BatchHardPairTerms(torch.autograd.Function):
                 # two distinct views, so that each input gets its own partial derivative even when r is a
                 a_in, r_in = a.view_as(a), r.view_as(r)
                 inputs = [t for t, need in ((a_in, ctx.needs[0]), (r_in, ctx.needs[1])) if need]
-                d = _pair_distances(a_in, r_in, idx, ctx.distance)[0]
                 if ctx.distance == "euclidean":
                     # autograd through the root: safe_sqrt's guard keeps √0's infinite slope out
                     d = safe_sqrt(_pair_distances(a_in, r_in, idx, "squared_euclidean")[0])
+                else:
+                    d = _pair_distances(a_in, r_in, idx, ctx.distance)[0]
                 terms = _batch_hard_from_distances(d, valid, ctx.margin)[0]
                 grads = iter(torch.autograd.grad(terms, inputs, grad_terms, create_graph=True, allow_unused=True))
             grad_a, grad_r = (next(grads) if ctx.needs[0] else None), (next(grads) if ctx.needs[1] else None)
