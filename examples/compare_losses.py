@@ -63,6 +63,7 @@ Outputs: a markdown table on stdout and in ``<out>/results.md``, ``<out>/results
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -199,11 +200,20 @@ class Method:
     pml: Optional[Callable[[int], Callable]] = None
     pml_name: str = "n/a"
     retrieval: Optional[Callable[[torch.Tensor, nn.Module], torch.Tensor]] = None
+    stage_fractions: Optional[Tuple[float, ...]] = None  # a MiningSchedule's stage starts, as fractions of the steps
 
 
 def _metric_loss(loss: nn.Module) -> Callable:
+    """A loss module as a row's ``build``: a fresh copy per seed (its collapse monitor starts anew), reachable
+    as ``loss_fn.module`` for the monitor's record."""
     def build(num_classes: int):
-        return None, lambda emb, y, head: loss(emb, y), None
+        fresh = copy.deepcopy(loss)
+
+        def loss_fn(emb, y, head):
+            return fresh(emb, y)
+
+        loss_fn.module = fresh
+        return None, loss_fn, None
     return build
 
 
@@ -302,6 +312,21 @@ METHODS = [
                                        reduction="mean")),
            "Hermans et al. 2017: soft margin, Euclidean, unnormalised, PxK K=4, Adam 3e-4 then exp. decay",
            lr=3e-4, schedule="hermans", pml=_pml_batch_hard, pml_name="BatchHardMiner + TripletMarginLoss(soft)"),
+    Method("batch-hard triplet (hinge 0.2, normalised)", ("pk", 32, HERMANS_K),
+           _metric_loss(ml.TripletLoss(margin=0.2, mining="batch_hard", reduction="mean_nonzero")),
+           "control for the batch-hard row: the batch-all row's loss (hinge 0.2, normalised, BA!=0 mean) with "
+           "batch-hard mining, PxK K=4"),
+    Method("batch-hard, schedule all -> semi-hard -> hard", ("pk", 32, HERMANS_K),
+           _metric_loss(ml.MiningSchedule([(0, "batch_all"), (1, "semi_hard"), (2, "batch_hard")], margin=0.2,
+                                          reduction="mean_nonzero")),
+           "OML's remedy for a plateau at the margin: batch-all, then semi-hard from 25% of the steps, then "
+           "batch-hard from 50%; hinge 0.2, normalised, PxK K=4", stage_fractions=(0.0, 0.25, 0.5)),
+    Method("SCT (easy positive, selective)", ("pk", 32, 2), _metric_loss(ml.SCTLoss()),
+           "Xuan et al. ECCV 2020 and their code: cosine, easiest positive, hardest negative, lambda 1, "
+           "threshold 0.8, T 0.1; PxK K=2 (their N_size)"),
+    Method("EPHN (easy positive, NCA)", ("pk", 8, 16), _metric_loss(ml.EPHNLoss()),
+           "Xuan et al. WACV 2020 and their code: cosine, easiest positive, hardest negative, sigma 0.1, "
+           "S > 0 only; batches of 128 = 8 classes x 16 (their nsize)"),
     Method("batch-all triplet", ("pk", 32, HERMANS_K),
            _metric_loss(ml.TripletLoss(margin=0.2, mining="batch_all", reduction="mean_nonzero")),
            "Hermans et al.'s BA!=0 = PML TripletMarginLoss defaults: margin 0.2, normalised, PxK K=4",
@@ -393,6 +418,9 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
     x, y = data["x_train"], data["y_train"]
     labels = y.numpy()
     total = epochs * iterations_per_epoch(method, labels, seed)
+    module = getattr(loss_fn, "module", None)
+    if method.stage_fractions is not None:
+        module.starts = [int(f * total) for f in method.stage_fractions]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -427,7 +455,35 @@ def train(method: Method, model: nn.Module, head: Optional[nn.Module], loss_fn: 
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val_mAP=f"{curve[-1]:.3f}")
     if bar is not None:
         bar.close()
-    return {"seconds": seconds, "iterations": step, "images": images, "val_curve": curve, "train_loss": losses}
+    out = {"seconds": seconds, "iterations": step, "images": images, "val_curve": curve, "train_loss": losses}
+    out.update(monitor_record(module, iterations_per_epoch(method, labels, seed)))
+    return out
+
+
+def monitor_record(module: Optional[nn.Module], per_epoch: int) -> Dict:
+    """What the loss's collapse monitor saw (metricloss.CollapseMonitor): the step and epoch (1-based) at which
+    it warned (None: silent), and per epoch the mean of its checks' d_ap, d_an and active fraction."""
+    monitors = []
+    if isinstance(module, ml.MiningSchedule):
+        monitors = [m.monitor for m in module.stages if getattr(m, "monitor", None) is not None]
+    elif getattr(module, "monitor", None) is not None:
+        monitors = [module.monitor]
+    if not monitors:
+        return {}
+    fired = [m.collapsed_at for m in monitors if m.collapsed_at is not None]
+    # a schedule's stages count their own steps: their checks are placed at the schedule's steps in order
+    history, offset = [], 0
+    for m in monitors:
+        history += [dict(h, step=h["step"] + offset) for h in m.history]
+        offset += m.step
+    epochs: Dict[int, List[Dict]] = {}
+    for h in history:
+        epochs.setdefault((h["step"] - 1) // per_epoch, []).append(h)
+    curve = {key: [float(np.nanmean([h[key] for h in epochs[e]])) for e in sorted(epochs)]
+             for key in ("d_ap_mean", "d_an_mean", "active_fraction", "hard_negative_ratio", "relative_gap")}
+    step = fired[0] if fired else None
+    return {"collapse_step": step, "collapse_epoch": None if step is None else (step - 1) // per_epoch + 1,
+            "monitor_curve": curve}
 
 
 def evaluate(method: Optional[Method], model: nn.Module, head: Optional[nn.Module], logits_fn: Optional[Callable],

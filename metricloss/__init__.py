@@ -10,7 +10,8 @@ Flat public API (see *Design › Public API* in the docs)::
 """
 
 from . import distributed, evolution, explain, functional, metrics, reference, samplers
-from .losses import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
+from .losses import BatchAllTripletLoss, BatchHardTripletLoss, EPHNLoss, MiningSchedule, SCTLoss, SemiHardTripletLoss, TripletLoss
+from .monitor import CollapseMonitor, CollapseWarning, TripletStats
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .losses import CentroidTripletLoss
@@ -26,6 +27,12 @@ __all__ = [
     "BatchHardTripletLoss",
     "BatchAllTripletLoss",
     "SemiHardTripletLoss",
+    "SCTLoss",
+    "EPHNLoss",
+    "MiningSchedule",
+    "CollapseMonitor",
+    "CollapseWarning",
+    "TripletStats",
     "WARPLoss",
     "NormalizeScale",
     "CosineClassifier",

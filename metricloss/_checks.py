@@ -347,3 +347,42 @@ def check_generator(generator: object, device: Optional[torch.device] = None, na
         raise ValueError(f"{prefix}`{name}` is a {generator.device.type} generator but `{of}` is on {device}; "
                          f"create it with torch.Generator(device={device.type!r})")
     return generator
+
+
+def check_similarity(value: object, name: str, where: str = "", allow_none: bool = True) -> Optional[float]:
+    """Check a cosine-similarity threshold: a real number in [-1, 1] (or None when ``allow_none``)."""
+    prefix = f"{where}: " if where else ""
+    if value is None and allow_none:
+        return None
+    v = _real(value, name, prefix)
+    if not -1.0 <= v <= 1.0:
+        raise ValueError(f"{prefix}`{name}` must be a cosine similarity in [-1, 1]"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+    return v
+
+
+def check_triplet_form(where: str, mining: str, distance: str, normalize: bool, positive: object, loss: object,
+                       temperature: object, hard_threshold: object, hard_weight: object,
+                       duplicate_similarity: object, min_similarity: object):
+    """Validate batch-hard's positive selection and loss form; returns the
+    :class:`~metricloss.ops.triplet.TripletForm` (rules: *Losses › Collapse-proof batch-hard* in the docs)."""
+    from .ops.mining import POSITIVES
+    from .ops.triplet import LOSS_FORMS, TripletForm
+
+    positive = check_option(positive, "positive", POSITIVES, where)
+    loss = check_option(loss, "loss", LOSS_FORMS, where)
+    form = TripletForm(positive, loss, check_positive(temperature, "temperature", where),
+                       check_similarity(hard_threshold, "hard_threshold", where, allow_none=False),
+                       check_nonnegative(hard_weight, "hard_weight", where),
+                       check_similarity(duplicate_similarity, "duplicate_similarity", where),
+                       check_similarity(min_similarity, "min_similarity", where))
+    if (positive != "hardest" or loss != "triplet") and mining != "batch_hard":
+        raise ValueError(f"{where}: positive={positive!r} and loss={loss!r} select one positive per anchor: they "
+                         f"need mining='batch_hard', got mining={mining!r}")
+    if loss != "triplet" and distance != "cosine":
+        raise ValueError(f"{where}: loss={loss!r} is defined on cosine similarities: pass distance='cosine' "
+                         f"(got {distance!r})")
+    if positive == "easiest" and form.duplicate_similarity is not None and distance != "cosine" and not normalize:
+        raise ValueError(f"{where}: positive='easiest' skips near-duplicate positives by cosine similarity, which "
+                         f"needs unit rows: pass normalize=True, distance='cosine', or duplicate_similarity=None")
+    return form

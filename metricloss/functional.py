@@ -21,7 +21,7 @@ from .ops import distance as _distance
 from .ops import mining as _mining
 from .ops import warp as _warp
 from .ops.reduction import REDUCTIONS, LossTerms, mask_nonfinite
-from .ops.triplet import MININGS, triplet_backends, triplet_loss_op, triplet_loss_terms_op
+from .ops.triplet import DEFAULT_FORM, MININGS, TripletForm, triplet_backends, triplet_loss_op, triplet_loss_terms_op
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_terms", "LossTerms", "warp_loss", "normalize_scale",
            "cosine_logits", "norm_softmax_loss", "centralized_ranking_loss", "centroid_triplet_loss"]
@@ -165,6 +165,19 @@ _TRIPLET_DOC = """
             so ``f(x, y, x, y)`` equals ``f(x, y)``; otherwise no anchor has an own row. (PML drops the
             diagonal when ``ref_labels is labels``; here the test is on the embeddings, pass
             ``ref_self_index`` to say it explicitly.)
+        positive: batch-hard's positive: ``"hardest"`` (default; the farthest of the class) or ``"easiest"``
+            (the nearest that is not a near-duplicate, cosine similarity > ``duplicate_similarity``; Xuan et
+            al.'s easy positive). Batch-hard only.
+        loss: ``"triplet"`` (default; the margin's hinge or softplus), ``"nca"`` (−log softmax([S_ap, S_an]/T)[0]
+            on cosine similarities: EPHN) or ``"sct"`` (selectively contrastive: λ·S_an on hard triplets, S_an >
+            S_ap or S_an > ``hard_threshold``; the nca term on the others). ``"nca"`` and ``"sct"`` need
+            ``distance="cosine"`` and ignore ``margin``. Batch-hard only.
+        temperature: T of ``"nca"`` / ``"sct"`` (default 0.1). hard_threshold: ``"sct"``'s τ (default 0.8).
+        hard_weight: ``"sct"``'s λ (default 1.0).
+        duplicate_similarity: near-duplicate threshold of ``positive="easiest"`` and of ``"sct"``'s negatives
+            (default 0.9999; None: none).
+        min_similarity: ``"nca"`` only counts anchors with S_ap and S_an above this (default None; EPHN's
+            code uses 0).
 """
 
 _REDUCTION_DOC = """
@@ -174,9 +187,12 @@ _REDUCTION_DOC = """
 
 
 def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance, normalize,
-             reduction: Optional[str], backend, chunk_bytes, ref_self_index):
-    """Validate and run a triplet loss; ``reduction=None`` returns its :class:`LossTerms`."""
+             reduction: Optional[str], backend, chunk_bytes, ref_self_index, form: Optional[TripletForm] = None,
+             stats: Optional[dict] = None):
+    """Validate and run a triplet loss; ``reduction=None`` returns its :class:`LossTerms`. ``form``: a validated
+    :class:`TripletForm` (None: the default); ``stats``: a dict the op fills for a collapse monitor."""
     _refuse_tracing(where)
+    form = DEFAULT_FORM if form is None else form
     has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
                                     chunk_bytes)
     margin = C.check_margin(margin, "margin", where)
@@ -193,7 +209,7 @@ def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin,
 
             args = (embeddings, labels) if self_ref else (embeddings, labels, ref_embeddings, ref_labels)
             kwargs = dict(margin=margin, mining=mining, distance=distance, normalize=normalize,
-                          ref_self_index=self_index)
+                          ref_self_index=self_index, form=form)
             out = reference.triplet_loss_terms(*args, **kwargs) if reduction is None else \
                 reference.triplet_loss(*args, reduction=reduction, **kwargs)
         else:
@@ -204,7 +220,7 @@ def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin,
                 a, r = _distance.promote_pair(a, _distance.prepare_embeddings(ref_embeddings, distance, normalize))
             args = (a, labels, r, labels if self_ref else ref_labels, self_ref, margin, mining, distance)
             kwargs = dict(backend=resolved, mining_dtype=_mining.kernel_dtype(embeddings.dtype),
-                          self_index=self_index)
+                          self_index=self_index, form=form, stats=stats)
             out = triplet_loss_terms_op(*args, chunk_bytes, **kwargs) if reduction is None else \
                 triplet_loss_op(*args, reduction, chunk_bytes, **kwargs)
         guards = (embeddings, ref_embeddings) if has_ref else (embeddings,)
@@ -217,9 +233,14 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
                  ref_labels: Optional[torch.Tensor] = None, *, margin: Margin = 0.2, mining: str = "batch_hard",
                  distance: str = "euclidean", normalize: bool = True, reduction: str = "mean",
                  backend: str = "auto", chunk_bytes: Optional[int] = None,
-                 ref_self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 ref_self_index: Optional[torch.Tensor] = None, positive: str = "hardest", loss: str = "triplet",
+                 temperature: float = 0.1, hard_threshold: float = 0.8, hard_weight: float = 1.0,
+                 duplicate_similarity: Optional[float] = 0.9999,
+                 min_similarity: Optional[float] = None) -> torch.Tensor:
+    form = C.check_triplet_form("triplet_loss", mining, distance, normalize, positive, loss, temperature,
+                                hard_threshold, hard_weight, duplicate_similarity, min_similarity)
     return _triplet("triplet_loss", embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance,
-                    normalize, reduction, backend, chunk_bytes, ref_self_index)
+                    normalize, reduction, backend, chunk_bytes, ref_self_index, form)
 
 
 triplet_loss.__doc__ = """Triplet loss with on-the-fly mining, exact and O(chunk·M) in memory.
@@ -239,9 +260,14 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
                        ref_labels: Optional[torch.Tensor] = None, *, margin: Margin = 0.2,
                        mining: str = "batch_hard", distance: str = "euclidean", normalize: bool = True,
                        backend: str = "auto", chunk_bytes: Optional[int] = None,
-                       ref_self_index: Optional[torch.Tensor] = None) -> LossTerms:
+                       ref_self_index: Optional[torch.Tensor] = None, positive: str = "hardest",
+                       loss: str = "triplet", temperature: float = 0.1, hard_threshold: float = 0.8,
+                       hard_weight: float = 1.0, duplicate_similarity: Optional[float] = 0.9999,
+                       min_similarity: Optional[float] = None) -> LossTerms:
+    form = C.check_triplet_form("triplet_loss_terms", mining, distance, normalize, positive, loss, temperature,
+                                hard_threshold, hard_weight, duplicate_similarity, min_similarity)
     return _triplet("triplet_loss_terms", embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance,
-                    normalize, None, backend, chunk_bytes, ref_self_index)
+                    normalize, None, backend, chunk_bytes, ref_self_index, form)
 
 
 triplet_loss_terms.__doc__ = """The unreduced pieces of :func:`triplet_loss`, for callers that reduce them

@@ -151,7 +151,7 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
                        ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
                        distance: str = "euclidean", normalize: bool = True,
                        ref_self_index: Optional[torch.Tensor] = None,
-                       tie_dtype: Optional[torch.dtype] = None) -> LossTerms:
+                       tie_dtype: Optional[torch.dtype] = None, form=None) -> LossTerms:
     """Dense :class:`~metricloss.ops.reduction.LossTerms` of :func:`triplet_loss` (per-anchor sums and counts).
 
     ``tie_dtype``: the dtype whose tie band (:func:`metricloss.ops.mining.tie_rtol_slots`) decides semi-hard's
@@ -166,12 +166,17 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
     h(z) = [m + z]_+, or softplus(z) for ``margin="soft"``. An anchor's own row (the diagonal without a
     reference set or when ``ref_embeddings is embeddings``; else ``ref_self_index``, -1 for none) is
     neither a positive nor a negative.
+
+    ``form``: batch-hard's :class:`~metricloss.ops.triplet.TripletForm` (None: hardest positive, margin loss),
+    see :func:`_batch_hard_form_terms`.
     """
     x, y = _prepare_pair(embeddings, ref_embeddings, distance, normalize)
     d = _dist(x, y, distance)
     pos, neg = _masks(labels, ref_labels, _self_mask(d.shape[0], d.shape[1], embeddings, ref_embeddings,
                                                      ref_self_index))
     has_neg = neg.any(1, keepdim=True)
+    if mining == "batch_hard" and form is not None and (form.positive != "hardest" or form.loss != "triplet"):
+        return _batch_hard_form_terms(d, pos, neg, margin, distance, form)
     if mining == "batch_hard":
         d_ap = d.masked_fill(~pos, float("-inf")).max(1).values
         d_an = d.masked_fill(~neg, float("inf")).min(1).values
@@ -203,15 +208,60 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
     raise ValueError(f"unknown mining {mining!r}")
 
 
+def _batch_hard_form_terms(d: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: Margin, distance: str,
+                           form) -> LossTerms:
+    """Batch-hard with an easy positive and/or the nca / sct loss forms, densely, by values.
+
+    * positive: the largest d over ``pos`` (hardest) or the smallest over the non-duplicate positives
+      (easiest: not below the duplicate key, 1 − s for cosine, 2(1 − s) on d² for the Euclidean kinds); the
+      negative: the smallest d over ``neg``.
+    * triplet: h(d_ap − d_an); nca: softplus((S_an − S_ap)/T), S = 1 − d, optionally only where both S > m;
+      sct: λ·S_an where S_an > S_ap or S_an > τ, the nca term where S_an < S_ap and S_an < τ, an anchor
+      whose negative has S_an > the duplicate similarity dropped.
+    """
+    key = d * d if distance == "euclidean" else d
+    ok = pos
+    if form.positive == "easiest":
+        if form.duplicate_similarity is not None:
+            gap = 1.0 - form.duplicate_similarity
+            ok = pos & ~(key < (gap if distance == "cosine" else 2.0 * gap))
+        d_ap = d.masked_fill(~ok, float("inf")).min(1).values
+    else:
+        d_ap = d.masked_fill(~ok, float("-inf")).max(1).values
+    d_an = d.masked_fill(~neg, float("inf")).min(1).values
+    valid = ok.any(1) & neg.any(1)
+    zero = torch.zeros_like(d_ap)
+    if form.loss == "triplet":
+        terms = torch.where(valid, _h(d_ap - d_an, margin), zero)
+        return _terms(terms, terms, valid, margin == "soft")
+    s_ap, s_an = torch.where(valid, 1.0 - d_ap, zero), torch.where(valid, 1.0 - d_an, zero)
+    nca = F.softplus((s_an - s_ap) / form.temperature)
+    if form.loss == "nca":
+        if form.min_similarity is not None:
+            valid = valid & (s_ap > form.min_similarity) & (s_an > form.min_similarity)
+        terms = torch.where(valid, nca, zero)
+        return _terms(terms, terms, valid, True)
+    if form.duplicate_similarity is not None:
+        valid = valid & ~(s_an > form.duplicate_similarity)
+    hard = valid & ((s_an > s_ap) | (s_an > form.hard_threshold))
+    easy = valid & (s_an < s_ap) & (s_an < form.hard_threshold)
+    terms = torch.where(hard, form.hard_weight * s_an, torch.where(easy, nca, zero))
+    counted = hard | easy
+    return LossTerms(terms, counted.sum(), (easy | (hard & (terms > 0))).sum())
+
+
 def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                  ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
                  distance: str = "euclidean", normalize: bool = True, reduction: str = "mean",
-                 ref_self_index: Optional[torch.Tensor] = None, tie_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                 ref_self_index: Optional[torch.Tensor] = None, tie_dtype: Optional[torch.dtype] = None,
+                 form=None) -> torch.Tensor:
     """Dense triplet loss with the semantics of :func:`metricloss.functional.triplet_loss`
-    (:func:`triplet_loss_terms`, reduced). ``"none"`` returns per-anchor sums; ``tie_dtype`` as there."""
+    (:func:`triplet_loss_terms`, reduced). ``"none"`` returns per-anchor sums; ``tie_dtype`` and ``form`` as
+    there."""
     return _reduce_terms(triplet_loss_terms(embeddings, labels, ref_embeddings, ref_labels, margin=margin, mining=mining,
                                             distance=distance, normalize=normalize,
-                                            ref_self_index=ref_self_index, tie_dtype=tie_dtype), reduction)
+                                            ref_self_index=ref_self_index, tie_dtype=tie_dtype, form=form),
+                         reduction)
 
 
 def triplet_loss_loop(embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin = 0.2,

@@ -76,10 +76,11 @@ def _loss(mining, reduction, **kw):
     return ml.TripletLoss(margin=0.2, mining=mining, reduction=reduction, **kw)
 
 
-def _distributed_vs_one_process(rank, world, mining, reduction, seed, margin=0.2, distance="euclidean"):
+def _distributed_vs_one_process(rank, world, mining, reduction, seed, margin=0.2, distance="euclidean", crit=None):
     x, y = _global_batch(world, seed)
     mine = _my_slice(world, rank)
-    crit = ml.TripletLoss(margin=margin, mining=mining, reduction=reduction, distance=distance)
+    if crit is None:
+        crit = ml.TripletLoss(margin=margin, mining=mining, reduction=reduction, distance=distance)
     # one process on the concatenated batch
     xg = x.clone().requires_grad_()
     ref = crit(xg, y)
@@ -108,6 +109,14 @@ def _make_loss_case(mining, reduction):
 
 def case_soft_margin_cosine(rank, world):
     _distributed_vs_one_process(rank, world, "batch_all", "mean", seed=21, margin="soft", distance="cosine")
+
+
+def case_easy_positive_forms(rank, world):
+    """SCT, EPHN and the easy positive with the hinge: the global loss and its gradients on every rank."""
+    for i, crit in enumerate([ml.SCTLoss(), ml.EPHNLoss(min_similarity=None, reduction="sum"),
+                              ml.TripletLoss(positive="easiest", reduction="none"),
+                              ml.TripletLoss(loss="sct", distance="cosine", reduction="mean_nonzero")]):
+        _distributed_vs_one_process(rank, world, "batch_hard", crit.reduction, seed=51 + i, crit=crit)
 
 
 def case_nonfinite_on_one_rank_reaches_every_rank(rank, world):
@@ -198,6 +207,7 @@ def case_memory_enqueue_mask_in_process_group(rank, world):
 CASES = {"all_gather_values_and_grads": case_all_gather_values_and_grads,
          "all_gather_noncontiguous": case_all_gather_noncontiguous,
          "soft_margin_cosine": case_soft_margin_cosine,
+         "easy_positive_forms": case_easy_positive_forms,
          "nonfinite_on_one_rank_reaches_every_rank": case_nonfinite_on_one_rank_reaches_every_rank,
          "ddp_model_parameter_grads": case_ddp_model_parameter_grads,
          "memory_in_process_group": case_memory_in_process_group,

@@ -4,11 +4,12 @@ from .centralized import CentralizedRankingLoss
 from .memory import CrossBatchMemory
 from .cosine import CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .centroid import CentroidTripletLoss
-from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, SemiHardTripletLoss, TripletLoss
+from .triplet import BatchAllTripletLoss, BatchHardTripletLoss, EPHNLoss, MiningSchedule, SCTLoss, SemiHardTripletLoss, TripletLoss
 from .warp import WARPLoss
 from .svmax import SVMaxRegularizer
 from .two_head import EmbeddingHead, TwoHeadLoss
 
-__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "WARPLoss",
+__all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "SCTLoss", "EPHNLoss", "MiningSchedule",
+           "WARPLoss",
            "NormalizeScale", "CosineClassifier", "NormSoftmaxLoss", "CentralizedRankingLoss",
            "CentroidTripletLoss", "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory"]

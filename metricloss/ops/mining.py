@@ -39,7 +39,14 @@ __all__ = [
     "tie_rtol",
     "tie_rtol_slots",
     "use_sorted_semi_hard",
+    "POSITIVES",
+    "duplicate_key",
+    "triton_or_torch_for_positive",
 ]
+
+#: Which positive batch-hard selects per anchor: the farthest same-class reference (Hermans et al.) or the
+#: nearest one that is not a near-duplicate (easy positive: Xuan et al., WACV 2020 and ECCV 2020).
+POSITIVES = ("hardest", "easiest")
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # 64 MiB of per-chunk temporaries (see *Design › Backends* in the docs)
 
@@ -169,16 +176,41 @@ def own_columns(s: int, e: int, self_ref: bool, self_index: Optional[torch.Tenso
     return None if self_index is None else self_index[s:e]
 
 
+def duplicate_key(distance: str, duplicate_similarity: Optional[float]) -> Optional[float]:
+    """The Gram key below which a reference is a near-duplicate of the anchor, for unit rows: cosine
+    similarity S > ``duplicate_similarity`` is key = 1 − S < 1 − s (cosine) or d² = 2 − 2S < 2(1 − s)
+    (the Euclidean kinds, whose key is d²). None (no duplicate rule) stays None."""
+    if duplicate_similarity is None:
+        return None
+    gap = 1.0 - float(duplicate_similarity)
+    return gap if distance == "cosine" else 2.0 * gap
+
+
+def _select_positive(key: torch.Tensor, excluded: torch.Tensor, positive: str,
+                     dup_key: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(index, has) of each row's selected positive among the cells not ``excluded``: the largest key
+    (``"hardest"``) or the smallest one not below ``dup_key`` (``"easiest"``; a near-duplicate is never an
+    easy positive). First index on ties. ``key`` is not modified."""
+    if positive == "hardest":
+        return row_argmax(key.masked_fill(excluded, float("-inf")))[1], ~excluded.all(1)
+    if dup_key is not None:
+        excluded = excluded | (key < dup_key)  # a NaN key stays a candidate: the loss's NaN guard reports it
+    return row_argmin(key.masked_fill(excluded, float("inf")))[1], ~excluded.all(1)
+
+
 def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls: AnchorClasses,
                        self_ref: bool, distance: str, chunk_bytes: Optional[int],
-                       self_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Hardest positive and hardest negative per anchor, chunked torch (the engine behind
+                       self_index: Optional[torch.Tensor] = None, positive: str = "hardest",
+                       dup_key: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hardest (or easiest) positive and hardest negative per anchor, chunked torch (the engine behind
     :func:`mine_batch_hard`).
 
     Args:
         a: (N, D) prepared anchors; r: (M, D) prepared references (``a`` itself when ``self_ref``).
         index, cls: the reference class index and the anchors' class facts.
         self_index: (N,) int64 own reference row per anchor (-1: none), when not ``self_ref``.
+        positive: one of :data:`POSITIVES`. dup_key: with ``"easiest"``, the key below which a positive is a
+            near-duplicate and never selected (:func:`duplicate_key`); None: no such rule.
 
     Returns:
         ``(pos_idx, neg_idx)``: int64 (N,), -1 where the anchor has no positive / no negative. Ties go to
@@ -198,12 +230,12 @@ def batch_hard_indices(a: torch.Tensor, r: torch.Tensor, index: ClassIndex, cls:
         # 1. one GEMM: key_ij = d²(a_i, r_j) (cosine: d) unclamped, orders row i like the distance
         key = gram.raw_block(s, e, out=block[:e - s])
         members, in_class = index.positive_table(c, width)
-        # 2. hardest positive: the largest key among the anchor's K-wide member table row
+        # 2. the positive: the largest key (or the smallest non-duplicate one) of the anchor's K-wide member
+        #    table row; the table lists members in index order, so the first slot is the first index
         if width > 0:
-            pos_key = key.gather(1, members).masked_fill_(~in_class, float("-inf"))
-            slot = pos_key.argmax(1, keepdim=True)
-            pos = members.gather(1, slot).squeeze(1)
-            pos_idx[s:e] = torch.where(c.num_pos > 0, pos, -1)
+            slot, has_pos = _select_positive(key.gather(1, members), ~in_class, positive, dup_key)
+            pos = members.gather(1, slot.unsqueeze(1)).squeeze(1)
+            pos_idx[s:e] = torch.where((c.num_pos > 0) & has_pos, pos, -1)
         # 3. hardest negative: hide the own class (K-wide scatter), then one fast row argmin
         mask_own_class_(key, members, in_class, own_columns(s, e, self_ref, self_index, a.device), float("inf"))
         _, neg = row_argmin(key)
@@ -236,7 +268,8 @@ def batch_hard_fits_one_block(n: int, m: int, elem: int, chunk_bytes: Optional[i
 
 
 def batch_hard_indices_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
-                             self_ref: bool, distance: str, self_index: Optional[torch.Tensor] = None
+                             self_ref: bool, distance: str, self_index: Optional[torch.Tensor] = None,
+                             positive: str = "hardest", dup_key: Optional[float] = None
                              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hardest positive and hardest negative per anchor in one dense (N, M) block, with no host read.
 
@@ -252,17 +285,20 @@ def batch_hard_indices_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Ten
         labels: (N,) and ref_labels: (M,) integer labels (any integer dtypes; compared in their common one).
         self_ref: reference i is anchor i. self_index: otherwise an optional (N,) int64 own reference row
             per anchor (-1: none), neither a positive nor a negative of that anchor.
+        positive, dup_key: which positive, as in :func:`batch_hard_indices`.
 
     Returns:
         ``(pos_idx, neg_idx)``: int64 (N,), -1 where the anchor has no positive / no negative.
     """
-    pos_idx, neg_idx, has_pos, has_neg = batch_hard_dense(a, r, labels, ref_labels, self_ref, distance, self_index)
+    pos_idx, neg_idx, has_pos, has_neg = batch_hard_dense(a, r, labels, ref_labels, self_ref, distance, self_index,
+                                                          positive, dup_key)
     minus_one = torch.full((), -1, dtype=torch.int64, device=a.device)
     return torch.where(has_pos, pos_idx, minus_one), torch.where(has_neg, neg_idx, minus_one)
 
 
 def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
-                     self_ref: bool, distance: str, self_index: Optional[torch.Tensor] = None
+                     self_ref: bool, distance: str, self_index: Optional[torch.Tensor] = None,
+                     positive: str = "hardest", dup_key: Optional[float] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`batch_hard_indices_dense` before the -1 marks: ``(pos_idx, neg_idx, has_pos, has_neg)``, the
     indices (N,) int64 always in range (an anchor without a positive gets some row; mask with ``has_pos``)
@@ -281,13 +317,13 @@ def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref
         not_positive, not_negative = other | is_own, other <= is_own          # other <= own: ~other | own
     else:
         not_positive, not_negative = other, ~other
-    # 3. hardest positive: the largest key of the class; hardest negative: the smallest outside it (first
-    #    index on ties, as torch.max / torch.min along a row; row_argmax / row_argmin give the same results,
-    #    faster on CPU). Whether an anchor has a positive / a negative is read off the masks, not the
-    #    values (a row of ±inf).
-    pos_idx = row_argmax(key.masked_fill(not_positive, float("-inf")))[1]
+    # 3. the positive: the largest key of the class (or its smallest non-duplicate one); hardest negative:
+    #    the smallest key outside it (first index on ties, as torch.max / torch.min along a row; row_argmax
+    #    / row_argmin give the same results, faster on CPU). Whether an anchor has a positive / a negative
+    #    is read off the masks, not the values (a row of ±inf).
+    pos_idx, has_pos = _select_positive(key, not_positive, positive, dup_key)
     neg_idx = row_argmin(key.masked_fill_(not_negative, float("inf")))[1]
-    return pos_idx, neg_idx, ~not_positive.all(1), ~not_negative.all(1)
+    return pos_idx, neg_idx, has_pos, ~not_negative.all(1)
 
 
 def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor,
@@ -387,6 +423,16 @@ def triton_or_torch_for_self_index(resolved: str, self_index: Optional[torch.Ten
         return resolved
     if requested == "triton":
         _warn_once(op, requested, "the Triton mining kernel does not take ref_self_index")
+    return "torch"
+
+
+def triton_or_torch_for_positive(resolved: str, positive: str, requested: str, op: str) -> str:
+    """The Triton mining kernel selects the hardest positive only: the easy positive is mined by the torch
+    engine (same results, no kernel fusion); an explicit ``backend="triton"`` warns once."""
+    if resolved != "triton" or positive == "hardest":
+        return resolved
+    if requested == "triton":
+        _warn_once(op, requested, "the Triton mining kernel selects the hardest positive only")
     return "torch"
 
 

@@ -34,7 +34,7 @@ of 3.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ from .distance import (GramFactors, Rows, gram_backward, paired_distance, safe_s
                        sqrt_rn, sqrt_rn_)
 from .labels import ClassIndex
 from .mining import (batch_hard_dense, batch_hard_fits_one_block, batch_hard_indices, batch_hard_indices_triton,
-                     mask_own_class_, rows_per_chunk,
-                     semi_hard_negative_idx, tie_rtol_slots, triton_or_torch_for_self_index, use_sorted_semi_hard)
+                     duplicate_key, mask_own_class_, rows_per_chunk, semi_hard_negative_idx, tie_rtol_slots,
+                     triton_or_torch_for_positive, triton_or_torch_for_self_index, use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
 from .native import batch_all_fused as native_batch_all_fused
 from .native import batch_all_self as native_batch_all_self
@@ -56,9 +56,46 @@ from .reduction import LossTerms
 from .._checks import host_reads_are_free
 from .._warn import warn_if_no_valid_triplet
 
-__all__ = ["MININGS", "triplet_backends", "triplet_loss_op", "triplet_loss_terms_op", "use_sorted_batch_all"]
+__all__ = ["MININGS", "LOSS_FORMS", "TripletForm", "DEFAULT_FORM", "triplet_backends", "triplet_loss_op",
+           "triplet_loss_terms_op", "use_sorted_batch_all"]
 
 MININGS = ("batch_hard", "batch_all", "semi_hard")
+
+#: What a selected (anchor, positive, negative) costs: ``"triplet"`` the margin's hinge or softplus of
+#: d_ap − d_an; ``"nca"`` −log softmax([S_ap, S_an]/T)[0] on cosine similarities (EPHN, Xuan et al. WACV
+#: 2020); ``"sct"`` the selectively contrastive form (Xuan et al. ECCV 2020): λ·S_an for a hard triplet
+#: (S_an > S_ap or S_an > the hard threshold), the NCA form for an easy one.
+LOSS_FORMS = ("triplet", "nca", "sct")
+
+
+class TripletForm(NamedTuple):
+    """How batch-hard selects its positive and what a selected triplet costs (see *Losses › Collapse-proof
+    batch-hard* in the docs). Hashable and constant, so ``torch.compile`` specialises on it.
+
+    Attributes:
+        positive: ``"hardest"`` (Hermans et al.) or ``"easiest"`` (the most similar positive that is not a
+            near-duplicate).
+        loss: one of :data:`LOSS_FORMS`.
+        temperature: T of the ``"nca"`` / ``"sct"`` softmax over (S_ap, S_an). Default 0.1 (both papers).
+        hard_threshold: ``"sct"``: a triplet is hard when S_an > S_ap or S_an > this. Default 0.8.
+        hard_weight: ``"sct"``: λ, the weight of λ·S_an on hard triplets. Default 1.0.
+        duplicate_similarity: a reference more similar than this to the anchor is a near-duplicate: never an
+            easy positive, and ``"sct"`` drops an anchor whose hardest negative is one. Default 0.9999. None:
+            no such rule.
+        min_similarity: ``"nca"``: drop anchors whose S_ap or S_an is not above this (EPHN's code keeps
+            S > 0 only). Default None (keep all).
+    """
+
+    positive: str = "hardest"
+    loss: str = "triplet"
+    temperature: float = 0.1
+    hard_threshold: float = 0.8
+    hard_weight: float = 1.0
+    duplicate_similarity: Optional[float] = 0.9999
+    min_similarity: Optional[float] = None
+
+
+DEFAULT_FORM = TripletForm()
 
 # Above this many positives per anchor, batch-all places negatives among the sorted thresholds with
 # searchsorted (cost ~log K per element) instead of one pass per positive (cost ~K passes).
@@ -115,9 +152,13 @@ def _check_labels_once(path: str, ref_labels: torch.Tensor, self_ref: bool) -> N
 
 def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
                       self_ref: bool, self_index: Optional[torch.Tensor], margin: Margin, distance: str,
-                      chunk_bytes: Optional[int], backend: str, mining_dtype: torch.dtype) -> LossTerms:
+                      chunk_bytes: Optional[int], backend: str, mining_dtype: torch.dtype,
+                      form: TripletForm = DEFAULT_FORM, stats: Optional[dict] = None) -> LossTerms:
+    dup_key = duplicate_key(distance, form.duplicate_similarity) if form.positive == "easiest" else None
     with torch.no_grad():
-        backend = triton_or_torch_for_self_index(backend, self_index, backend, "triplet_loss")
+        requested = backend
+        backend = triton_or_torch_for_self_index(backend, self_index, requested, "triplet_loss")
+        backend = triton_or_torch_for_positive(backend, form.positive, requested, "triplet_loss")
         if backend == "triton":
             _check_labels_once("triton", ref_labels, self_ref)
             pos_idx, neg_idx = batch_hard_indices_triton(a.detach().to(mining_dtype), labels,
@@ -130,7 +171,8 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
             _check_labels_once("dense", ref_labels, self_ref)
             a_d = a.detach()
             pos_idx, neg_idx, has_pos, has_neg = batch_hard_dense(a_d, a_d if r is a else r.detach(), labels,
-                                                                  ref_labels, self_ref, distance, self_index)
+                                                                  ref_labels, self_ref, distance, self_index,
+                                                                  form.positive, dup_key)
             valid = has_pos & has_neg
             idx = torch.stack([pos_idx, neg_idx])
         else:
@@ -138,13 +180,54 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
             cls = index.anchor_classes(labels, self_ref, self_index)
             warn_if_no_valid_triplet(index.max_count, index.num_refs, self_ref, "triplet_loss (batch_hard)")
             pos_idx, neg_idx = batch_hard_indices(a.detach(), r.detach(), index, cls, self_ref, distance,
-                                                  chunk_bytes, self_index)
+                                                  chunk_bytes, self_index, form.positive, dup_key)
             valid = (pos_idx >= 0) & (neg_idx >= 0)
             idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
-    # r is a: passed as None (one tensor given twice is something torch.compile cannot capture)
-    terms, num_terms, num_nonzero = BatchHardPairTerms.apply(a, None if r is a else r, idx, valid, margin,
-                                                             distance)[:3]
+    if form.loss != "triplet":
+        terms, num_terms, num_nonzero, d, kept = _similarity_terms(a, r, idx, valid, form)
+    else:
+        # r is a: passed as None (one tensor given twice is something torch.compile cannot capture)
+        terms, num_terms, num_nonzero, d = BatchHardPairTerms.apply(a, None if r is a else r, idx, valid, margin,
+                                                                    distance)[:4]
+        kept = valid
+    if stats is not None:
+        stats.update(d=d.detach(), valid=kept)
     return LossTerms(terms, num_terms, num_nonzero)
+
+
+def _similarity_terms(a: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, form: TripletForm):
+    """The ``"nca"`` / ``"sct"`` terms of the selected pairs on cosine similarities (unit rows), with autograd
+    (O(N·D); the mining above is the cost). Returns ``(terms (N,), num_terms, num_nonzero, d (2, N) = 1 − S,
+    kept (N,) bool)``.
+
+    1. S_ap, S_an = a·r_p, a·r_n from one gather of both rows.
+    2. nca: term = softplus((S_an − S_ap)/T) = −log softmax([S_ap, S_an]/T)[0]; with ``min_similarity`` m
+       only anchors with S_ap > m and S_an > m count.
+    3. sct: an anchor whose negative is a near-duplicate (S_an > ``duplicate_similarity``) is dropped; hard
+       (S_an > S_ap or S_an > τ): term = λ·S_an; easy (S_an < S_ap and S_an < τ): the nca term; a triplet that
+       is neither (an exact tie) counts nowhere. num_terms = hard + easy, so "mean" is the papers' division.
+    """
+    n, dim = a.shape
+    rows = r.index_select(0, idx.reshape(-1)).view(2, n, dim)
+    sim = torch.linalg.vecdot(a, rows, dim=-1)                                       # 1. (2, N)
+    s_ap, s_an = sim[0], sim[1]
+    z = (s_an - s_ap) / form.temperature
+    if form.loss == "nca":                                                           # 2.
+        kept = valid
+        if form.min_similarity is not None:
+            kept = kept & (s_ap > form.min_similarity) & (s_an > form.min_similarity)
+        terms = F.softplus(z).masked_fill(~kept, 0.0)
+        nonzero = kept & (z == z)
+    else:                                                                            # 3.
+        kept = valid
+        if form.duplicate_similarity is not None:
+            kept = kept & ~(s_an > form.duplicate_similarity)
+        hard = kept & ((s_an > s_ap) | (s_an > form.hard_threshold))
+        easy = kept & (s_an < s_ap) & (s_an < form.hard_threshold)
+        terms = torch.where(hard, form.hard_weight * s_an, F.softplus(z).masked_fill(~easy, 0.0))
+        kept = hard | easy
+        nonzero = easy | (hard & (terms > 0))
+    return terms, kept.sum(), nonzero.sum(), (1.0 - sim).detach(), kept
 
 
 def _pair_distances(a: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, distance: str):
@@ -887,7 +970,8 @@ def triplet_backends(mining: str) -> Tuple[str, ...]:
 def triplet_loss_terms_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
                           self_ref: bool, margin: Margin, mining: str, distance: str, chunk_bytes: Optional[int],
                           backend: str = "torch", mining_dtype: torch.dtype = torch.float32,
-                          self_index: Optional[torch.Tensor] = None, grad_mode: str = "check") -> LossTerms:
+                          self_index: Optional[torch.Tensor] = None, grad_mode: str = "check",
+                          form: TripletForm = DEFAULT_FORM, stats: Optional[dict] = None) -> LossTerms:
     """Unreduced triplet loss on prepared inputs (accumulation dtype, normalised if asked).
 
     Args:
@@ -899,25 +983,33 @@ def triplet_loss_terms_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor
         backend: ``"torch"`` or ``"triton"`` (batch-hard mining only; the loss itself is torch).
         mining_dtype: the dtype the Triton kernel mines in (see :func:`~metricloss.ops.mining.kernel_dtype`).
         grad_mode: how batch-all / semi-hard get their gradient, one of :data:`GRAD_MODES`.
+        form: batch-hard's positive and loss form (:class:`TripletForm`; the other minings take the default).
+        stats: a dict to fill with the step's selected distances for a collapse monitor (batch-hard:
+            ``d`` (2, N) detached d_ap and d_an, ``valid`` (N,) the anchors that count); no extra kernel.
 
     Returns:
         :class:`~metricloss.ops.reduction.LossTerms`.
     """
     if mining == "batch_hard":
-        return _batch_hard_terms(a, labels, r, ref_labels, self_ref, self_index, margin, distance, chunk_bytes,
-                                 backend, mining_dtype)
-    if not (torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)):
-        grad_mode = "recompute"  # no backward will run: skip the gradient pass
-    sums, num_terms, nonzero, _, _ = BlockTripletLoss.apply(a, r, labels, ref_labels, self_index, self_ref, mining,
-                                                            margin, distance, chunk_bytes, grad_mode)
-    return LossTerms(sums, num_terms, nonzero)
+        terms = _batch_hard_terms(a, labels, r, ref_labels, self_ref, self_index, margin, distance, chunk_bytes,
+                                  backend, mining_dtype, form, stats)
+    else:
+        if not (torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)):
+            grad_mode = "recompute"  # no backward will run: skip the gradient pass
+        sums, num_terms, nonzero, _, _ = BlockTripletLoss.apply(a, r, labels, ref_labels, self_index, self_ref,
+                                                                mining, margin, distance, chunk_bytes, grad_mode)
+        terms = LossTerms(sums, num_terms, nonzero)
+    if stats is not None:
+        stats.update(num_terms=terms.num_terms, num_nonzero=terms.num_nonzero)
+    return terms
 
 
 def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
                     self_ref: bool, margin: Margin, mining: str, distance: str, reduction: str,
                     chunk_bytes: Optional[int], backend: str = "torch",
                     mining_dtype: torch.dtype = torch.float32,
-                    self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    self_index: Optional[torch.Tensor] = None, form: TripletForm = DEFAULT_FORM,
+                    stats: Optional[dict] = None) -> torch.Tensor:
     """Triplet loss on prepared inputs: :func:`triplet_loss_terms_op` reduced with ``reduction``.
 
     Returns:
@@ -925,5 +1017,6 @@ def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_
     """
     terms = triplet_loss_terms_op(a, labels, r, ref_labels, self_ref, margin, mining, distance, chunk_bytes,
                                   backend, mining_dtype, self_index,
-                                  grad_mode="recompute" if reduction == "none" else "uniform")
+                                  grad_mode="recompute" if reduction == "none" else "uniform", form=form,
+                                  stats=stats)
     return terms.reduce(reduction)
