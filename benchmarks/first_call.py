@@ -1,13 +1,14 @@
 """First-call latency of the native CPU ops, as a new user meets it: a fresh process, a fresh extension cache.
 
-For each op (batch-all and semi-hard triplet losses over a P×K batch, ``retrieval_metrics``) it runs, in a
+For each op (batch-all and semi-hard triplet losses over a P×K batch, ``retrieval_metrics``, sampled
+WARP on (256, 1000) scores) it runs, in a
 new Python process with its own empty ``TORCH_EXTENSIONS_DIR``: ``import metricloss``, then the op's first
 call (which compiles the extension that op needs), then a second call. Then again in a new process over
 the now-filled cache (the first call only loads the build). It prints the seconds and what the process
 wrote to standard error, and, last, ``python -m metricloss.native build`` on a fresh cache (every
 extension).
 
-    python benchmarks/first_call.py [--repeats 1] [--ops batch_all semi_hard retrieval_metrics]
+    python benchmarks/first_call.py [--repeats 1] [--ops batch_all semi_hard retrieval_metrics warp]
 
 Times include the compiler's start-up; on a shared machine they drift (run it under
 ``flock /tmp/metricloss-bench.lock``).
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 
-OPS = ("batch_all", "semi_hard", "retrieval_metrics")
+OPS = ("batch_all", "semi_hard", "retrieval_metrics", "warp")
 
 _CHILD = r"""
 import json, sys, time
@@ -39,6 +40,9 @@ y = torch.arange(64).repeat_interleave(4)
 def call():
     if op == "retrieval_metrics":
         ml.metrics.retrieval_metrics(x, y)
+    elif op == "warp":
+        s = torch.randn(256, 1000, generator=g).requires_grad_()
+        ml.WARPLoss()(s, torch.arange(256) % 1000).backward()
     else:
         e = x.clone().requires_grad_()
         ml.TripletLoss(margin=0.2, mining=op)(e, y).backward()

@@ -34,7 +34,9 @@ fused ops do not: duplicate reference rows (read through a column map) and the e
 over the batch itself runs as one op that takes each unordered pair once (:func:`batch_all_self`,
 ``csrc/batch_all_self.cpp``). And the rank histogram of each float32 similarity tile of
 :func:`~metricloss.metrics.retrieval_metrics` (:func:`retrieval_rank_histogram`,
-``csrc/retrieval_rank.cpp``). Everything else, and every other device or dtype, stays on torch.
+``csrc/retrieval_rank.cpp``). And sampled WARP's first violators for one label per row
+(:func:`warp_sample_single`, ``csrc/warp_sample.cpp``: two passes per row over every core, its outcome
+drawn from the loop's law). Everything else, and every other device or dtype, stays on torch.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from .._warn import warn_at_caller
 __all__ = ["ENV_VAR", "EXTENSIONS", "FUSED_TILE_ROWS", "ISA_ENV_VAR", "SELF_PAIR_COLUMN_BLOCK", "NativeBuildError",
            "NativeExtension", "batch_all_epilogue", "batch_all_fused", "batch_all_self", "build_directory",
            "build_extension", "fused_tile_rows", "is_built", "native_enabled", "native_library", "native_max_isa",
-           "prepare_block", "retrieval_rank_histogram", "semi_hard_fused", "semi_hard_negatives"]
+           "prepare_block", "retrieval_rank_histogram", "semi_hard_fused", "semi_hard_negatives", "warp_sample_single"]
 
 ENV_VAR = "METRICLOSS_NATIVE"
 ISA_ENV_VAR = "METRICLOSS_NATIVE_ISA"
@@ -101,6 +103,7 @@ EXTENSIONS: Dict[str, NativeExtension] = {
         NativeExtension("self_pairs", ("batch_all_self.cpp",), ("triplet_common.h",),
                         "batch-all over the batch itself", 20),
         NativeExtension("retrieval", ("retrieval_rank.cpp",), (), "retrieval_metrics", 10),
+        NativeExtension("warp", ("warp_sample.cpp",), (), "sampled WARP", 10),
     )
 }
 
@@ -280,13 +283,14 @@ def native_library(extension: Optional[str] = None) -> bool:
     return False
 
 
-def native_enabled(t: torch.Tensor, extension: str) -> bool:
-    """Whether the native path of extension ``extension`` serves a block like ``t``: float32/float64 on
-    CPU, ``METRICLOSS_NATIVE`` not ``0``, and the extension built (built here on first use)."""
+def native_enabled(t: torch.Tensor, extension: str, dtypes: Tuple[torch.dtype, ...] = _NATIVE_DTYPES) -> bool:
+    """Whether the native path of extension ``extension`` serves a block like ``t``: ``dtypes`` (default
+    float32/float64) on CPU, ``METRICLOSS_NATIVE`` not ``0``, and the extension built (built here on first
+    use)."""
     setting = os.environ.get(ENV_VAR, "")
     if setting not in ("", "0", "1"):
         raise ValueError(f"{ENV_VAR} must be 0, 1 or unset, got {setting!r}")
-    if setting == "0" or t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES:
+    if setting == "0" or t.device.type != "cpu" or t.dtype not in dtypes:
         return False
     return native_library(extension)
 
@@ -548,3 +552,31 @@ def retrieval_rank_histogram(tile: torch.Tensor, rel: torch.Tensor, lowest: torc
     return torch.ops.metricloss_native.retrieval_rank_histogram(
         tile, rel.contiguous(), lowest.reshape(-1).contiguous(), -1 if own_start is None else int(own_start),
         int(index_bits))
+
+
+def warp_sample_single(scores: torch.Tensor, labels: torch.Tensor, margin: float, max_trials: int,
+                       generator: Optional[torch.Generator]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Sampled WARP's first violators for one label per row, natively, or None (use the torch path).
+
+    The outcome of the paper's loop drawn from its law (see ``csrc/warp_sample.cpp``): per row, with r
+    violators among the C − 1 negatives, the trial N ~ Geometric(r / (C − 1)) truncated at ``max_trials``
+    and the violator uniform among the r, from two fp64 uniforms per row drawn here from ``generator``
+    (one ``torch.rand`` call). Two passes over each row, rows split across threads; the result does not
+    depend on the thread count.
+
+    Args:
+        scores: (B, C) CPU scores, any float dtype (read only; 16-bit ones compared after an exact upcast to
+            float32, as on the torch path).
+        labels: (B,) int64 in [0, C).
+        margin: m. max_trials: the cap on N (C − 1 for the paper's loop).
+        generator: the random source (None: the global CPU generator).
+
+    Returns:
+        ``(trials, chosen)``: (B,) int64, N ≥ 1 and the violator's column, or (0, −1) where none was drawn;
+        None when the native path does not serve these scores (see :func:`native_enabled`).
+    """
+    if not native_enabled(scores, "warp", _NATIVE_DTYPES + (torch.float16, torch.bfloat16)):
+        return None
+    uniforms = torch.rand((scores.shape[0], 2), dtype=torch.float64, generator=generator)
+    return torch.ops.metricloss_native.warp_sample_single(scores.contiguous(), labels.to(torch.int64).contiguous(),
+                                                          uniforms, float(margin), int(max_trials))

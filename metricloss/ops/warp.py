@@ -386,6 +386,14 @@ def sample_violators(scores: torch.Tensor, ex: WarpExamples, margin: float, max_
     """
     with torch.no_grad():
         B, C = scores.shape
+        if ex.single and scores.device.type == "cpu" and C > 1:
+            # CPU, one label per row: the loop's outcome drawn from its law in two native passes per row
+            from .native import warp_sample_single
+
+            native = warp_sample_single(scores, ex.cols, margin, C - 1 if max_trials is None else max_trials,
+                                        generator)
+            if native is not None:
+                return native
         base = margin - torch.take(scores, ex.rows * C + ex.cols).to(accumulation_dtype(scores.dtype))
         # 1. the exact "has a violator" test; 2. first violators by blocks of i.i.d. draws
         active = any_violator(scores, ex, base, chunk_bytes) & (ex.num_neg[ex.rows] > 0)

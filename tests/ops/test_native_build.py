@@ -64,7 +64,7 @@ def test_no_message_when_the_build_is_cached(monkeypatch, capsys, fake_load):
 def test_each_extension_compiles_its_own_source():
     sources = [ext.sources for ext in native.EXTENSIONS.values()]
     assert sorted(s for group in sources for s in group) == ["batch_all_self.cpp", "retrieval_rank.cpp",
-                                                             "triplet_epilogue.cpp"]
+                                                             "triplet_epilogue.cpp", "warp_sample.cpp"]
     assert all(len(group) == 1 for group in sources)
     assert all(ext.build_seconds > 0 and ext.serves for ext in native.EXTENSIONS.values())
 

@@ -17,6 +17,17 @@ from metricloss.ops import warp as warp_ops
 ALPHA = 1e-4  # chance that a correct sampler fails one law test at a given seed
 
 
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def sampler_path(request, monkeypatch):
+    """Every test of the law runs on both CPU samplers: the native one (one label per row: the outcome drawn
+    from the loop's law, csrc/warp_sample.cpp) and the torch one (the loop's trials drawn in blocks)."""
+    if request.param == "torch":
+        monkeypatch.setenv("METRICLOSS_NATIVE", "0")
+    else:
+        monkeypatch.delenv("METRICLOSS_NATIVE", raising=False)
+    return request.param
+
+
 def chi_square_pvalue(observed: torch.Tensor, probs: torch.Tensor) -> float:
     """Goodness of fit of counts to probabilities; adjacent bins merged until each expects >= 5."""
     n = float(observed.sum())
@@ -313,3 +324,53 @@ def test_exact_reference_agrees_with_loop_in_expectation_for_all_violators():
     torch.testing.assert_close(loop, dense)
     torch.testing.assert_close(dense, torch.full((3,), (1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) * 6.0,
                                                  dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the native sampler (one label per row)
+# ----------------------------------------------------------------------------------------------------
+
+def test_native_sampler_serves_single_labels_on_cpu(sampler_path, monkeypatch):
+    from metricloss.ops import native
+
+    calls = []
+    real = native.warp_sample_single
+    monkeypatch.setattr(native, "warp_sample_single", lambda *a: calls.append(1) or real(*a))
+    scores, labels = single_batch(8)
+    sample(scores, labels, 1.0, None, seed=0)
+    multi_scores, multi_labels = multi_batch(8)
+    sample(multi_scores, multi_labels, 1.0, None, seed=0)           # multi-hot rows: the torch sampler
+    served = native.native_enabled(scores, "warp")
+    assert calls == [1] and served == (sampler_path == "native")
+
+
+def test_native_sampler_does_not_depend_on_the_thread_count(sampler_path):
+    g = torch.Generator().manual_seed(3)
+    scores, labels = torch.randn(3000, 50, generator=g), torch.randint(0, 50, (3000,), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sample(scores, labels, 0.5, None, seed=7)[1:]
+        torch.set_num_threads(2)
+        two = sample(scores, labels, 0.5, None, seed=7)[1:]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_sampler_compares_16_bit_scores_after_an_exact_upcast(dtype):
+    g = torch.Generator().manual_seed(4)
+    scores, labels = torch.randn(500, 20, generator=g).to(dtype), torch.randint(0, 20, (500,), generator=g)
+    low = sample(scores, labels, 1.0, None, seed=2)[1:]
+    up = sample(scores.float(), labels, 1.0, None, seed=2)[1:]
+    assert torch.equal(low[0], up[0]) and torch.equal(low[1], up[1])
+
+
+def test_rows_with_nan_have_no_violator():
+    scores, labels = single_batch(4)
+    scores = scores.clone()
+    scores[1, 0] = float("nan")
+    scores[2, SINGLE_Y] = float("nan")
+    _, trials, chosen = sample(scores, labels, 1.0, None, seed=0)
+    assert trials.tolist()[1:3] == [0, 0] and chosen.tolist()[1:3] == [-1, -1] and trials[0] > 0 and trials[3] > 0
