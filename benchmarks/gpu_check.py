@@ -753,6 +753,57 @@ def case_toolbox(run: Run) -> None:
             run.check("PKSampler covers every sample", params, int((~seen).sum()), 0)
 
 
+def case_collapse_proof(run: Run) -> None:
+    """SCTLoss, EPHNLoss and the easy positive with the hinge on the device (the one-block and the chunked
+    miners) vs the fp64 CPU dense reference; MiningSchedule's stages; TripletStats and CollapseMonitor read
+    on the device vs the same figures computed on the CPU."""
+    import torch
+
+    import metricloss as ml
+    from metricloss.ops.triplet import TripletForm
+
+    shapes = [(32, 8)] if run.dry else ([(1024, 128)] if run.quick else [(256, 64), (1024, 128), (4096, 128)])
+    forms = {"SCTLoss": (ml.SCTLoss, TripletForm("easiest", "sct"), "cosine"),
+             "EPHNLoss": (ml.EPHNLoss, TripletForm("easiest", "nca", min_similarity=0.0), "cosine"),
+             "TripletLoss (positive='easiest')": (lambda **kw: ml.TripletLoss(positive="easiest", **kw),
+                                                  TripletForm("easiest"), "euclidean")}
+    for si, (b, d) in enumerate(shapes):
+        g = gen(7500 + si)
+        x = torch.randn(b, d, generator=g)
+        labels = make_labels(b, "pk", g)
+        for dtype_name in ("fp32",):
+            run.tick()
+            for chunk in (None, 1 << 16):  # the one-block path, then the chunked engine
+                params = dict(B=b, D=d, dtype=dtype_name, chunk_bytes=chunk or "default")
+                with run.subcase(params):
+                    for name, (cls, form, distance) in forms.items():
+                        ref = (lambda xx, _f=form, _d=distance: ml.reference.triplet_loss(
+                            xx, labels, margin=0.2, distance=_d, form=_f)) if b <= 1024 else \
+                            (lambda xx, _c=cls: _c(chunk_bytes=1 << 22, monitor=False)(xx, labels))
+                        compare_losses(run, name, params,
+                                       lambda xx, _c=cls, _ch=chunk: _c(chunk_bytes=_ch, monitor=False)(
+                                           xx, labels.to(xx.device)),
+                                       ref, [x], dtype_name, LOSS_TOL[dtype_name])
+        params = dict(B=b, D=d, dtype="fp32")
+        with run.subcase(params):
+            crit = ml.TripletLoss(monitor=ml.CollapseMonitor(check_every=1))
+            crit(x.to(run.device), labels.to(run.device))
+            on_device = crit.last_stats.as_dict()
+            cpu = ml.TripletLoss(monitor=False)
+            cpu(x.double(), labels)
+            on_cpu = cpu.last_stats.as_dict()
+            run.check("TripletStats on the device", params,
+                      max(abs(on_device[k] - on_cpu[k]) / max(abs(on_cpu[k]), 1e-12)
+                          for k in ("loss", "d_ap_mean", "d_an_mean", "hard_negative_ratio")), LOSS_TOL["fp32"])
+            run.check("CollapseMonitor read its record", params, abs(len(crit.monitor.history) - 1), 0)
+            schedule = ml.MiningSchedule([(0, "batch_all"), (1, "batch_hard")]).to(run.device)
+            first = schedule(x.to(run.device), labels.to(run.device))
+            second = schedule(x.to(run.device), labels.to(run.device))
+            want = [ml.functional.triplet_loss(x.double(), labels, mining=m) for m in ("batch_all", "batch_hard")]
+            run.check("MiningSchedule stages", params, max(rel_err(first, want[0]), rel_err(second, want[1])),
+                      LOSS_TOL["fp32"])
+
+
 def case_metrics(run: Run) -> None:
     """retrieval_metrics on the device vs the CPU (fp32 input; tiny and default chunk budgets)."""
     import torch
@@ -1211,6 +1262,7 @@ CASES: List[Tuple[str, Callable[[Run], None], Dict[str, float]]] = [
     ("cosine family", case_cosine, {"quick": 5, "full": 20}),
     ("retrieval metrics", case_metrics, {"quick": 5, "full": 20}),
     ("toolbox and wrappers", case_toolbox, {"quick": 6, "full": 20}),
+    ("collapse-proof batch-hard", case_collapse_proof, {"quick": 6, "full": 20}),
     ("speed: batch-hard", case_speed_batch_hard, {"quick": 22, "full": 90}),
     ("speed: other losses", case_speed_others, {"quick": 8, "full": 30}),
     ("host syncs", case_syncs, {"quick": 6, "full": 10}),
@@ -1221,7 +1273,8 @@ CASES: List[Tuple[str, Callable[[Run], None], Dict[str, float]]] = [
 PUBLIC_COVERED = ("TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss",
                   "mine_batch_hard", "WARPLoss", "CentroidTripletLoss", "NormSoftmaxLoss",
                   "CentralizedRankingLoss", "CosineClassifier", "NormalizeScale", "retrieval_metrics",
-                  "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory", "PKSampler")
+                  "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory", "PKSampler",
+                  "SCTLoss", "EPHNLoss", "MiningSchedule", "CollapseMonitor", "TripletStats")
 
 
 def environment(run: Run) -> Dict[str, Any]:

@@ -92,12 +92,15 @@ def workloads(n: int) -> Dict[str, Callable[[], torch.Tensor]]:
     two_head = ml.TwoHeadLoss(triplet="semi_hard")
     classifier = torch.nn.Linear(d, classes)
     svmax = ml.SVMaxRegularizer(weight=0.1)
+    sct, ephn = ml.SCTLoss(), ml.EPHNLoss()  # modules with their collapse monitors on (no cost between checks)
 
     def leaf(t):
         return t.clone().requires_grad_(True)
 
     out = {
         "batch-hard": lambda: MF.triplet_loss(leaf(x0), labels, mining="batch_hard", backend="torch"),
+        "SCT (module, monitor on)": lambda: sct(leaf(x0), labels),
+        "EPHN (module, monitor on)": lambda: ephn(leaf(x0), labels),
         "batch-all (mean_nonzero)": lambda: MF.triplet_loss(leaf(x0), labels, mining="batch_all",
                                                             reduction="mean_nonzero"),
         "semi-hard": lambda: MF.triplet_loss(leaf(x0), labels, mining="semi_hard"),

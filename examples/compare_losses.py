@@ -21,6 +21,14 @@ batch-hard triplet                 Hermans, Beyer & Leibe 2017 (``triplet-reid``
                                    Euclidean on unnormalised embeddings, P×K batches with K=4, Adam lr 3e-4
                                    constant for 60% of the iterations then decayed exponentially to 3e-7
                                    with β1 0.9 → 0.5 (their t0 = 15k of t1 = 25k iterations).
+batch-hard, hinge control          the batch-all row's loss (hinge 0.2, normalised, BA≠0 mean) with batch-hard
+                                   mining: tells the soft margin's part in the collapse from the mining's.
+batch-hard schedule                :class:`~metricloss.MiningSchedule`: batch-all, semi-hard from 25% of the
+                                   steps, batch-hard from 50%; hinge 0.2, normalised, P×K with K=4.
+SCT                                Xuan et al. ECCV 2020 (:class:`~metricloss.SCTLoss`, their defaults), P×K
+                                   with K=2 as their code.
+EPHN                               Xuan et al. WACV 2020 (:class:`~metricloss.EPHNLoss`, σ 0.1), batches of
+                                   128 = 8 classes × 16 as their code.
 batch-all triplet                  Hermans et al.'s BA≠0 (mean over the non-zero terms) = PML's
                                    ``TripletMarginLoss`` defaults: margin 0.2, normalised embeddings; P×K, K=4.
 semi-hard triplet                  FaceNet (Schroff et al. 2015) as TF-Addons ``triplet_semihard_loss``: squared
@@ -54,10 +62,11 @@ it differs from the one the docs' table was made from. ``--dataset digits`` is a
 The data and the class split are the same for every seed; a seed sets the initialisation and the batches.
 
 Usage:
-    python examples/compare_losses.py                      # default: 3 seeds, 8 epochs, AVX2 pinned (157 s wall on a shared 2-core CPU)
+    python examples/compare_losses.py                      # default: 3 seeds, 8 epochs, AVX2 pinned (249 s wall on a shared 2-core CPU)
     python examples/compare_losses.py --full               # 5 seeds, 20 epochs
     python examples/compare_losses.py --seeds 0 1 2 3 --epochs 12 --losses "batch-hard triplet" NormSoftmax
-Outputs: a markdown table on stdout and in ``<out>/results.md``, ``<out>/results.json``, ``<out>/results.png``.
+Outputs: a markdown table on stdout and in ``<out>/results.md``, ``<out>/results.json``, ``<out>/results.png``,
+and ``<out>/monitor.png`` (what the triplet losses' collapse monitors saw per epoch).
 """
 
 from __future__ import annotations
@@ -479,7 +488,11 @@ def monitor_record(module: Optional[nn.Module], per_epoch: int) -> Dict:
     epochs: Dict[int, List[Dict]] = {}
     for h in history:
         epochs.setdefault((h["step"] - 1) // per_epoch, []).append(h)
-    curve = {key: [float(np.nanmean([h[key] for h in epochs[e]])) for e in sorted(epochs)]
+    def epoch_mean(values):  # NaN where the stage keeps no distances (a schedule's batch-all / semi-hard epochs)
+        values = [v for v in values if not math.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+    curve = {key: [epoch_mean([h[key] for h in epochs[e]]) for e in sorted(epochs)]
              for key in ("d_ap_mean", "d_an_mean", "active_fraction", "hard_negative_ratio", "relative_gap")}
     step = fired[0] if fired else None
     return {"collapse_step": step, "collapse_epoch": None if step is None else (step - 1) // per_epoch + 1,
@@ -661,6 +674,12 @@ def aggregate(rows: List[Dict], costs: Dict[str, Dict]) -> List[Dict]:
         s["epochs_to_90"] = mean_std(e90) if e90[0] is not None else None
         s["val_mAP_curve"] = [float(np.mean(c)) for c in zip(*[r["val_curve"] for r in group])]
         s["train_loss_curve"] = [float(np.mean(c)) for c in zip(*[r["train_loss"] for r in group])]
+        if "monitor_curve" in group[0]:
+            # the collapse monitor: the epoch it warned at per seed (None: silent), its figures per epoch (seed mean)
+            s["collapse_epochs"] = [r.get("collapse_epoch") for r in group]
+            s["monitor_curve"] = {k: [float(np.nanmean(c)) if not all(np.isnan(c)) else float("nan")
+                                      for c in zip(*[r["monitor_curve"][k] for r in group])]
+                                  for k in group[0]["monitor_curve"]}
         s.update(costs.get(name, {}))
         out.append(s)
     return out
@@ -775,6 +794,25 @@ def claims(summary: List[Dict]) -> List[Dict]:
                         "measured": (f"loss (mining included) fwd+bwd {t['loss_ms']:.2f} ms of a {t['step_ms'][0]:.1f} ms "
                                      f"training step ({100 * share:.1f}%)"),
                         "verdict": "supported" if share > 0.5 else "not supported"})
+    plain, ba = by.get("batch-hard triplet"), by.get("batch-all triplet")
+    for name in ("batch-hard triplet (hinge 0.2, normalised)", "batch-hard, schedule all -> semi-hard -> hard",
+                 "SCT (easy positive, selective)", "EPHN (easy positive, NCA)"):
+        r = by.get(name)
+        if r and plain and ba:
+            above, vs_ba = compare(r["mAP"], plain["mAP"]), compare(r["mAP"], ba["mAP"])
+            out.append({"claim": f"{name} makes the batch-hard family train here",
+                        "measured": (f"mAP {f(r['mAP'])} vs plain batch-hard {f(plain['mAP'])} ({above} for higher) "
+                                     f"and batch-all {f(ba['mAP'])} ({vs_ba} for higher); collapse warning at epoch "
+                                     f"{r.get('collapse_epochs')} per seed (None: silent)"),
+                        "verdict": ("trains, as well as batch-all" if above == "supported" and vs_ba != "contradicted"
+                                    else "trains better than batch-hard, below batch-all" if above == "supported"
+                                    else "does not train better than batch-hard")})
+    for name, s_ in by.items():
+        if s_.get("collapse_epochs") is not None:
+            fired = [e for e in s_["collapse_epochs"] if e is not None]
+            out.append({"claim": f"the collapse monitor on {name}",
+                        "measured": f"warned at epoch {s_['collapse_epochs']} per seed (None: silent); mAP {f(s_['mAP'])}",
+                        "verdict": f"warned on {len(fired)} of {len(s_['collapse_epochs'])} seeds"})
     dg = by.get("DGCRL")
     if dg and dg["epochs_to_90"] is not None:
         # rows trained from scratch that learned (seen-class validation mAP rose by >= 0.1): a flat curve
@@ -881,7 +919,43 @@ def write_outputs(rows: List[Dict], summary: List[Dict], claim_rows: List[Dict],
         print("matplotlib is not installed: no results.png (pip install '.[examples]')")
         return table
     plot_results(plt, summary, args)
+    plot_monitor(plt, summary, args)
     return table
+
+
+def plot_monitor(plt, summary: List[Dict], args) -> Optional[str]:
+    """``monitor.png``: what the collapse monitor saw per epoch (seed means): d_ap and d_an of the plain
+    batch-hard row with the epochs it warned at, its active fraction and hard-negative ratio, and the
+    hard-negative ratio of every batch-hard-family row. Returns the path, or None without such rows."""
+    rows = [s for s in summary if s.get("monitor_curve") and not all(
+        math.isnan(v) for v in s["monitor_curve"]["d_ap_mean"])]
+    plain = next((s for s in rows if s["loss"] == "batch-hard triplet"), None)
+    if plain is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    epochs = np.arange(1, len(plain["monitor_curve"]["d_ap_mean"]) + 1)
+    c = plain["monitor_curve"]
+    axes[0].plot(epochs, c["d_ap_mean"], "o-", label="d_ap (hardest positive)")
+    axes[0].plot(epochs, c["d_an_mean"], "s--", label="d_an (hardest negative)")
+    for e in sorted({e for e in plain["collapse_epochs"] if e is not None}):
+        axes[0].axvline(e, color="red", alpha=0.4, lw=1)
+    axes[0].set(title="plain batch-hard: selected distances\n(red: the monitor warned, per seed)", xlabel="epoch",
+                ylabel="mean distance (Euclidean, unnormalised)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(epochs, c["active_fraction"], "o-", label="active fraction (terms > 0)")
+    axes[1].plot(epochs, c["hard_negative_ratio"], "s--", label="hard-negative ratio (d_an < d_ap)")
+    axes[1].set(title="plain batch-hard: terms", xlabel="epoch", ylim=(0, 1.05))
+    axes[1].legend(fontsize=8)
+    for s_ in rows:
+        curve = s_["monitor_curve"]["hard_negative_ratio"]
+        axes[2].plot(np.arange(1, len(curve) + 1), curve, "o-", label=s_["loss"])
+    axes[2].set(title="hard-negative ratio, batch-hard family", xlabel="epoch", ylim=(0, 1.05))
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(args.out, "monitor.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def parse_args(argv=None):

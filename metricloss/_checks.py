@@ -365,7 +365,7 @@ def check_triplet_form(where: str, mining: str, distance: str, normalize: bool, 
                        temperature: object, hard_threshold: object, hard_weight: object,
                        duplicate_similarity: object, min_similarity: object):
     """Validate batch-hard's positive selection and loss form; returns the
-    :class:`~metricloss.ops.triplet.TripletForm` (rules: *Losses › Collapse-proof batch-hard* in the docs)."""
+    :class:`~metricloss.ops.triplet.TripletForm` (rules: *Collapse-proof batch-hard* in the docs)."""
     from .ops.mining import POSITIVES
     from .ops.triplet import LOSS_FORMS, TripletForm
 

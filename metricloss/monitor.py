@@ -14,7 +14,7 @@ NCA) and nearly every anchor's selected negative was nearer than its positive (h
 separating. With ``spread=True`` a check also counts when the batch's mean singular value sits near its
 lower bound (every embedding along one direction). The verdict needs the selected distances, which
 batch-hard and its variants keep; batch-all and semi-hard report their counts and loss only. See
-*Losses › Collapse-proof batch-hard* in the docs for what the figures mean.
+*Collapse-proof batch-hard* in the docs for what the figures mean.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class TripletStats:
     Args:
         loss: the step's loss (detached): a () tensor, (N,) per-anchor sums, or the unreduced
             :class:`~metricloss.ops.reduction.LossTerms` (reduced with ``reduction`` when read).
-        num_terms, num_nonzero: () int64 the valid and the non-zero terms.
+        num_terms: () int64, the valid terms.
+        num_nonzero: () int64, the non-zero terms.
         d: (2, N) the selected d_ap (row 0) and d_an (row 1) per anchor, detached (batch-hard and its
             variants; for ``loss="nca"`` / ``"sct"`` the cosine distance 1 − S); None for batch-all / semi-hard.
         valid: (N,) bool, the anchors whose term counts (with ``d``).
@@ -58,6 +59,7 @@ class TripletStats:
 
     def __init__(self, loss, num_terms: torch.Tensor, num_nonzero: torch.Tensor, d: Optional[torch.Tensor] = None,
                  valid: Optional[torch.Tensor] = None, reduction: str = "mean"):
+        """Hold the step's tensors (no copy, no kernel); the arguments are in the class docstring."""
         self.loss, self.num_terms, self.num_nonzero, self.d, self.valid = loss, num_terms, num_nonzero, d, valid
         self.reduction = reduction
         self._values: Optional[Dict[str, float]] = None
@@ -131,6 +133,7 @@ class CollapseMonitor:
 
     def __init__(self, check_every: int = 10, patience: int = 10, tolerance: float = 0.1, spread: bool = False,
                  min_hard_ratio: float = 0.9):
+        """Build the monitor; every argument, its default and its valid range are in the class docstring."""
         from . import _checks as C
 
         where = "CollapseMonitor"
@@ -203,10 +206,10 @@ class CollapseMonitor:
             f"nearer than the positive for {100 * rec['hard_negative_ratio']:.0f}% of the anchors, while d_ap "
             f"(now {rec['d_ap_mean']:.4g}) and d_an (now {rec['d_an_mean']:.4g}) shrank together. Remedies: an easy "
             f"positive with a contrastive form (metricloss.SCTLoss, metricloss.EPHNLoss), a mining schedule that "
-            f"starts with batch-all (metricloss.MiningSchedule), a hinge margin on normalised embeddings instead of "
-            f"the soft margin, or a smaller margin (about 0.05-0.12). loss_fn.last_stats and "
-            f"loss_fn.monitor.history have the figures; silence with monitor=False or "
-            f"warnings.filterwarnings('ignore', category=metricloss.CollapseWarning).",
+            f"starts with batch-all (metricloss.MiningSchedule), a smaller margin (about 0.05-0.12); the soft margin "
+            f"only on unnormalised Euclidean embeddings. What each did on the main job: the docs' page "
+            f"'Collapse-proof batch-hard'. loss_fn.last_stats and loss_fn.monitor.history have the figures; "
+            f"silence with monitor=False or warnings.filterwarnings('ignore', category=metricloss.CollapseWarning).",
             CollapseWarning, stacklevel=4)
 
     def state_dict(self) -> Dict[str, object]:

@@ -140,7 +140,8 @@ def _signature_text(obj):
 
 GUIDE_PAGE_OF = {"TripletLoss": "triplet", "WARPLoss": "warp", "CentroidTripletLoss": "centroid",
                  "NormalizeScale": "cosine", "CosineClassifier": "cosine", "NormSoftmaxLoss": "cosine",
-                 "CentralizedRankingLoss": "cosine"}
+                 "CentralizedRankingLoss": "cosine", "SCTLoss": "collapse", "EPHNLoss": "collapse",
+                 "MiningSchedule": "collapse", "CollapseMonitor": "collapse"}
 
 
 @pytest.mark.parametrize("page", ["design", "guide"])

@@ -47,10 +47,12 @@ def test_compare_losses_smoke(tmp_path, capsys):
         assert by[name]["pml_ms"] > 0 and by[name]["loss_ms"] > 0
     claims = " ".join(c["claim"] for c in result["claims"])
     for claim in ("WARP fine-tuning is faster", "cosine layer", "centroid bound trains faster", "DGCRL converges",
-                  "mining dominates"):
+                  "mining dominates", "makes the batch-hard family train here", "the collapse monitor on"):
         assert claim in claims, claim
     assert all(c["verdict"] and c["measured"] for c in result["claims"])
     assert (tmp_path / "results.png").stat().st_size > 0
+    assert (tmp_path / "monitor.png").stat().st_size > 0
+    assert len(by["batch-hard triplet"]["collapse_epochs"]) == 2 and "monitor_curve" in by["SCT (easy positive, selective)"]
     assert result["meta"]["fingerprint_matches"]  # not the default data: nothing to compare, no warning
     assert "FINGERPRINT DIFFERS" not in capsys.readouterr().out
 

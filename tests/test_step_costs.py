@@ -23,6 +23,8 @@ SIZES = (64, 256, 1024)
 # name -> {N: (ops, syncs)}: the most each step may cost
 BUDGETS = {
     "batch-hard": {64: (91, 0), 256: (91, 0), 1024: (91, 0)},
+    "SCT (module, monitor on)": {64: (115, 0), 256: (115, 0), 1024: (115, 0)},
+    "EPHN (module, monitor on)": {64: (98, 0), 256: (98, 0), 1024: (98, 0)},
     "batch-all (mean_nonzero)": {64: (201, 4), 256: (201, 4), 1024: (201, 4)},
     "semi-hard": {64: (242, 4), 256: (242, 4), 1024: (242, 4)},
     "batch-hard, CrossBatchMemory (memory 2N)": {64: (112, 0), 256: (112, 0), 1024: (112, 0)},

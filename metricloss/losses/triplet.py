@@ -51,9 +51,12 @@ class TripletLoss(nn.Module):
             on the torch engine.
         loss: ``"triplet"`` (default: the margin's hinge or softplus), ``"nca"`` (EPHN) or ``"sct"``
             (selectively contrastive); the latter two need ``distance="cosine"`` and ignore ``margin``.
-        temperature, hard_threshold, hard_weight, duplicate_similarity, min_similarity: the ``"nca"`` /
-            ``"sct"`` and easy-positive settings (defaults 0.1, 0.8, 1.0, 0.9999, None), as in
-            :func:`metricloss.functional.triplet_loss`.
+        temperature: T of ``"nca"`` / ``"sct"`` (default 0.1).
+        hard_threshold: ``"sct"``: a triplet is hard when S_an > S_ap or S_an > this (default 0.8).
+        hard_weight: ``"sct"``: λ of λ·S_an on hard triplets (default 1.0).
+        duplicate_similarity: a reference more similar than this is a near-duplicate: never an easy positive,
+            and ``"sct"`` drops an anchor whose hardest negative is one (default 0.9999; None: no rule).
+        min_similarity: ``"nca"`` counts only anchors with S_ap and S_an above this (default None).
         monitor: watch the training for a collapse and warn once (:class:`~metricloss.CollapseMonitor`):
             True (default, a monitor with default settings), False, or a monitor. It reads the step's
             record every ``check_every`` steps in training mode (on an accelerator one host sync per 10 steps
@@ -223,8 +226,14 @@ class SCTLoss(TripletLoss):
     ``TripletLoss(mining="batch_hard", positive="easiest", loss="sct", distance="cosine")``.
 
     Args:
-        temperature: T (default 0.1). hard_threshold: τ (default 0.8). hard_weight: λ (default 1.0).
-        duplicate_similarity: default 0.9999. reduction, backend, chunk_bytes, monitor: as :class:`TripletLoss`.
+        temperature: T (default 0.1).
+        hard_threshold: τ (default 0.8).
+        hard_weight: λ (default 1.0).
+        duplicate_similarity: the near-duplicate threshold (default 0.9999).
+        reduction: as :class:`TripletLoss` (default ``"mean"``).
+        backend: as :class:`TripletLoss` (default ``"auto"``).
+        chunk_bytes: as :class:`TripletLoss` (default None).
+        monitor: as :class:`TripletLoss` (default True).
 
     Shapes: as :class:`TripletLoss`; ``last_stats.hard_negative_ratio`` is the papers' logged ratio.
     """
@@ -248,8 +257,13 @@ class EPHNLoss(TripletLoss):
     count. ``TripletLoss(mining="batch_hard", positive="easiest", loss="nca", distance="cosine")``.
 
     Args:
-        temperature: σ (default 0.1). duplicate_similarity: default 0.9999. min_similarity: default 0.0 (None:
-            every anchor). reduction, backend, chunk_bytes, monitor: as :class:`TripletLoss`.
+        temperature: σ (default 0.1).
+        duplicate_similarity: the near-duplicate threshold (default 0.9999).
+        min_similarity: default 0.0 (None: every anchor).
+        reduction: as :class:`TripletLoss` (default ``"mean"``).
+        backend: as :class:`TripletLoss` (default ``"auto"``).
+        chunk_bytes: as :class:`TripletLoss` (default None).
+        monitor: as :class:`TripletLoss` (default True).
     """
 
     def __init__(self, temperature: float = 0.1, duplicate_similarity: Optional[float] = 0.9999,
@@ -269,8 +283,13 @@ class MiningSchedule(nn.Module):
         stages: ``[(start_step, stage), ...]`` with strictly increasing starts, the first 0. A stage is a mining
             name (``"batch_all"``, ``"semi_hard"``, ``"batch_hard"``: a :class:`TripletLoss` with the settings
             below) or any loss module with ``loss_terms`` and a ``reduction`` (e.g. :class:`SCTLoss`).
-        margin, distance, normalize, reduction, backend, chunk_bytes, monitor: the :class:`TripletLoss` settings
-            of the stages given by name (defaults as there).
+        margin: the margin of the stages given by name (default 0.2).
+        distance: their distance (default ``"euclidean"``).
+        normalize: whether they L2-normalise the embeddings (default True).
+        reduction: their reduction (default ``"mean"``).
+        backend: their backend (default ``"auto"``).
+        chunk_bytes: their chunk budget (default None: 64 MiB).
+        monitor: their collapse monitors (default True: one each; a monitor given is copied per stage).
 
     The step counts the calls in training mode with gradients enabled (``forward`` and ``loss_terms``: one per
     training step, also under :class:`~metricloss.distributed.DistributedLoss` and

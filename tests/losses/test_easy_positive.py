@@ -361,3 +361,33 @@ def test_presets_are_the_general_module():
     assert ml.SCTLoss().collapse_value is None
     assert ml.EPHNLoss().collapse_value == pytest.approx(math.log(2))
     assert ml.TripletLoss(margin=0.3).collapse_value == 0.3
+
+
+@pytest.mark.parametrize("kwargs, ref", [
+    (dict(positive="easiest", loss="sct", distance="cosine"), "bank_with_own_rows"),
+    (dict(positive="easiest", loss="nca", distance="cosine", min_similarity=0.0, reduction="none"), "self"),
+    (dict(positive="easiest", margin=0.2), "bank_with_own_rows")], ids=["sct", "ephn", "easy-hinge"])
+def test_fullgraph_compile_equals_eager(kwargs, ref):
+    """The one-block path of the new forms compiles as one graph (no host read, no data-dependent shape)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g, dtype=torch.float64), torch.arange(32) // 4
+    bank = bank_labels = own = None
+    if ref != "self":
+        bank = torch.cat([torch.randn(10, 8, generator=g, dtype=torch.float64), x[:16]])
+        bank_labels = torch.cat([torch.randint(0, 8, (10,), generator=g), y[:16]])
+        own = torch.cat([torch.arange(10, 26), torch.full((16,), -1)])
+
+    def fn(t, b):
+        out = MF.triplet_loss(t, y, b, bank_labels, backend="torch", ref_self_index=own, **kwargs)
+        return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    inputs = [(x.clone().requires_grad_(), None if bank is None else bank.clone().requires_grad_()) for _ in range(2)]
+    want, got = fn(*inputs[0]), compiled(*inputs[1])
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inputs[1][0].grad, inputs[0][0].grad, rtol=1e-12, atol=1e-12)
+    if bank is not None:
+        torch.testing.assert_close(inputs[1][1].grad, inputs[0][1].grad, rtol=1e-12, atol=1e-12)
