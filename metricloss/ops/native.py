@@ -231,6 +231,27 @@ def _build(key: str) -> None:
     if not cached:
         print(f"metricloss: built the native {key!r} kernels in {time.perf_counter() - start:.0f} s",
               file=sys.stderr, flush=True)
+    if key == "warp":
+        _register_warp_fake()
+
+
+@torch.compiler.disable
+def _uniforms_from(generator: torch.Generator, rows: int) -> torch.Tensor:
+    """(rows, 2) fp64 uniforms from an explicit generator, always eagerly: Dynamo cannot take a generator
+    argument, so under torch.compile this is a graph break that draws from it exactly as eager code does."""
+    return torch.rand((rows, 2), dtype=torch.float64, generator=generator)
+
+
+def _register_warp_fake() -> None:
+    """Shapes of ``warp_sample_single`` for tracing (torch.compile, fake tensors): two (B,) int64 tensors."""
+    if getattr(_register_warp_fake, "done", False):
+        return
+
+    def fake(scores, labels, uniforms, margin, max_trials):
+        return labels.new_empty(scores.shape[:1]), labels.new_empty(scores.shape[:1])
+
+    torch.library.register_fake("metricloss_native::warp_sample_single", fake)
+    _register_warp_fake.done = True
 
 
 def build_extension(key: str) -> None:
@@ -262,6 +283,9 @@ def native_library(extension: Optional[str] = None) -> bool:
     _extension(extension)
     forced = os.environ.get(ENV_VAR, "") == "1"
     state = _state[extension]
+    if torch.compiler.is_compiling():
+        # no build and no lock inside a traced region: what an eager call has loaded serves it
+        return bool(state["loaded"])
     with _lock:
         if not state["loaded"] and state["error"] is None:
             try:
@@ -577,6 +601,7 @@ def warp_sample_single(scores: torch.Tensor, labels: torch.Tensor, margin: float
     """
     if not native_enabled(scores, "warp", _NATIVE_DTYPES + (torch.float16, torch.bfloat16)):
         return None
-    uniforms = torch.rand((scores.shape[0], 2), dtype=torch.float64, generator=generator)
+    uniforms = (torch.rand((scores.shape[0], 2), dtype=torch.float64) if generator is None
+                else _uniforms_from(generator, scores.shape[0]))
     return torch.ops.metricloss_native.warp_sample_single(scores.contiguous(), labels.to(torch.int64).contiguous(),
                                                           uniforms, float(margin), int(max_trials))

@@ -109,18 +109,24 @@ def test_compiled_label_range_check_still_fires():
 
 
 def test_data_dependent_warp_modes_have_pinned_graph_breaks():
-    # Sampled WARP draws until each example finds a violator (a data-dependent number of blocks), and
-    # multi-hot labels have a data-dependent number of examples: they cannot be one graph. They still
-    # compile (with breaks) and give the eager loss.
+    # The torch sampler draws until each example finds a violator (a data-dependent number of blocks), an
+    # explicit torch.Generator is an argument Dynamo cannot take, and multi-hot labels have a data-dependent
+    # number of examples: these cannot be one graph. They still compile (with breaks) and give the eager
+    # loss. (One label per row on CPU with the global generator is one graph: test_warp.py.)
     s = torch.randn(12, 10, generator=_gen(2))
     y = torch.randint(0, 10, (12,), generator=_gen(4))
     multi = torch.rand(12, 10, generator=_gen(5)) < 0.3
-    for fn in (lambda s: MF.warp_loss(s, y, generator=_gen(6)),
-               lambda s: MF.warp_loss(s, multi, mode="exact")):
+    MF.warp_loss(s, y)  # loads the native sampler eagerly (a traced call uses what is loaded, builds nothing)
+    for make in (lambda: (lambda s, _g=_gen(6): MF.warp_loss(s, y, generator=_g)),
+                 lambda: (lambda s: MF.warp_loss(s, multi)),
+                 lambda: (lambda s: MF.warp_loss(s, multi, mode="exact"))):
         torch._dynamo.reset()
-        assert torch._dynamo.explain(fn)(s).graph_break_count > 0
+        assert torch._dynamo.explain(make())(s).graph_break_count > 0
         torch._dynamo.reset()
-        torch.testing.assert_close(torch.compile(fn, backend=BACKEND)(s), fn(s))
+        torch.manual_seed(0)
+        got = torch.compile(make(), backend=BACKEND)(s)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, make()(s))
 
 
 # ---------------------------------------------------------------------------------------------------

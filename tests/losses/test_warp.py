@@ -518,3 +518,33 @@ def test_exact_on_transposed_scores_every_dtype_and_label_kind(dtype, kind, chun
         # the module takes the same path
         loss = ml.WARPLoss(mode="exact", margin=0.5, reduction=reduction)(scores, labels)
         torch.testing.assert_close(loss, want.to(loss.dtype), **tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sampled_fullgraph_compile_on_cpu_single_labels(reduction):
+    """On CPU with one label per row the native sampler has a fake kernel and no host read: sampled WARP
+    compiles as one graph (aot_eager: the eager RNG, so the same draws) with the eager loss and gradient.
+    (Dynamo takes no explicit torch.Generator: the global generator draws.)"""
+    from metricloss.ops import native
+
+    if not native.native_enabled(torch.empty(0), "warp"):
+        pytest.skip("the native WARP sampler is not available")
+    g = torch.Generator().manual_seed(3)
+    s, y = torch.randn(16, 12, generator=g, dtype=torch.float64), torch.randint(0, 12, (16,), generator=g)
+
+    def fn(x):
+        out = MF.warp_loss(x, y, reduction=reduction)
+        return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    torch.manual_seed(5)
+    want = fn(a)
+    torch.manual_seed(5)
+    got = compiled(b)
+    want.backward()
+    got.backward()
+    assert want.item() != 0.0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)
