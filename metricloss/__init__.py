@@ -10,8 +10,10 @@ Flat public API (see *Design › Public API* in the docs)::
 """
 
 from . import distributed, evolution, explain, functional, metrics, reference, samplers
-from .losses import BatchAllTripletLoss, BatchHardTripletLoss, EPHNLoss, MiningSchedule, SCTLoss, SemiHardTripletLoss, TripletLoss
+from .losses import (BatchAllTripletLoss, BatchHardTripletLoss, EPHNLoss, MiningSchedule, SCTLoss,
+                     SemiHardTripletLoss, TripletLoss)
 from .monitor import CollapseMonitor, CollapseWarning, TripletStats
+from .gradcache import GradCache
 from .losses import WARPLoss
 from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, NormSoftmaxLoss
 from .losses import CentroidTripletLoss
@@ -44,6 +46,7 @@ __all__ = [
     "EmbeddingHead",
     "CrossBatchMemory",
     "PKSampler",
+    "GradCache",
     "NoValidTripletWarning",
     "distributed",
     "samplers",
