@@ -13,7 +13,8 @@ out of memory"); time is the median of ``--repeats`` steps after one warm-up, pe
 resident memory above what it held before the step.
 The CNN has BatchNorm, so the cached step normalises each sub-batch by its own statistics where the plain
 step uses the whole batch's: the two steps cost what they cost, their gradients are not the same function
-(the exactness of the cached step against the same sub-batched forward is ``tests/test_gradcache.py``'s).
+(the exactness of the cached step against the same sub-batched forward is ``tests/test_gradcache.py``'s;
+``--equality`` prints its errors per loss, network and dtype).
 """
 
 from __future__ import annotations
@@ -61,6 +62,24 @@ def case(method: str, n: int, width: int = 16, sub: int = 512):
     return step
 
 
+def equality_table() -> None:
+    """Max abs and relative error of GradCache's parameter gradients against the plain step, per loss, network
+    kind and dtype (the plain step of ``tests/test_gradcache.py``: the same sub-batches forwarded with a graph
+    and one loss; for the network without dropout or BatchNorm, one forward of the whole batch)."""
+    from tests.test_gradcache import LOSSES, _compare
+
+    print("| loss | network | dtype | reference | max abs error | max relative error |\n|---|---|---|---|---|---|")
+    for name in ("batch_hard", "batch_all", "semi_hard", "norm_softmax", "centroid"):
+        for kind in ("plain", "dropout", "batchnorm"):
+            for dtype in (torch.float64, torch.float32):
+                full = kind == "plain"
+                _, _, ga, gb, *_ = _compare(kind, name, dtype, full_batch=full)
+                abs_err = max(float((b - a).abs().max()) for a, b in zip(ga, gb))
+                rel_err = max(float((b - a).norm() / a.norm().clamp_min(1e-300)) for a, b in zip(ga, gb))
+                print(f"| {name} | {kind} | {str(dtype)[6:]} | {'whole batch' if full else 'sub-batched'} | "
+                      f"{abs_err:.1e} | {rel_err:.1e} |", flush=True)
+
+
 def main() -> None:
     from benchmarks.harness import measure
 
@@ -71,7 +90,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mem-limit-gb", type=float, default=16.0)
+    ap.add_argument("--equality", action="store_true", help="print the gradient-equality table instead")
     args = ap.parse_args()
+    if args.equality:
+        equality_table()
+        return
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"SmallCNN width {args.width}, 24x24 images, batch-all, sub-batch {args.sub_batch}, "
           f"limit {args.mem_limit_gb:g} GB, median of {args.repeats} after 1 warm-up")

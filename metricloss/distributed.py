@@ -500,6 +500,8 @@ class DistributedLoss(nn.Module):
                              f"at least one row")
         global_embeddings = _AllGatherWithGrad.apply(embeddings, sizes, self.group)
         global_labels = all_gather_sized(labels, sizes, self.group)
+        # the reduction of the loss that computes the terms, read first (a MiningSchedule moves on in loss_terms)
+        reduction = self.loss.reduction
         if embeddings.shape[0] == 0:  # no anchors here; the loss is the other ranks' (a zero share, grad (0, D))
             terms = empty_terms(global_embeddings, embeddings.dtype)
         else:
@@ -507,7 +509,7 @@ class DistributedLoss(nn.Module):
             self_index = torch.arange(start, start + embeddings.shape[0], device=embeddings.device)
             terms = self.loss.loss_terms(embeddings, labels, global_embeddings, global_labels,
                                          ref_self_index=self_index)
-        return reduce_across_ranks(terms, self.loss.reduction, self.group)
+        return reduce_across_ranks(terms, reduction, self.group)
 
     def extra_repr(self) -> str:
         """The constructor arguments, as ``repr(module)`` shows them."""

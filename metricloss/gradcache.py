@@ -158,7 +158,6 @@ class GradCache:
             for chunk in chunks:
                 states.append(_RngState(devices))
                 parts.append(self._embed_chunk(chunk, where))
-        after = _RngState(devices)
         for buf, old in zip(self._buffers(), saved):
             buf.copy_(old)
         embeddings = torch.cat(parts).detach().requires_grad_(True)
@@ -168,6 +167,8 @@ class GradCache:
             raise ValueError(f"{where}: `loss` must return a 0-dim tensor (use a reducing `reduction`), got "
                              f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        # the RNG as a plain step leaves it: after one pass of the network and the loss's own draws (sampled WARP)
+        after = _RngState(devices)
         cached = embeddings.grad
         if cached is None:
             cached = torch.zeros_like(embeddings)
@@ -180,7 +181,7 @@ class GradCache:
                 out = self._embed_chunk(chunk, where)
                 out.backward(cached[start:start + n].to(out.dtype))
             start += n
-        after.restore()  # the RNG continues as after one pass, as a plain step would leave it
+        after.restore()
         return loss.detach()
 
     def _parameters(self) -> List[torch.Tensor]:

@@ -48,7 +48,8 @@ class TripletStats:
         d: (2, N) the selected d_ap (row 0) and d_an (row 1) per anchor, detached (batch-hard and its
             variants; for ``loss="nca"`` / ``"sct"`` the cosine distance 1 − S); None for batch-all / semi-hard.
         valid: (N,) bool, the anchors whose term counts (with ``d``).
-        reduction: the loss's reduction; ``"none"`` reports the ``"mean"`` of the per-anchor sums.
+        reduction: the loss's reduction; the record's ``loss`` is per term: ``"sum"`` and ``"none"`` report the
+            ``"mean"``.
 
     Fields of :meth:`as_dict` (floats; NaN where undefined, e.g. no valid anchor or no ``d``): ``loss``,
     ``num_terms``, ``num_nonzero``, ``active_fraction`` (non-zero over valid terms), ``d_ap_mean`` /
@@ -67,11 +68,15 @@ class TripletStats:
     def _loss(self) -> torch.Tensor:
         from .ops.reduction import LossTerms, reduce_loss
 
-        reduction = "mean" if self.reduction == "none" else self.reduction
+        # the loss per term whatever the reduction ("sum" and "none" as "mean"), so that it compares with the
+        # value of one term at d_ap = d_an
+        reduction = "mean" if self.reduction in ("none", "sum") else self.reduction
         if isinstance(self.loss, LossTerms):
             return self.loss.reduce(reduction)
         if self.loss.dim() == 1:
             return reduce_loss(self.loss, self.num_terms, self.num_nonzero, reduction)
+        if self.reduction == "sum":
+            return self.loss / self.num_terms.clamp_min(1).to(self.loss.dtype)
         return self.loss
 
     def _tensor(self) -> torch.Tensor:

@@ -247,7 +247,7 @@ def _batch_hard_form_terms(d: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
     easy = valid & (s_an < s_ap) & (s_an < form.hard_threshold)
     terms = torch.where(hard, form.hard_weight * s_an, torch.where(easy, nca, zero))
     counted = hard | easy
-    return LossTerms(terms, counted.sum(), (easy | (hard & (terms > 0))).sum())
+    return LossTerms(terms, counted.sum(), (easy | (hard & (terms != 0))).sum())
 
 
 def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,

@@ -141,7 +141,7 @@ def _signature_text(obj):
 GUIDE_PAGE_OF = {"TripletLoss": "triplet", "WARPLoss": "warp", "CentroidTripletLoss": "centroid",
                  "NormalizeScale": "cosine", "CosineClassifier": "cosine", "NormSoftmaxLoss": "cosine",
                  "CentralizedRankingLoss": "cosine", "SCTLoss": "collapse", "EPHNLoss": "collapse",
-                 "MiningSchedule": "collapse", "CollapseMonitor": "collapse"}
+                 "MiningSchedule": "collapse", "CollapseMonitor": "collapse", "GradCache": "scale-out"}
 
 
 @pytest.mark.parametrize("page", ["design", "guide"])

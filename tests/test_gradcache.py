@@ -94,7 +94,7 @@ def test_equals_the_full_batch_step_without_batch_coupling(loss_name, dtype):
 
 
 @pytest.mark.parametrize("kind", ["dropout", "batchnorm", "both"])
-@pytest.mark.parametrize("loss_name", ["batch_hard", "batch_all", "semi_hard", "norm_softmax", "centroid"])
+@pytest.mark.parametrize("loss_name", ["batch_hard", "batch_all", "semi_hard", "norm_softmax", "centroid", "sct"])
 def test_equals_the_sub_batched_step_with_dropout_and_batchnorm(kind, loss_name):
     want, got, ga, gb, model_a, model_b = _compare(kind, loss_name, torch.float64)
     torch.testing.assert_close(got, want, **TOL[torch.float64])
@@ -115,14 +115,22 @@ def test_buffers_see_every_sub_batch_twice_without_restore():
     assert int(model2[1].num_batches_tracked) == 3
 
 
-def test_the_rng_continues_as_after_one_pass():
+def _random_loss(emb, y):
+    """A loss that draws from the global RNG, as sampled WARP does."""
+    return (emb.square().sum(1) * torch.rand(emb.shape[0], dtype=emb.dtype)).mean()
+
+
+@pytest.mark.parametrize("loss", [LOSSES["batch_hard"](), _random_loss], ids=["no draws", "draws"])
+def test_the_rng_continues_as_after_one_plain_step(loss):
     x, y = _data()
     model_a, model_b = make_model("dropout"), make_model("dropout")
-    _reference(model_a, LOSSES["batch_hard"](), x, y, 16, seed=3)
+    _reference(model_a, loss, x, y, 16, seed=3)
     after_plain = torch.rand(3)
     torch.manual_seed(3)
-    ml.GradCache(model_b, LOSSES["batch_hard"](), 16).step(x, y)
+    ml.GradCache(model_b, loss, 16).step(x, y)
     assert torch.equal(torch.rand(3), after_plain)
+    for a, b in zip(_grads(model_a), _grads(model_b)):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
 
 
 def test_autocast_and_grad_scaler():
@@ -155,9 +163,18 @@ def test_a_loss_with_a_reference_set_and_a_memory():
     ml.GradCache(model_b, loss, 16).step(x, y, ref_embeddings=bank, ref_labels=bank_labels)
     for a, b in zip(_grads(model_a), _grads(model_b)):
         torch.testing.assert_close(b, a, **TOL[torch.float64])
-    memory = ml.CrossBatchMemory(LOSSES["batch_all"](), D_OUT, 80, dtype=torch.float64)
-    assert ml.GradCache(make_model("plain"), memory, 16).step(x, y).item() > 0
-    assert int(memory.num_filled) == 40
+    # a fresh memory holds only the batch after enqueuing: the cached step equals the plain one with it
+    model_c, model_d = make_model("plain"), make_model("plain")
+    plain_memory = ml.CrossBatchMemory(LOSSES["batch_all"](), D_OUT, 80, dtype=torch.float64)
+    cached_memory = ml.CrossBatchMemory(LOSSES["batch_all"](), D_OUT, 80, dtype=torch.float64)
+    want = plain_memory(model_c(x), y)
+    want.backward()
+    got = ml.GradCache(model_d, cached_memory, 16).step(x, y)
+    torch.testing.assert_close(got, want.detach(), **TOL[torch.float64])
+    for a, b in zip(_grads(model_c), _grads(model_d)):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
+    assert int(cached_memory.num_filled) == 40
+    assert torch.equal(cached_memory.embedding_memory, plain_memory.embedding_memory)
 
 
 def test_several_inputs_and_a_callable_model():

@@ -235,8 +235,11 @@ class CrossBatchMemory(nn.Module):
                 self_index = own_slots
             else:  # anchors are the rows not enqueued: none of them has a slot
                 self_index = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+            # the reduction of the loss that computes the terms (a MiningSchedule moves on in loss_terms)
+            reduction = self.loss.reduction
             terms = self.loss.loss_terms(anchors, anchor_labels, memory.to(anchors.dtype), memory_labels,
                                          ref_self_index=self_index)
+            return _dist.reduce_across_ranks(terms, reduction, self.group)
         return _dist.reduce_across_ranks(terms, self.loss.reduction, self.group)
 
     def _exchange_header(self, embeddings: Optional[torch.Tensor], queued: int, failed: Optional[Exception]):

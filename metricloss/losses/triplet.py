@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -57,6 +57,8 @@ class TripletLoss(nn.Module):
         duplicate_similarity: a reference more similar than this is a near-duplicate: never an easy positive,
             and ``"sct"`` drops an anchor whose hardest negative is one (default 0.9999; None: no rule).
         min_similarity: ``"nca"`` counts only anchors with S_ap and S_an above this (default None).
+            Settings a form does not use are ignored (``temperature`` by ``"triplet"``, ``hard_threshold`` and
+            ``hard_weight`` by all but ``"sct"``, ``min_similarity`` by all but ``"nca"``).
         monitor: watch the training for a collapse and warn once (:class:`~metricloss.CollapseMonitor`):
             True (default, a monitor with default settings), False, or a monitor. It reads the step's
             record every ``check_every`` steps in training mode (on an accelerator one host sync per 10 steps
@@ -110,10 +112,15 @@ class TripletLoss(nn.Module):
         return math.log(2.0) if (self.form.loss == "nca" or self.margin == "soft") else float(self.margin)
 
     def _run(self, embeddings, labels, ref_embeddings, ref_labels, ref_self_index, reduction):
-        stats = {}
+        # no record while torch.compile traces: a Python object per step, and a counter Dynamo would guard on
+        # (one recompile per step)
+        compiling = torch.compiler.is_compiling()
+        stats = None if compiling else {}
         out = _triplet(type(self).__name__, embeddings, labels, ref_embeddings, ref_labels, self.margin,
                        self.mining, self.distance, self.normalize, reduction, self.backend, self.chunk_bytes,
                        ref_self_index, self.form, stats)
+        if compiling:
+            return out
         self.last_stats = None
         if "num_terms" in stats:
             # the loss as computed (detach is a view: no kernel); from loss_terms, the pieces, reduced on request
@@ -182,9 +189,11 @@ class BatchHardTripletLoss(TripletLoss):
     """
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None):
-        """Build the loss; every argument, its default and its valid range are in the class docstring."""
-        super().__init__(margin, "batch_hard", distance, normalize, reduction, backend, chunk_bytes)
+                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, **options: Any):
+        """Build the loss; every argument, its default and its valid range are in the class docstring, and
+        ``options`` are :class:`TripletLoss`'s keyword-only ones (``monitor``, and for batch-hard
+        ``positive``, ``loss`` and their settings)."""
+        super().__init__(margin, "batch_hard", distance, normalize, reduction, backend, chunk_bytes, **options)
 
 
 class BatchAllTripletLoss(TripletLoss):
@@ -195,9 +204,11 @@ class BatchAllTripletLoss(TripletLoss):
     """
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None):
-        """Build the loss; every argument, its default and its valid range are in the class docstring."""
-        super().__init__(margin, "batch_all", distance, normalize, reduction, backend, chunk_bytes)
+                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, **options: Any):
+        """Build the loss; every argument, its default and its valid range are in the class docstring, and
+        ``options`` are :class:`TripletLoss`'s keyword-only ones (``monitor``, and for batch-hard
+        ``positive``, ``loss`` and their settings)."""
+        super().__init__(margin, "batch_all", distance, normalize, reduction, backend, chunk_bytes, **options)
 
 
 class SemiHardTripletLoss(TripletLoss):
@@ -208,9 +219,11 @@ class SemiHardTripletLoss(TripletLoss):
     """
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None):
-        """Build the loss; every argument, its default and its valid range are in the class docstring."""
-        super().__init__(margin, "semi_hard", distance, normalize, reduction, backend, chunk_bytes)
+                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, **options: Any):
+        """Build the loss; every argument, its default and its valid range are in the class docstring, and
+        ``options`` are :class:`TripletLoss`'s keyword-only ones (``monitor``, and for batch-hard
+        ``positive``, ``loss`` and their settings)."""
+        super().__init__(margin, "semi_hard", distance, normalize, reduction, backend, chunk_bytes, **options)
 
 
 class SCTLoss(TripletLoss):
@@ -369,19 +382,24 @@ class MiningSchedule(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.step += 1
 
+    # the step is a Python counter that picks the stage: traced, it would recompile every step, so the
+    # schedule runs eagerly (compile the network, not the loss)
+    @torch.compiler.disable
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                 ref_labels: Optional[torch.Tensor] = None,
                 ref_self_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The current stage's loss of the batch (arguments, shapes and return as :meth:`TripletLoss.forward`);
-        in training mode the step then advances by one."""
+        in training mode the step then advances by one. Runs eagerly under ``torch.compile``."""
         out = self.current(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
         self._advance()
         return out
 
+    @torch.compiler.disable
     def loss_terms(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: Optional[torch.Tensor] = None,
                    ref_labels: Optional[torch.Tensor] = None,
                    ref_self_index: Optional[torch.Tensor] = None) -> LossTerms:
-        """The current stage's :meth:`TripletLoss.loss_terms`; in training mode the step then advances by one."""
+        """The current stage's :meth:`TripletLoss.loss_terms`; in training mode the step then advances by one.
+        Wrappers read :attr:`reduction` before calling it (the stage that computes the terms reduces them)."""
         out = self.current.loss_terms(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
         self._advance()
         return out

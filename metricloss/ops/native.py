@@ -35,8 +35,8 @@ over the batch itself runs as one op that takes each unordered pair once (:func:
 ``csrc/batch_all_self.cpp``). And the rank histogram of each float32 similarity tile of
 :func:`~metricloss.metrics.retrieval_metrics` (:func:`retrieval_rank_histogram`,
 ``csrc/retrieval_rank.cpp``). And sampled WARP's first violators for one label per row
-(:func:`warp_sample_single`, ``csrc/warp_sample.cpp``: two passes per row over every core, its outcome
-drawn from the loop's law). Everything else, and every other device or dtype, stays on torch.
+(:func:`warp_sample_single`, ``csrc/warp_sample.cpp``: about 1.5 passes per row on every core, its
+outcome drawn from the loop's law). Everything else, and every other device or dtype, stays on torch.
 """
 
 from __future__ import annotations
@@ -585,7 +585,7 @@ def warp_sample_single(scores: torch.Tensor, labels: torch.Tensor, margin: float
     The outcome of the paper's loop drawn from its law (see ``csrc/warp_sample.cpp``): per row, with r
     violators among the C − 1 negatives, the trial N ~ Geometric(r / (C − 1)) truncated at ``max_trials``
     and the violator uniform among the r, from two fp64 uniforms per row drawn here from ``generator``
-    (one ``torch.rand`` call). Two passes over each row, rows split across threads; the result does not
+    (one ``torch.rand`` call). About 1.5 passes over each row, rows split across threads; the result does not
     depend on the thread count.
 
     Args:

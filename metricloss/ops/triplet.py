@@ -226,7 +226,7 @@ def _similarity_terms(a: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, valid
         easy = kept & (s_an < s_ap) & (s_an < form.hard_threshold)
         terms = torch.where(hard, form.hard_weight * s_an, F.softplus(z).masked_fill(~easy, 0.0))
         kept = hard | easy
-        nonzero = easy | (hard & (terms > 0))
+        nonzero = easy | (hard & (terms != 0))  # λ·S_an is negative when S_an < 0: non-zero, counted
     return terms, kept.sum(), nonzero.sum(), (1.0 - sim).detach(), kept
 
 

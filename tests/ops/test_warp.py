@@ -333,15 +333,20 @@ def test_exact_reference_agrees_with_loop_in_expectation_for_all_violators():
 def test_native_sampler_serves_single_labels_on_cpu(sampler_path, monkeypatch):
     from metricloss.ops import native
 
-    calls = []
+    results = []
     real = native.warp_sample_single
-    monkeypatch.setattr(native, "warp_sample_single", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, "warp_sample_single", lambda *a: results.append(real(*a)) or results[-1])
     scores, labels = single_batch(8)
-    sample(scores, labels, 1.0, None, seed=0)
+    _, trials, chosen = sample(scores, labels, 1.0, None, seed=0)
     multi_scores, multi_labels = multi_batch(8)
     sample(multi_scores, multi_labels, 1.0, None, seed=0)           # multi-hot rows: the torch sampler
-    served = native.native_enabled(scores, "warp")
-    assert calls == [1] and served == (sampler_path == "native")
+    assert len(results) == 1
+    if sampler_path == "native":
+        # the sampler's result is the native op's, drawn from the generator's two uniforms per row
+        direct = real(scores, labels, 1.0, 9, torch.Generator().manual_seed(0))
+        assert torch.equal(trials, direct[0]) and torch.equal(chosen, direct[1])
+    else:
+        assert results == [None]
 
 
 def test_native_sampler_does_not_depend_on_the_thread_count(sampler_path):
