@@ -756,7 +756,7 @@ def case_toolbox(run: Run) -> None:
 def case_collapse_proof(run: Run) -> None:
     """SCTLoss, EPHNLoss and the easy positive with the hinge on the device (the one-block and the chunked
     miners) vs the fp64 CPU dense reference; MiningSchedule's stages; TripletStats and CollapseMonitor read
-    on the device vs the same figures computed on the CPU."""
+    on the device vs the same figures computed on the CPU; multi-hot labels; a GradCache step's gradient."""
     import torch
 
     import metricloss as ml
@@ -802,6 +802,24 @@ def case_collapse_proof(run: Run) -> None:
             want = [ml.functional.triplet_loss(x.double(), labels, mining=m) for m in ("batch_all", "batch_hard")]
             run.check("MiningSchedule stages", params, max(rel_err(first, want[0]), rel_err(second, want[1])),
                       LOSS_TOL["fp32"])
+            # multi-hot labels (positive iff a label in common) on the device vs the fp64 CPU dense reference
+            multi = torch.rand(b, 6, generator=g) < 0.3
+            if b <= 1024:
+                compare_losses(run, "TripletLoss (multi-hot labels)", params,
+                               lambda xx: ml.TripletLoss(monitor=False)(xx, multi.to(xx.device)),
+                               lambda xx: ml.reference.triplet_loss(xx, multi, margin=0.2), [x], "fp32",
+                               LOSS_TOL["fp32"])
+            # GradCache: a linear network's parameter gradient on the device vs one full-batch fp64 CPU step
+            torch.manual_seed(0)
+            net = torch.nn.Linear(d, 32)
+            ref_net = torch.nn.Linear(d, 32).double()
+            ref_net.load_state_dict(net.state_dict())
+            net = net.to(run.device)
+            ml.GradCache(net, ml.TripletLoss(mining="batch_all", monitor=False), max(1, b // 4)).step(
+                x.to(run.device), labels.to(run.device))
+            ml.TripletLoss(mining="batch_all", monitor=False)(ref_net(x.double()), labels).backward()
+            run.check("GradCache parameter gradient", params, rel_err(net.weight.grad, ref_net.weight.grad),
+                      10 * LOSS_TOL["fp32"])
 
 
 def case_metrics(run: Run) -> None:
@@ -1274,7 +1292,7 @@ PUBLIC_COVERED = ("TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", 
                   "mine_batch_hard", "WARPLoss", "CentroidTripletLoss", "NormSoftmaxLoss",
                   "CentralizedRankingLoss", "CosineClassifier", "NormalizeScale", "retrieval_metrics",
                   "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory", "PKSampler",
-                  "SCTLoss", "EPHNLoss", "MiningSchedule", "CollapseMonitor", "TripletStats")
+                  "SCTLoss", "EPHNLoss", "MiningSchedule", "CollapseMonitor", "TripletStats", "GradCache")
 
 
 def environment(run: Run) -> Dict[str, Any]:

@@ -66,9 +66,16 @@ def check_embeddings(x: object, name: str = "embeddings", where: str = "") -> to
 
 
 def check_labels(labels: object, n: int, name: str = "labels", where: str = "",
-                 of: str = "embeddings", device: Optional[torch.device] = None) -> torch.Tensor:
-    """Check a 1-D integer tensor of length ``n`` (the number of rows of ``of``) on ``device``."""
+                 of: str = "embeddings", device: Optional[torch.device] = None,
+                 multi_hot: Optional[int] = None) -> torch.Tensor:
+    """Check a 1-D integer tensor of length ``n`` (the number of rows of ``of``) on ``device``; with
+    ``multi_hot`` = L, an (n, L) multi-hot matrix instead (:func:`check_multi_hot`)."""
     prefix = f"{where}: " if where else ""
+    if multi_hot is not None:
+        if isinstance(labels, torch.Tensor) and labels.dim() != 2:
+            raise ValueError(f"{prefix}`{name}` must be ({n}, {multi_hot}) multi-hot rows (bool or 0/1), got shape "
+                             f"{_shape(labels)}")
+        return check_multi_hot(labels, (n, multi_hot), name, where, of=of, device=device)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{prefix}`{name}` must be a 1-D integer torch.Tensor of length {n}, "
                         f"got {type(labels).__name__}")
@@ -160,8 +167,10 @@ def check_comparable_labels(labels: torch.Tensor, ref_labels: torch.Tensor, name
 
 def check_reference_set(ref: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor],
                         embeddings: torch.Tensor, where: str = "",
-                        names: Tuple[str, str] = ("ref_embeddings", "ref_labels")) -> bool:
-    """Check an optional reference set (M, D) with labels (M,). Returns True when one is given."""
+                        names: Tuple[str, str] = ("ref_embeddings", "ref_labels"),
+                        multi_hot: Optional[int] = None) -> bool:
+    """Check an optional reference set (M, D) with labels (M,) (or (M, L) multi-hot rows when ``multi_hot``
+    is the anchors' L). Returns True when one is given."""
     prefix = f"{where}: " if where else ""
     ref_name, lab_name = names
     if ref is None and ref_labels is None:
@@ -175,7 +184,7 @@ def check_reference_set(ref: Optional[torch.Tensor], ref_labels: Optional[torch.
                          f"got shape {_shape(ref)}")
     if ref.device != embeddings.device:
         raise ValueError(f"{prefix}`{ref_name}` is on {ref.device} but `embeddings` is on {embeddings.device}")
-    check_labels(ref_labels, ref.shape[0], lab_name, where, of=ref_name, device=ref.device)
+    check_labels(ref_labels, ref.shape[0], lab_name, where, of=ref_name, device=ref.device, multi_hot=multi_hot)
     return True
 
 

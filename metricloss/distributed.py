@@ -482,7 +482,9 @@ class DistributedLoss(nn.Module):
         failed: Optional[Exception] = None
         try:
             check_embeddings_may_be_empty(embeddings, "embeddings", where)
-            C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
+            # multi-hot rows (n, L): every rank must give the same L (checked in the header below)
+            width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
+            C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width)
         except (TypeError, ValueError) as err:
             failed = err
         ok = failed is None
@@ -490,6 +492,8 @@ class DistributedLoss(nn.Module):
                   int_field("D (the embedding width)", embeddings.shape[1] if ok else None),
                   dtype_field("the embedding dtype", embeddings if ok else None),
                   dtype_field("the label dtype", labels if ok else None),
+                  int_field("the multi-hot label width (0: one label per row)",
+                            (labels.shape[1] if labels.dim() == 2 else 0) if ok else None),
                   name_field("the device type", embeddings.device.type if ok else None),
                   name_field("the reduction", self.loss.reduction)]
         device = embeddings.device if isinstance(embeddings, torch.Tensor) else fallback_device(self.group)

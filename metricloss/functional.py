@@ -56,11 +56,16 @@ def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, distanc
 
 
 def _check_triplet_inputs(where: str, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
-                          chunk_bytes) -> bool:
+                          chunk_bytes, mining: str = "batch_hard") -> bool:
     C.check_embeddings(embeddings, "embeddings", where)
-    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
-    has_ref = C.check_reference_set(ref_embeddings, ref_labels, embeddings, where)
-    if has_ref:
+    # multi-hot rows (N, L): positive iff a label in common, negative iff none; batch-hard's miner only
+    width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
+    if width is not None and mining != "batch_hard":
+        raise ValueError(f"{where}: multi-hot labels (N, L) are mined by batch-hard only (and its easy-positive, "
+                         f"SCT and EPHN forms); mining={mining!r} takes one integer label per sample")
+    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width)
+    has_ref = C.check_reference_set(ref_embeddings, ref_labels, embeddings, where, multi_hot=width)
+    if has_ref and width is None:
         C.check_comparable_labels(labels, ref_labels, where=where)
     C.check_option(distance, "distance", _distance.DISTANCES, where)
     C.check_option(backend, "backend", ("auto", "torch", "triton", "reference"), where)
@@ -110,7 +115,8 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
     Args:
         embeddings: (N, D) anchors, any float dtype (mined in fp32 at least). Not normalised here
             (``"cosine"`` is scale-free); normalise first if your loss does.
-        labels: (N,) integer labels (any integer dtype; compared with ``ref_labels`` in their common dtype).
+        labels: (N,) integer labels (any integer dtype; compared with ``ref_labels`` in their common dtype),
+            or (N, L) multi-hot rows (a label in common: positive; none: negative).
         ref_embeddings: optional (M, D) reference set. Without it the anchors are mined against each other
             and an anchor is never its own positive (excluded by index). A reference set of another float
             dtype is promoted with the anchors to their common dtype.
@@ -143,7 +149,8 @@ _TRIPLET_DOC = """
     Args:
         embeddings: (N, D) anchors, any float dtype; the loss is computed in fp32 (fp64 for fp64).
         labels: (N,) integer class labels (any integer dtype; compared with ``ref_labels`` in their common
-            dtype, never by a narrowing cast).
+            dtype, never by a narrowing cast), or for batch-hard (N, L) multi-hot rows (bool or 0/1): a
+            reference is a positive when it shares a label with the anchor, a negative when it shares none.
         ref_embeddings, ref_labels: optional (M, D), (M,) reference set the anchors are mined against
             (cross-batch memory, other ranks). Without it, the batch is its own reference set and an anchor
             is never its own positive. Gradients flow to both. A reference set of another float dtype is
@@ -194,7 +201,7 @@ def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin,
     _refuse_tracing(where)
     form = DEFAULT_FORM if form is None else form
     has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
-                                    chunk_bytes)
+                                    chunk_bytes, mining)
     margin = C.check_margin(margin, "margin", where)
     C.check_option(mining, "mining", MININGS, where)
     if reduction is not None:

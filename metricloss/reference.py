@@ -97,7 +97,10 @@ def _masks(labels: torch.Tensor, ref_labels: Optional[torch.Tensor],
            own: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense positive and negative masks; an anchor's own row (``own``) is neither, by index."""
     lr = labels if ref_labels is None else ref_labels
-    same = labels[:, None] == lr[None, :]  # compares in the promoted dtype: no narrowing cast
+    if labels.dim() == 2:  # multi-hot rows: the same class is a label in common
+        same = (labels.to(torch.float64) @ lr.to(torch.float64).T) > 0
+    else:
+        same = labels[:, None] == lr[None, :]  # compares in the promoted dtype: no narrowing cast
     return same & ~own, ~same & ~own
 
 

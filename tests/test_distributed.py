@@ -119,6 +119,22 @@ def case_easy_positive_forms(rank, world):
         _distributed_vs_one_process(rank, world, "batch_hard", crit.reduction, seed=51 + i, crit=crit)
 
 
+def case_multi_hot_labels(rank, world):
+    """Multi-hot rows (a label in common: positive): the global batch-hard loss and its gradients."""
+    x, _ = _global_batch(world, 61)
+    labels = torch.rand(x.shape[0], 4, generator=torch.Generator().manual_seed(62)) < 0.4
+    mine = _my_slice(world, rank)
+    for crit in (ml.TripletLoss(reduction="mean"), ml.SCTLoss(reduction="sum")):
+        xg = x.clone().requires_grad_()
+        ref = crit(xg, labels)
+        local = x[mine].clone().requires_grad_()
+        out = DistributedLoss(crit)(local, labels[mine])
+        _close(out.detach(), ref.detach(), "multi-hot loss value")
+        ref.backward()
+        out.backward()
+        _close(local.grad / world, xg.grad[mine], "multi-hot gradient after averaging")
+
+
 def case_nonfinite_on_one_rank_reaches_every_rank(rank, world):
     x, y = _global_batch(world, 41)
     x[0, 0] = float("nan")  # a row of rank 0
@@ -208,6 +224,7 @@ CASES = {"all_gather_values_and_grads": case_all_gather_values_and_grads,
          "all_gather_noncontiguous": case_all_gather_noncontiguous,
          "soft_margin_cosine": case_soft_margin_cosine,
          "easy_positive_forms": case_easy_positive_forms,
+         "multi_hot_labels": case_multi_hot_labels,
          "nonfinite_on_one_rank_reaches_every_rank": case_nonfinite_on_one_rank_reaches_every_rank,
          "ddp_model_parameter_grads": case_ddp_model_parameter_grads,
          "memory_in_process_group": case_memory_in_process_group,

@@ -32,9 +32,12 @@ class CrossBatchMemory(nn.Module):
             torch.distributed).
         dtype: dtype of the stored embeddings (default float32; ``module.to(dtype)`` converts it).
         group: the torch.distributed process group (default: the world), used when one is initialised.
+        num_labels: L for multi-hot labels ((B, L) rows; positive iff a label in common, batch-hard mining
+            only); default None: one integer label per sample.
 
     Buffers (in ``state_dict``, moved by ``.to()``): ``embedding_memory`` (memory_size, D), ``label_memory``
-    (memory_size,) int64, ``queue_idx`` () int64 (the next slot), ``num_filled`` () int64.
+    (memory_size,) int64 (or (memory_size, L) bool with ``num_labels``), ``queue_idx`` () int64 (the next
+    slot), ``num_filled`` () int64.
 
     ``forward(embeddings, labels, enqueue_mask=None)``: with ``enqueue_mask`` (B,) bool, as PML's, only the
     rows where it is True are enqueued and only the others are anchors (no anchor then has a slot).
@@ -64,8 +67,8 @@ class CrossBatchMemory(nn.Module):
     that no rank waits in a collective. A global batch larger than ``memory_size`` raises on every rank.
 
     Shapes:
-        - embeddings: (B, D) float (B >= 1; B >= 0 under torch.distributed); labels: (B,) int;
-          enqueue_mask: (B,) bool, optional.
+        - embeddings: (B, D) float (B >= 1; B >= 0 under torch.distributed); labels: (B,) int, or (B, L)
+          multi-hot with ``num_labels=L``; enqueue_mask: (B,) bool, optional.
         - output: () or (number of anchors,) for ``reduction="none"``.
 
     Example::
@@ -75,7 +78,7 @@ class CrossBatchMemory(nn.Module):
     """
 
     def __init__(self, loss: nn.Module, embedding_dim: int, memory_size: int, *, dtype: torch.dtype = torch.float32,
-                 group: Optional[object] = None):
+                 group: Optional[object] = None, num_labels: Optional[int] = None):
         """Build the wrapper; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = "CrossBatchMemory"
@@ -89,7 +92,10 @@ class CrossBatchMemory(nn.Module):
         self.loss = loss
         self.group = group
         self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_dim, dtype=dtype))
-        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
+        self.num_labels = None if num_labels is None else C.check_positive_int(num_labels, "num_labels", where)
+        label_shape = (self.memory_size,) if self.num_labels is None else (self.memory_size, self.num_labels)
+        label_dtype = torch.int64 if self.num_labels is None else torch.bool
+        self.register_buffer("label_memory", torch.zeros(label_shape, dtype=label_dtype))
         self.register_buffer("queue_idx", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.int64))
         # (queue_idx, num_filled) mirrored on the host: each call advances it by the batch size, so a step
@@ -136,7 +142,7 @@ class CrossBatchMemory(nn.Module):
         filled = min(filled + n, self.memory_size)
         slots = torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
-        self.label_memory[slots] = labels.to(torch.int64)
+        self.label_memory[slots] = labels.to(self.label_memory.dtype)
         self.queue_idx.fill_((start + n) % self.memory_size)
         self.num_filled.fill_(filled)
         self._ring_on_host = ((start + n) % self.memory_size, filled)
@@ -156,14 +162,16 @@ class CrossBatchMemory(nn.Module):
         if embeddings.device != self.embedding_memory.device:
             raise ValueError(f"{where}: `embeddings` is on {embeddings.device} but the memory is on "
                              f"{self.embedding_memory.device}; move the module with .to()")
-        C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
-        labels = labels.to(torch.int64)  # as the memory stores them (uint64 by its bits: equality kept)
+        C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device,
+                       multi_hot=self.num_labels)
+        # as the memory stores them (uint64 by its bits: equality kept; multi-hot rows as bool)
+        labels = labels.to(torch.int64 if self.num_labels is None else torch.bool)
         if enqueue_mask is not None:
             if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
                 raise TypeError(f"{where}: `enqueue_mask` must be a bool tensor, got "
                                 f"{getattr(enqueue_mask, 'dtype', type(enqueue_mask).__name__)}")
-            if enqueue_mask.shape != labels.shape:
-                raise ValueError(f"{where}: `enqueue_mask` must have shape {tuple(labels.shape)}, "
+            if enqueue_mask.shape != labels.shape[:1]:
+                raise ValueError(f"{where}: `enqueue_mask` must have shape {tuple(labels.shape[:1])}, "
                                  f"got {tuple(enqueue_mask.shape)}")
             enqueue_mask = enqueue_mask.to(embeddings.device)
         return labels, enqueue_mask
@@ -174,7 +182,7 @@ class CrossBatchMemory(nn.Module):
 
         Args:
             embeddings: (B, D) float batch (D = ``embedding_dim``), on the memory's device; stored detached.
-            labels: (B,) integer labels.
+            labels: (B,) integer labels, or (B, L) multi-hot rows with ``num_labels=L``.
             enqueue_mask: optional (B,) bool: the rows to enqueue (the others are the anchors, as in PML);
                 default every row is enqueued and every row is an anchor (its own slot excluded by index).
 
@@ -269,5 +277,6 @@ class CrossBatchMemory(nn.Module):
 
     def extra_repr(self) -> str:
         """The constructor arguments, as ``repr(module)`` shows them."""
+        extra = "" if self.num_labels is None else f", num_labels={self.num_labels}"
         return (f"embedding_dim={self.embedding_dim}, memory_size={self.memory_size}, "
-                f"dtype={self.embedding_memory.dtype}")
+                f"dtype={self.embedding_memory.dtype}" + extra)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -69,7 +69,8 @@ class TripletLoss(nn.Module):
             ``"reference"`` backend): d_ap, d_an, counts, loss; nothing is read from the device until asked.
 
     Shapes:
-        - embeddings: (N, D) float (fp16/bf16/fp32/fp64); labels: (N,) int.
+        - embeddings: (N, D) float (fp16/bf16/fp32/fp64); labels: (N,) int, or (N, L) multi-hot rows (bool or
+          0/1; batch-hard: positive iff a label in common, negative iff none).
         - ref_embeddings: (M, D), ref_labels: (M,), optional: mine the anchors against this set instead.
         - ref_self_index: (N,) int, optional: the reference row that is anchor i (-1: none).
         - output: () or (N,) for ``reduction="none"``, fp32 (fp64 for fp64 input).
@@ -139,11 +140,12 @@ class TripletLoss(nn.Module):
 
         Args:
             embeddings: (N, D) anchors, a float tensor (fp16, bf16, fp32 or fp64), N >= 1, D >= 1.
-            labels: (N,) integer class labels (any integer dtype, any values, negative ones included).
+            labels: (N,) integer class labels (any integer dtype, any values, negative ones included), or
+                (N, L) multi-hot rows for batch-hard mining.
             ref_embeddings: optional (M, D) reference set the anchors are mined against (cross-batch
                 memory, other ranks), same D; given together with ``ref_labels``. Without it the batch
                 is its own reference set and an anchor is never its own positive. Gradients flow to it.
-            ref_labels: optional (M,) integer labels of ``ref_embeddings``.
+            ref_labels: optional (M,) integer labels of ``ref_embeddings`` ((M, L) with multi-hot ``labels``).
             ref_self_index: optional (N,) integer tensor, the reference row that *is* anchor i (-1: none),
                 excluded from anchor i's positives and negatives by index. Default: ``arange(N)`` when
                 ``ref_embeddings is embeddings``, else none.
@@ -189,11 +191,16 @@ class BatchHardTripletLoss(TripletLoss):
     """
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, **options: Any):
-        """Build the loss; every argument, its default and its valid range are in the class docstring, and
-        ``options`` are :class:`TripletLoss`'s keyword-only ones (``monitor``, and for batch-hard
-        ``positive``, ``loss`` and their settings)."""
-        super().__init__(margin, "batch_hard", distance, normalize, reduction, backend, chunk_bytes, **options)
+                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, *,
+                 positive: str = "hardest", loss: str = "triplet", temperature: float = 0.1,
+                 hard_threshold: float = 0.8, hard_weight: float = 1.0, duplicate_similarity: Optional[float] = 0.9999,
+                 min_similarity: Optional[float] = None, monitor: Union[bool, CollapseMonitor] = True):
+        """Build the loss; every argument, its default and its valid range are in :class:`TripletLoss`'s
+        docstring."""
+        super().__init__(margin, "batch_hard", distance, normalize, reduction, backend, chunk_bytes,
+                         positive=positive, loss=loss, temperature=temperature, hard_threshold=hard_threshold,
+                         hard_weight=hard_weight, duplicate_similarity=duplicate_similarity,
+                         min_similarity=min_similarity, monitor=monitor)
 
 
 class BatchAllTripletLoss(TripletLoss):
@@ -204,11 +211,11 @@ class BatchAllTripletLoss(TripletLoss):
     """
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, **options: Any):
-        """Build the loss; every argument, its default and its valid range are in the class docstring, and
-        ``options`` are :class:`TripletLoss`'s keyword-only ones (``monitor``, and for batch-hard
-        ``positive``, ``loss`` and their settings)."""
-        super().__init__(margin, "batch_all", distance, normalize, reduction, backend, chunk_bytes, **options)
+                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, *,
+                 monitor: Union[bool, CollapseMonitor] = True):
+        """Build the loss; every argument, its default and its valid range are in :class:`TripletLoss`'s
+        docstring."""
+        super().__init__(margin, "batch_all", distance, normalize, reduction, backend, chunk_bytes, monitor=monitor)
 
 
 class SemiHardTripletLoss(TripletLoss):
@@ -219,11 +226,11 @@ class SemiHardTripletLoss(TripletLoss):
     """
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, **options: Any):
-        """Build the loss; every argument, its default and its valid range are in the class docstring, and
-        ``options`` are :class:`TripletLoss`'s keyword-only ones (``monitor``, and for batch-hard
-        ``positive``, ``loss`` and their settings)."""
-        super().__init__(margin, "semi_hard", distance, normalize, reduction, backend, chunk_bytes, **options)
+                 reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, *,
+                 monitor: Union[bool, CollapseMonitor] = True):
+        """Build the loss; every argument, its default and its valid range are in :class:`TripletLoss`'s
+        docstring."""
+        super().__init__(margin, "semi_hard", distance, normalize, reduction, backend, chunk_bytes, monitor=monitor)
 
 
 class SCTLoss(TripletLoss):

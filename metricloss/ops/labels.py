@@ -24,6 +24,20 @@ __all__ = ["ClassIndex", "AnchorClasses", "comparable_labels"]
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
+def is_multi_hot(labels: torch.Tensor) -> bool:
+    """Whether ``labels`` are multi-hot rows ((N, L): sample i carries label l where ``labels[i, l]``)."""
+    return labels.dim() == 2
+
+
+def shares_no_label(labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
+    """(n, M) bool: anchor i and reference j have no label in common, for multi-hot rows (n, L) and (M, L):
+    j can be a negative of i, never a positive.
+
+    One small GEMM of the 0/1 rows (fp32: the counts are exact up to 2^24 labels), never a label list. For a
+    chunk of anchors this is the chunk's relation block, so no (N, M) mask outlives its chunk."""
+    return torch.mm(labels.to(torch.float32), ref_labels.to(torch.float32).T) == 0
+
+
 def comparable_labels(labels: torch.Tensor) -> torch.Tensor:
     """``labels`` in a dtype that sort, searchsorted and type promotion take: int64 for uint16/32/64 (uint64
     by its bits: two labels are equal exactly when their int64 forms are), unchanged otherwise."""

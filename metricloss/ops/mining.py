@@ -18,7 +18,7 @@ import torch
 
 from .._backend import _warn_once, resolve_backend
 from .distance import GramFactors, canonical_columns_dense, prepare_embeddings, promote_pair
-from .labels import AnchorClasses, ClassIndex, comparable_labels
+from .labels import AnchorClasses, ClassIndex, comparable_labels, is_multi_hot, shares_no_label
 from .reduction import row_argmax, row_argmin
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "mine_batch_hard",
     "batch_hard_indices",
     "batch_hard_indices_dense",
+    "batch_hard_indices_multi_hot",
     "batch_hard_dense",
     "batch_hard_fits_one_block",
     "batch_hard_indices_triton",
@@ -42,6 +43,7 @@ __all__ = [
     "POSITIVES",
     "duplicate_key",
     "triton_or_torch_for_positive",
+    "triton_or_torch_for_multi_hot",
 ]
 
 #: Which positive batch-hard selects per anchor: the farthest same-class reference (Hermans et al.) or the
@@ -308,9 +310,13 @@ def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref
     # 1. one GEMM: key_ij orders row i like d(a_i, r_j); duplicate references read their first copy's column
     key = torch.mm(gram.A, gram.R.T).index_select(1, canonical_columns_dense(r))
     # 2. who is whom: "not a positive" = another label or the anchor's own column; "not a negative" = the
-    #    same label or the own column (the own row is excluded from both sides by index, never by value)
-    la, lr = comparable_labels(labels), comparable_labels(ref_labels)
-    other = la.unsqueeze(1) != lr.unsqueeze(0)
+    #    same label or the own column (the own row is excluded from both sides by index, never by value).
+    #    Multi-hot rows: "the same label" is "a label in common".
+    if is_multi_hot(labels):
+        other = shares_no_label(labels, ref_labels)
+    else:
+        la, lr = comparable_labels(labels), comparable_labels(ref_labels)
+        other = la.unsqueeze(1) != lr.unsqueeze(0)
     own = torch.arange(n, device=a.device) if self_ref else self_index
     if own is not None:
         is_own = torch.arange(m, device=a.device).unsqueeze(0) == own.unsqueeze(1)
@@ -324,6 +330,53 @@ def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref
     pos_idx, has_pos = _select_positive(key, not_positive, positive, dup_key)
     neg_idx = row_argmin(key.masked_fill_(not_negative, float("inf")))[1]
     return pos_idx, neg_idx, has_pos, ~not_negative.all(1)
+
+
+def batch_hard_indices_multi_hot(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
+                                 self_ref: bool, distance: str, chunk_bytes: Optional[int],
+                                 self_index: Optional[torch.Tensor] = None, positive: str = "hardest",
+                                 dup_key: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`batch_hard_indices` for multi-hot labels: a reference is a positive of an anchor when they
+    share a label and a negative when they share none, chunked under ``chunk_bytes``.
+
+    Each anchor chunk builds its (c, M) Gram key (the same GEMM and canonical columns as the single-label
+    engine, so the same tie rules) and its (c, M) relation block (:func:`~metricloss.ops.labels.shares_no_label`,
+    a GEMM of the chunk's label rows with the references'), selects, and drops both: no (N, M) tensor.
+
+    Args:
+        a: (N, D) prepared anchors; r: (M, D) prepared references (``a`` itself when ``self_ref``).
+        labels: (N, L) and ref_labels: (M, L) multi-hot rows (bool or 0/1).
+        self_index, positive, dup_key: as :func:`batch_hard_indices`.
+
+    Returns:
+        ``(pos_idx, neg_idx)``: int64 (N,), -1 where the anchor has no positive / no negative.
+    """
+    n, m = a.shape[0], r.shape[0]
+    elem = a.element_size()
+    # per cell: the key and its masked copy, the fp32 label GEMM, and two bool masks
+    rows = rows_per_chunk(m, 2 * elem + 4 + 2, chunk_bytes)
+    gram = GramFactors(a, r, distance, canonical=True)
+    pos_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
+    neg_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        key = gram.raw_block(s, e)
+        # "not a positive": no label in common; "not a negative": one in common; the own column is neither
+        # (an O(c) write by index, not an (c, M) comparison)
+        not_positive = shares_no_label(labels[s:e], ref_labels)
+        not_negative = ~not_positive
+        own = own_columns(s, e, self_ref, self_index, a.device)
+        if own is not None:
+            has_own = own >= 0
+            rows_own = torch.arange(e - s, device=a.device)[has_own]
+            not_positive[rows_own, own[has_own]] = True
+            not_negative[rows_own, own[has_own]] = True
+        pos, has_pos = _select_positive(key, not_positive, positive, dup_key)
+        neg_key, neg = row_argmin(key.masked_fill_(not_negative, float("inf")))
+        pos_idx[s:e] = torch.where(has_pos, pos, -1)
+        # a row of +inf has no negative (a NaN key keeps its row: the loss's NaN guard reports it)
+        neg_idx[s:e] = torch.where(neg_key < float("inf"), neg, -1)
+    return pos_idx, neg_idx
 
 
 def semi_hard_negative_idx(dist: torch.Tensor, d_ap: torch.Tensor, members: torch.Tensor,
@@ -408,6 +461,9 @@ def mine_batch_hard(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddin
         a, r = promote_pair(a, r)
         lr = labels if self_ref else ref_labels
         resolved = triton_or_torch_for_self_index(resolved, ref_self_index, backend, "mine_batch_hard")
+        resolved = triton_or_torch_for_multi_hot(resolved, is_multi_hot(labels), backend, "mine_batch_hard")
+        if is_multi_hot(labels):
+            return batch_hard_indices_multi_hot(a, r, labels, lr, self_ref, distance, chunk_bytes, ref_self_index)
         if resolved == "triton":
             dtype = kernel_dtype(embeddings.dtype)
             return batch_hard_indices_triton(a.to(dtype), labels, r.to(dtype), lr, self_ref, distance)
@@ -423,6 +479,16 @@ def triton_or_torch_for_self_index(resolved: str, self_index: Optional[torch.Ten
         return resolved
     if requested == "triton":
         _warn_once(op, requested, "the Triton mining kernel does not take ref_self_index")
+    return "torch"
+
+
+def triton_or_torch_for_multi_hot(resolved: str, multi_hot: bool, requested: str, op: str) -> str:
+    """The Triton mining kernel compares single labels: multi-hot rows are mined by the torch engine; an
+    explicit ``backend="triton"`` warns once."""
+    if resolved != "triton" or not multi_hot:
+        return resolved
+    if requested == "triton":
+        _warn_once(op, requested, "the Triton mining kernel takes one label per sample")
     return "torch"
 
 

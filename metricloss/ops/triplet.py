@@ -41,10 +41,11 @@ import torch.nn.functional as F
 
 from .distance import (GramFactors, Rows, gram_backward, paired_distance, safe_sqrt, scale_distance_weights_,
                        sqrt_rn, sqrt_rn_)
-from .labels import ClassIndex
-from .mining import (batch_hard_dense, batch_hard_fits_one_block, batch_hard_indices, batch_hard_indices_triton,
-                     duplicate_key, mask_own_class_, rows_per_chunk, semi_hard_negative_idx, tie_rtol_slots,
-                     triton_or_torch_for_positive, triton_or_torch_for_self_index, use_sorted_semi_hard)
+from .labels import ClassIndex, is_multi_hot
+from .mining import (batch_hard_dense, batch_hard_fits_one_block, batch_hard_indices, batch_hard_indices_multi_hot,
+                     batch_hard_indices_triton, duplicate_key, mask_own_class_, rows_per_chunk, semi_hard_negative_idx, tie_rtol_slots,
+                     triton_or_torch_for_multi_hot, triton_or_torch_for_positive, triton_or_torch_for_self_index,
+                     use_sorted_semi_hard)
 from .native import batch_all_epilogue as native_batch_all_epilogue
 from .native import batch_all_fused as native_batch_all_fused
 from .native import batch_all_self as native_batch_all_self
@@ -157,8 +158,10 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
     dup_key = duplicate_key(distance, form.duplicate_similarity) if form.positive == "easiest" else None
     with torch.no_grad():
         requested = backend
+        multi_hot = is_multi_hot(labels)
         backend = triton_or_torch_for_self_index(backend, self_index, requested, "triplet_loss")
         backend = triton_or_torch_for_positive(backend, form.positive, requested, "triplet_loss")
+        backend = triton_or_torch_for_multi_hot(backend, multi_hot, requested, "triplet_loss")
         if backend == "triton":
             _check_labels_once("triton", ref_labels, self_ref)
             pos_idx, neg_idx = batch_hard_indices_triton(a.detach().to(mining_dtype), labels,
@@ -168,13 +171,19 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
         elif batch_hard_fits_one_block(a.shape[0], r.shape[0], a.element_size(), chunk_bytes,
                                        cpu=host_reads_are_free(a)):
             # small batches: one dense block, no host read (see batch_hard_dense)
-            _check_labels_once("dense", ref_labels, self_ref)
+            if not multi_hot:
+                _check_labels_once("dense", ref_labels, self_ref)
             a_d = a.detach()
             pos_idx, neg_idx, has_pos, has_neg = batch_hard_dense(a_d, a_d if r is a else r.detach(), labels,
                                                                   ref_labels, self_ref, distance, self_index,
                                                                   form.positive, dup_key)
             valid = has_pos & has_neg
             idx = torch.stack([pos_idx, neg_idx])
+        elif multi_hot:
+            pos_idx, neg_idx = batch_hard_indices_multi_hot(a.detach(), r.detach(), labels, ref_labels, self_ref,
+                                                            distance, chunk_bytes, self_index, form.positive, dup_key)
+            valid = (pos_idx >= 0) & (neg_idx >= 0)
+            idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
         else:
             index = ClassIndex(ref_labels)
             cls = index.anchor_classes(labels, self_ref, self_index)
