@@ -64,7 +64,7 @@ it differs from the one the docs' table was made from. ``--dataset digits`` is a
 The data and the class split are the same for every seed; a seed sets the initialisation and the batches.
 
 Usage:
-    python examples/compare_losses.py                      # default: 3 seeds, 8 epochs, AVX2 pinned (249 s wall on a shared 2-core CPU)
+    python examples/compare_losses.py                      # default: 3 seeds, 8 epochs, AVX2 pinned (332 s wall on a shared 2-core CPU)
     python examples/compare_losses.py --full               # 5 seeds, 20 epochs
     python examples/compare_losses.py --seeds 0 1 2 3 --epochs 12 --losses "batch-hard triplet" NormSoftmax
 Outputs: a markdown table on stdout and in ``<out>/results.md``, ``<out>/results.json``, ``<out>/results.png``,
