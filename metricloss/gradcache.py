@@ -145,8 +145,9 @@ class GradCache:
             network's and the loss's parameters, as ``loss.backward()`` would; zero them before, step after.
 
         Raises:
-            TypeError, ValueError: inputs of unequal batch sizes, a model that does not return (n, D)
-            embeddings, a loss that does not return a scalar.
+            TypeError: ``inputs`` that are not tensors.
+            ValueError: inputs of unequal batch sizes, a model that does not return (n, D) embeddings, a loss
+                that does not return a scalar.
         """
         where = "GradCache.step"
         chunks, _ = _split(inputs, self.sub_batch_size, where)

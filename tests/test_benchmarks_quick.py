@@ -5,10 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("batch_hard", "batch_all", "semi_hard", "warp", "centroid", "norm_softmax", "dgcrl")
 
 
+# about a minute on 2 cores: the report over every family (its flags are checked by --help in test_scripts.py)
+@pytest.mark.slow
 def test_report_quick_writes_markdown_and_png(tmp_path):
     out = tmp_path / "report"
     raw = tmp_path / "raw.json"

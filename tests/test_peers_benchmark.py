@@ -25,6 +25,8 @@ def test_help():
         assert flag in p.stdout
 
 
+# half a minute on 2 cores (subprocess per case); the peers' parity with metricloss is tested per loss elsewhere
+@pytest.mark.slow
 def test_script_runs_tiny_sizes(tmp_path):
     out, raw = tmp_path / "peers.md", tmp_path / "peers.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "peers.py"), "--sizes", "16", "--dim", "8", "--repeats",

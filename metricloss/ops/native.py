@@ -174,8 +174,15 @@ def build_directory(key: str) -> Path:
 
 
 def is_built(key: str) -> bool:
-    """Whether extension ``key`` is in the cache already (its first use then loads it, no compile)."""
-    return (build_directory(key) / f"{_extension_name(key)}.so").is_file()
+    """Whether extension ``key`` is in the cache already and up to date (its first use then loads it, no
+    compile). A cached library older than its sources (a fresh clone or a reinstall at the same path gives
+    the same name but new file times) is rebuilt by ninja, so it does not count as built: the compile is
+    announced."""
+    library = build_directory(key) / f"{_extension_name(key)}.so"
+    if not library.is_file():
+        return False
+    built = library.stat().st_mtime
+    return all(path.stat().st_mtime <= built for path in _extension(key).paths if path.is_file())
 
 
 def _first_error_line(text: str) -> str:

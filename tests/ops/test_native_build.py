@@ -3,6 +3,7 @@ extension per source (an op compiles only what it runs), failure causes named (n
 the compiler's first error line), the warning pointing at the caller's line, the ISA switch and the
 ``python -m metricloss.native`` command line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,18 @@ def test_two_checkouts_do_not_share_a_build(monkeypatch, tmp_path):
     (tmp_path / "retrieval_rank.cpp").write_bytes((native._CSRC / "retrieval_rank.cpp").read_bytes())
     monkeypatch.setattr(native, "_CSRC", tmp_path)
     assert native._extension_name("retrieval") != name
+
+
+def test_a_cached_build_older_than_its_sources_is_not_built(monkeypatch, tmp_path):
+    # a fresh clone or a reinstall at the same path: the same build name, newer source files, which ninja
+    # rebuilds; the compile must then be announced, not called a cache load
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    key = "retrieval"
+    library = native.build_directory(key) / f"{native._extension_name(key)}.so"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"")
+    newest = max(p.stat().st_mtime for p in native.EXTENSIONS[key].paths)
+    os.utime(library, (newest + 10, newest + 10))
+    assert native.is_built(key)
+    os.utime(library, (newest - 10, newest - 10))
+    assert not native.is_built(key)
