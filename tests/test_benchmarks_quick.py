@@ -41,6 +41,8 @@ def test_report_quick_writes_markdown_and_png(tmp_path):
         assert "![time and peak memory" in md
 
 
+# an end-to-end script run, about 11 s (its flags: --help in test_scripts.py)
+@pytest.mark.slow
 def test_metrics_memory_script_runs_small_sizes(tmp_path):
     raw = tmp_path / "metrics.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "metrics_memory.py"), "--sizes", "300", "600",

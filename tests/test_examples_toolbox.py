@@ -68,6 +68,8 @@ def test_examples_help(script):
     assert p.returncode == 0 and "usage:" in p.stdout and "Usage:" in p.stdout
 
 
+# an end-to-end script run, about 7 s (its flags: --help in test_scripts.py)
+@pytest.mark.slow
 def test_toolbox_benchmark_quick(tmp_path):
     out = tmp_path / "toolbox.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "toolbox.py"), "--quick", "--json-out",

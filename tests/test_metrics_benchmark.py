@@ -14,6 +14,8 @@ ENV_BEFORE = os.environ.get("METRICLOSS_NATIVE")
 HAVE_PML_FAISS = all(importlib.util.find_spec(m) is not None for m in ("pytorch_metric_learning", "faiss"))
 
 
+# an end-to-end script run, about 13 s (its flags: --help in test_scripts.py)
+@pytest.mark.slow
 def test_metrics_speed_script_runs_tiny_sizes(tmp_path):
     raw = tmp_path / "speed.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "metrics_speed.py"), "--sizes", "200", "--dim", "8",

@@ -221,7 +221,7 @@ def _kwargs(form):
                 duplicate_similarity=form.duplicate_similarity, min_similarity=form.min_similarity)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(cases())
 def test_every_path_matches_the_dense_reference(case):
     x, y, bank, bank_labels, own, form, distance, reduction, margin = case
@@ -240,7 +240,7 @@ def test_every_path_matches_the_dense_reference(case):
         assert int(terms.num_nonzero) == int(want_terms.num_nonzero)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(cases())
 def test_dense_and_chunked_miners_select_the_same_rows(case):
     x, y, bank, bank_labels, own, form, distance, _, _ = case

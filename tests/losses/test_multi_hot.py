@@ -76,7 +76,7 @@ def cases(draw):
         draw(st.sampled_from([0.2, "soft"])), draw(st.sampled_from(["hardest", "easiest"]))
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(cases())
 def test_every_path_matches_the_loop_reference(case):
     x, labels, bank, bank_labels, own, distance, margin, positive = case
@@ -95,7 +95,7 @@ def test_every_path_matches_the_loop_reference(case):
     torch.testing.assert_close(got, want_terms, rtol=1e-9, atol=1e-11)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(cases())
 def test_the_miner_selects_the_dense_reference_rows(case):
     x, labels, bank, bank_labels, own, distance, _, _ = case
