@@ -358,12 +358,13 @@ def batch_hard_indices_multi_hot(a: torch.Tensor, r: torch.Tensor, labels: torch
     gram = GramFactors(a, r, distance, canonical=True)
     pos_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     neg_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
+    ref_rows = ref_labels.to(torch.float32)  # converted once, not per chunk (shares_no_label's GEMM operand)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         key = gram.raw_block(s, e)
         # "not a positive": no label in common; "not a negative": one in common; the own column is neither
         # (an O(c) write by index, not an (c, M) comparison)
-        not_positive = shares_no_label(labels[s:e], ref_labels)
+        not_positive = shares_no_label(labels[s:e], ref_rows)
         not_negative = ~not_positive
         own = own_columns(s, e, self_ref, self_index, a.device)
         if own is not None:
