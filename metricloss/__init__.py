@@ -19,7 +19,7 @@ from .losses import CentralizedRankingLoss, CosineClassifier, NormalizeScale, No
 from .losses import CentroidTripletLoss
 from .losses import EmbeddingHead, SVMaxRegularizer, TwoHeadLoss
 from .losses import CrossBatchMemory
-from .samplers import PKSampler
+from .samplers import MultiLabelPKSampler, PKSampler
 from ._warn import NoValidTripletWarning
 
 __version__ = "0.1.0.dev0"
@@ -46,6 +46,7 @@ __all__ = [
     "EmbeddingHead",
     "CrossBatchMemory",
     "PKSampler",
+    "MultiLabelPKSampler",
     "GradCache",
     "NoValidTripletWarning",
     "distributed",
