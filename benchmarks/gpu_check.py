@@ -805,10 +805,18 @@ def case_collapse_proof(run: Run) -> None:
             # multi-hot labels (positive iff a label in common) on the device vs the fp64 CPU dense reference
             multi = torch.rand(b, 6, generator=g) < 0.3
             if b <= 1024:
-                compare_losses(run, "TripletLoss (multi-hot labels)", params,
-                               lambda xx: ml.TripletLoss(monitor=False)(xx, multi.to(xx.device)),
-                               lambda xx: ml.reference.triplet_loss(xx, multi, margin=0.2), [x], "fp32",
-                               LOSS_TOL["fp32"])
+                for mining in ("batch_hard", "batch_all", "semi_hard"):
+                    compare_losses(run, f"TripletLoss (multi-hot labels, {mining})", params,
+                                   lambda xx, _m=mining: ml.TripletLoss(mining=_m, monitor=False)(
+                                       xx, multi.to(xx.device)),
+                                   lambda xx, _m=mining: ml.reference.triplet_loss(xx, multi, margin=0.2, mining=_m),
+                                   [x], "fp32", LOSS_TOL["fp32"])
+                sampler = ml.MultiLabelPKSampler(multi, p=2, k=4, seed=0, num_replicas=1, rank=0)
+                seen = torch.zeros(b, dtype=torch.bool)
+                for idx in sampler:
+                    seen[torch.as_tensor(idx)] = True
+                run.check("MultiLabelPKSampler covers every labelled sample", params,
+                          int((~seen & multi.any(1)).sum()), 0)
             # GradCache: a linear network's parameter gradient on the device vs one full-batch fp64 CPU step
             torch.manual_seed(0)
             net = torch.nn.Linear(d, 32)
@@ -1291,7 +1299,7 @@ CASES: List[Tuple[str, Callable[[Run], None], Dict[str, float]]] = [
 PUBLIC_COVERED = ("TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss",
                   "mine_batch_hard", "WARPLoss", "CentroidTripletLoss", "NormSoftmaxLoss",
                   "CentralizedRankingLoss", "CosineClassifier", "NormalizeScale", "retrieval_metrics",
-                  "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory", "PKSampler",
+                  "SVMaxRegularizer", "TwoHeadLoss", "EmbeddingHead", "CrossBatchMemory", "PKSampler", "MultiLabelPKSampler",
                   "SCTLoss", "EPHNLoss", "MiningSchedule", "CollapseMonitor", "TripletStats", "GradCache")
 
 

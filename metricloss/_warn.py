@@ -20,7 +20,7 @@ from typing import Type
 
 import torch
 
-__all__ = ["NoValidTripletWarning", "warn_at_caller", "warn_if_no_valid_triplet"]
+__all__ = ["NoValidTripletWarning", "warn_at_caller", "warn_if_no_valid_multi_hot", "warn_if_no_valid_triplet"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -71,17 +71,32 @@ def warn_if_no_valid_triplet(max_count: int, num_refs: int, self_ref: bool, wher
     single = max_count == num_refs
     if not (distinct or single):
         return
+    cause = (f"all {num_refs} labels are distinct, so no anchor has a positive" if distinct else
+             f"all {num_refs} {'labels' if self_ref else 'reference labels'} are one class, so there is no "
+             f"negative of that class and no positive of any other")
+    _warn_once(where, cause, "P classes x K >= 2 samples each, e.g. with DataLoader(dataset, "
+                             "batch_sampler=metricloss.PKSampler(labels, p, k))")
+
+
+def warn_if_no_valid_multi_hot(valid: torch.Tensor, where: str) -> None:
+    """:func:`warn_if_no_valid_triplet` for multi-hot labels: warn once per process when no anchor has both a
+    positive (a label in common) and a negative (none in common). ``valid``: (N,) bool per anchor (reads one
+    scalar from the device per call until it has warned)."""
+    if _warned["no_valid_triplet"] or valid.numel() == 0 or bool(valid.any()):
+        return
+    _warn_once(where, f"none of the {valid.numel()} anchors has both a reference sharing a label and one "
+                      "sharing none", "P labels x K >= 2 samples each, e.g. with DataLoader(dataset, "
+                      "batch_sampler=metricloss.MultiLabelPKSampler(labels, p, k))")
+
+
+def _warn_once(where: str, cause: str, remedy: str) -> None:
     with _lock:
         if _warned["no_valid_triplet"]:
             return
         _warned["no_valid_triplet"] = True
-    cause = (f"all {num_refs} labels are distinct, so no anchor has a positive" if distinct else
-             f"all {num_refs} {'labels' if self_ref else 'reference labels'} are one class, so there is no "
-             f"negative of that class and no positive of any other")
     warn_at_caller(
         f"metricloss.{where}: this batch has no valid triplet ({cause}); the loss is 0 with a zero gradient, "
-        f"so training does nothing. Build batches of P classes x K >= 2 samples each, e.g. with "
-        f"DataLoader(dataset, batch_sampler=metricloss.PKSampler(labels, p, k)). Shown once per process; "
+        f"so training does nothing. Build batches of {remedy}. Shown once per process; "
         f"silence it with warnings.filterwarnings('ignore', category=metricloss.NoValidTripletWarning).",
         NoValidTripletWarning)
 

@@ -58,11 +58,8 @@ def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, distanc
 def _check_triplet_inputs(where: str, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
                           chunk_bytes, mining: str = "batch_hard") -> bool:
     C.check_embeddings(embeddings, "embeddings", where)
-    # multi-hot rows (N, L): positive iff a label in common, negative iff none; batch-hard's miner only
+    # multi-hot rows (N, L): positive iff a label in common, negative iff none (every mining)
     width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
-    if width is not None and mining != "batch_hard":
-        raise ValueError(f"{where}: multi-hot labels (N, L) are mined by batch-hard only (and its easy-positive, "
-                         f"SCT and EPHN forms); mining={mining!r} takes one integer label per sample")
     C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width)
     has_ref = C.check_reference_set(ref_embeddings, ref_labels, embeddings, where, multi_hot=width)
     if has_ref and width is None:

@@ -120,19 +120,27 @@ def case_easy_positive_forms(rank, world):
 
 
 def case_multi_hot_labels(rank, world):
-    """Multi-hot rows (a label in common: positive): the global batch-hard loss and its gradients."""
+    """Multi-hot rows (a label in common: positive): the global loss of every mining and its gradients."""
     x, _ = _global_batch(world, 61)
     labels = torch.rand(x.shape[0], 4, generator=torch.Generator().manual_seed(62)) < 0.4
     mine = _my_slice(world, rank)
-    for crit in (ml.TripletLoss(reduction="mean"), ml.SCTLoss(reduction="sum")):
+    for crit in (ml.TripletLoss(reduction="mean"), ml.SCTLoss(reduction="sum"),
+                 ml.TripletLoss(mining="batch_all", reduction="mean_nonzero"),
+                 ml.TripletLoss(mining="semi_hard", reduction="none")):
         xg = x.clone().requires_grad_()
         ref = crit(xg, labels)
         local = x[mine].clone().requires_grad_()
         out = DistributedLoss(crit)(local, labels[mine])
-        _close(out.detach(), ref.detach(), "multi-hot loss value")
+        if crit.reduction == "none":
+            _close(out.detach(), ref.detach()[mine], "multi-hot per-anchor values")
+            w = torch.linspace(0.5, 2.0, x.shape[0], dtype=x.dtype)
+            ref, out = (w * ref).sum(), world * (w[mine] * out).sum()
+        else:
+            _close(out.detach(), ref.detach(), "multi-hot loss value")
+        assert float(ref.detach().abs()) > 0, f"degenerate case: zero loss ({crit.mining})"
         ref.backward()
         out.backward()
-        _close(local.grad / world, xg.grad[mine], "multi-hot gradient after averaging")
+        _close(local.grad / world, xg.grad[mine], f"multi-hot gradient after averaging ({crit.mining})")
 
 
 def case_nonfinite_on_one_rank_reaches_every_rank(rank, world):

@@ -17,7 +17,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["ClassIndex", "AnchorClasses", "comparable_labels"]
+__all__ = ["ClassIndex", "AnchorClasses", "MultiHotIndex", "MultiHotAnchors", "comparable_labels", "is_multi_hot",
+           "shares_no_label"]
 
 # sort / searchsorted / type promotion take no uint16, uint32 or uint64: such labels are compared as int64,
 # exact for uint16 and uint32, and by their bits for uint64 (equality kept; the class order does not matter)
@@ -36,6 +37,13 @@ def shares_no_label(labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.Ten
     One small GEMM of the 0/1 rows (fp32: the counts are exact up to 2^24 labels), never a label list. For a
     chunk of anchors this is the chunk's relation block, so no (N, M) mask outlives its chunk."""
     return torch.mm(labels.to(torch.float32), ref_labels.to(torch.float32).T) == 0
+
+
+# Named heuristic: MultiHotIndex builds its relation blocks in row pieces of about this many bytes of
+# temporaries (the fp32 GEMM, its bool, the int64 running count and column indices: 21 bytes per cell), so
+# the relation adds at most this to any caller's own budget, whatever its chunk.
+MULTI_HOT_PIECE_BYTES = 16 << 20
+_RELATION_BYTES_PER_CELL = 21
 
 
 def comparable_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -62,6 +70,9 @@ class AnchorClasses:
     def __init__(self, start: torch.Tensor, count: torch.Tensor, num_pos: torch.Tensor, num_neg: torch.Tensor,
                  self_pos: Optional[torch.Tensor]):
         self.start, self.count, self.num_pos, self.num_neg, self.self_pos = start, count, num_pos, num_neg, self_pos
+
+    def __len__(self) -> int:
+        return int(self.start.shape[0])
 
     def __getitem__(self, sl: slice) -> "AnchorClasses":
         return AnchorClasses(self.start[sl], self.count[sl], self.num_pos[sl], self.num_neg[sl],
@@ -168,3 +179,110 @@ class ClassIndex:
         valid = j < cls.num_pos.unsqueeze(1)
         src = src.clamp_(max=max(self.num_refs - 1, 0))
         return self.order[src], valid
+
+
+class MultiHotAnchors:
+    """Per-anchor relation facts for multi-hot anchors (the :class:`AnchorClasses` of :class:`MultiHotIndex`).
+
+    Attributes:
+        rows: (n, L) float32 0/1 label rows (the GEMM operand of the relation blocks).
+        num_pos: (n,) int64 references sharing a label with the anchor, its own row excluded.
+        num_neg: (n,) int64 references sharing none, its own row excluded.
+        own: (n,) int64 the anchor's own reference row (-1: none), or None when no anchor has one.
+    """
+
+    __slots__ = ("rows", "num_pos", "num_neg", "own")
+
+    def __init__(self, rows: torch.Tensor, num_pos: torch.Tensor, num_neg: torch.Tensor, own: Optional[torch.Tensor]):
+        self.rows, self.num_pos, self.num_neg, self.own = rows, num_pos, num_neg, own
+
+    def __len__(self) -> int:
+        return int(self.num_pos.shape[0])
+
+    def __getitem__(self, sl) -> "MultiHotAnchors":
+        return MultiHotAnchors(self.rows[sl], self.num_pos[sl], self.num_neg[sl],
+                               None if self.own is None else self.own[sl])
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(n,) bool: the anchor has at least one positive and one negative."""
+        return (self.num_pos > 0) & (self.num_neg > 0)
+
+
+class MultiHotIndex:
+    """Reference multi-hot rows (M, L): the :class:`ClassIndex` of set-valued labels.
+
+    Reference j is a positive of anchor i when they share a label and a negative when they share none (the
+    anchor's own row, by index, is neither). The relation of a chunk of anchors is one small GEMM of the 0/1
+    label rows (:func:`shares_no_label`), recomputed per chunk, so no (N, M) mask is ever kept; the
+    positives of each anchor are then a padded member table in increasing index order, as
+    :meth:`ClassIndex.positive_table` gives them (so ties resolve to the first index the same way).
+
+    Args:
+        ref_labels: (M, L) bool or 0/1 rows.
+    """
+
+    def __init__(self, ref_labels: torch.Tensor):
+        self.num_refs = int(ref_labels.shape[0])
+        self.ref_rows = ref_labels.to(torch.float32)
+
+    @property
+    def piece_rows(self) -> int:
+        """Anchor rows per relation piece (:data:`MULTI_HOT_PIECE_BYTES`; at least 1)."""
+        return max(1, MULTI_HOT_PIECE_BYTES // max(1, _RELATION_BYTES_PER_CELL * self.num_refs))
+
+    def relation_block(self, rows: torch.Tensor) -> torch.Tensor:
+        """(c, M) bool: anchor row i shares a label with reference j (``rows``: (c, L) float32 0/1)."""
+        return torch.mm(rows, self.ref_rows.T) > 0
+
+    def _clear_own_(self, block: torch.Tensor, own: Optional[torch.Tensor], value: bool = False) -> torch.Tensor:
+        """Write ``value`` into each row's own column (where it has one): an O(c) write by index."""
+        if own is not None:
+            has_own = own >= 0
+            rows = torch.arange(block.shape[0], device=block.device)
+            cols = own.clamp_min(0)
+            block[rows, cols] = torch.where(has_own, torch.full_like(block[rows, cols], value), block[rows, cols])
+        return block
+
+    def anchor_classes(self, labels: torch.Tensor, self_ref: bool = False,
+                       self_index: Optional[torch.Tensor] = None) -> MultiHotAnchors:
+        """Relation facts for anchors with multi-hot ``labels`` (n, L); the arguments as
+        :meth:`ClassIndex.anchor_classes`. The counts come from one pass of relation blocks in pieces of
+        :data:`MULTI_HOT_PIECE_BYTES`."""
+        rows = labels.to(torch.float32)
+        n, m = rows.shape[0], self.num_refs
+        own = (torch.arange(n, device=rows.device) if self_ref else self_index)
+        count = torch.empty(n, dtype=torch.int64, device=rows.device)
+        step = self.piece_rows
+        for s in range(0, n, step):
+            count[s:s + step] = self.relation_block(rows[s:s + step]).sum(1)
+        if own is None:
+            return MultiHotAnchors(rows, count, m - count, None)
+        has_own = own >= 0
+        own_shares = has_own & ((rows * self.ref_rows[own.clamp_min(0)]).sum(1) > 0)
+        num_pos = count - own_shares.to(count.dtype)
+        num_neg = m - count - (has_own & ~own_shares).to(count.dtype)
+        return MultiHotAnchors(rows, num_pos, num_neg, own)
+
+    def max_positives(self, cls: MultiHotAnchors) -> int:
+        """The largest number of positives of an anchor (reads one scalar from the device)."""
+        return int(cls.num_pos.max()) if len(cls) else 0
+
+    def positive_table(self, cls: MultiHotAnchors, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The anchors' positives as a padded table: as :meth:`ClassIndex.positive_table` (``members``
+        increasing within each row, ``valid`` marking the real entries, padding an arbitrary in-range index).
+        Built from the chunk's relation block by a running count: O(n·M), no sort."""
+        n, m = len(cls), self.num_refs
+        device = cls.rows.device
+        members = torch.zeros((n, width + 1), dtype=torch.int64, device=device)
+        cols = torch.arange(m, device=device)
+        for s in range(0, n, self.piece_rows):
+            part = cls[s:s + self.piece_rows]
+            shares = self._clear_own_(self.relation_block(part.rows), part.own)
+            # 1. slot of each positive: the number of positives before it in its row; the rest go to a pad slot
+            slot = torch.cumsum(shares, 1, dtype=torch.int64).sub_(1)
+            slot = torch.where(shares, slot, torch.full_like(slot, width))
+            # 2. every positive's column into its slot (the pad slot takes the rest and is dropped)
+            members[s:s + len(part)].scatter_(1, slot, cols.expand(len(part), m))
+        valid = torch.arange(width, device=device).unsqueeze(0) < cls.num_pos.unsqueeze(1)
+        return members[:, :width].contiguous(), valid

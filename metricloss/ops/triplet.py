@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .distance import (GramFactors, Rows, gram_backward, paired_distance, safe_sqrt, scale_distance_weights_,
                        sqrt_rn, sqrt_rn_)
-from .labels import ClassIndex, is_multi_hot
+from .labels import ClassIndex, MultiHotIndex, is_multi_hot
 from .mining import (batch_hard_dense, batch_hard_fits_one_block, batch_hard_indices, batch_hard_indices_multi_hot,
                      batch_hard_indices_triton, duplicate_key, mask_own_class_, rows_per_chunk, semi_hard_negative_idx, tie_rtol_slots,
                      triton_or_torch_for_multi_hot, triton_or_torch_for_positive, triton_or_torch_for_self_index,
@@ -55,7 +55,7 @@ from .native import semi_hard_fused as native_semi_hard_fused
 from .native import semi_hard_negatives as native_semi_hard_negatives
 from .reduction import LossTerms
 from .._checks import host_reads_are_free
-from .._warn import warn_if_no_valid_triplet
+from .._warn import warn_if_no_valid_multi_hot, warn_if_no_valid_triplet
 
 __all__ = ["MININGS", "LOSS_FORMS", "TripletForm", "DEFAULT_FORM", "triplet_backends", "triplet_loss_op",
            "triplet_loss_terms_op", "use_sorted_batch_all"]
@@ -590,16 +590,25 @@ class _BlockTripletPlan:
                  chunk_bytes: Optional[int]):
         self.self_ref, self.mining, self.margin, self.distance = self_ref, mining, margin, distance
         self.self_index = None if self_ref else self_index
-        self.index = ClassIndex(ref_labels)
-        self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
-        self.width = max(self.index.max_count - (1 if self_ref else 0), 0)
-        warn_if_no_valid_triplet(self.index.max_count, self.index.num_refs, self_ref, f"triplet_loss ({mining})")
+        # multi-hot rows (N, L): positive iff a label in common; the member table is built per chunk from the
+        # chunk's relation GEMM (MultiHotIndex), and everything downstream is the single-label engine's
+        self.multi_hot = is_multi_hot(labels)
+        if self.multi_hot:
+            self.index = MultiHotIndex(ref_labels)
+            self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
+            self.width = self.index.max_positives(self.cls)
+            warn_if_no_valid_multi_hot(self.cls.valid, f"triplet_loss ({mining})")
+        else:
+            self.index = ClassIndex(ref_labels)
+            self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
+            self.width = max(self.index.max_count - (1 if self_ref else 0), 0)
+            warn_if_no_valid_triplet(self.index.max_count, self.index.num_refs, self_ref, f"triplet_loss ({mining})")
         # CPU, batch-all over the batch itself with 1 to 12 positives and a hard margin: the whole call in
         # one native op over the upper triangle of the block, each unordered pair once for both its anchors
         # (:func:`~metricloss.ops.native.batch_all_self`). It refines small entries in place (no redo) and
         # needs no canonical columns: duplicate rows get bitwise equal Gram values from the same products
         # (see :func:`_self_positive_distances`) and exact zeros from the refinement.
-        self.self_pairs = (mining == "batch_all" and self_ref and margin != "soft" and 0 < self.width
+        self.self_pairs = (mining == "batch_all" and self_ref and not self.multi_hot and margin != "soft" and 0 < self.width
                            and not use_sorted_batch_all(self.width) and _SELF_PAIR_MIN_ROWS <= a.shape[0]
                            and _exact_class_ids(a.shape[0], a.dtype) and native_enabled(a, "self_pairs"))
         self.gram = GramFactors(a, r, distance, canonical=not self.self_pairs)
@@ -656,7 +665,7 @@ class _BlockTripletPlan:
         entries are exact anyway (the K-wide member table is recomputed from the rows).
         """
         cls = self.cls[rows]
-        c = cls.start.shape[0]
+        c = len(cls)
         gram = self.gram
         members, in_class = self.index.positive_table(cls, self.width)
         self_cols = self.own_cols(rows)

@@ -176,8 +176,8 @@ def test_triton_is_routed_around_loudly():
 
 
 @pytest.mark.parametrize("call, err, match", [
-    (lambda x, m: MF.triplet_loss(x, m, mining="batch_all"), ValueError, "batch-hard only"),
-    (lambda x, m: MF.triplet_loss(x, m, mining="semi_hard"), ValueError, "batch-hard only"),
+    (lambda x, m: MF.triplet_loss(x, m * 2, mining="batch_all"), ValueError, "only 0 and 1"),
+    (lambda x, m: MF.triplet_loss(x, m, x, m[:, :2], mining="semi_hard"), ValueError, r"\(8, 3\)"),
     (lambda x, m: MF.triplet_loss(x, m * 2), ValueError, "only 0 and 1"),
     (lambda x, m: MF.triplet_loss(x, m[:5]), ValueError, "shape"),
     (lambda x, m: MF.triplet_loss(x, m, x, torch.arange(8)), ValueError, r"\(8, 3\)"),
