@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from .ops.distance import GramFactors, may_have_duplicate_rows, paired_distance
-from .ops.labels import ClassIndex
+from .ops.labels import ClassIndex, MultiHotIndex, is_multi_hot
 from .ops.mining import rows_per_chunk
 from .ops.native import retrieval_rank_histogram as native_rank_histogram
 
@@ -163,7 +163,10 @@ class _Problem:
             if self.expand:  # no duplicates: no second (G, D) copy kept alive
                 g_ranked, self.g_inverse = g_unique, g_inverse
         self.g_ranked = g_ranked
-        self.index = ClassIndex(self.g_labels)
+        # multi-hot rows: relevant iff a label in common; each tile's relevant items are a member table from
+        # the tile's relation GEMM (MultiHotIndex), the ranking is the same
+        self.multi_hot = is_multi_hot(labels)
+        self.index = MultiHotIndex(self.g_labels) if self.multi_hot else ClassIndex(self.g_labels)
         self.cls = self.index.anchor_classes(self.labels, self_ref=self.leave_one_out)
         self._width: Optional[int] = None
         self._block: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
@@ -191,7 +194,10 @@ class _Problem:
     def width(self) -> int:
         """Member-table width: the largest number of relevant gallery items of a query (one host read)."""
         if self._width is None:
-            self._width = max(self.index.max_count - (1 if self.leave_one_out else 0), 0)
+            if self.multi_hot:
+                self._width = self.index.max_positives(self.cls)
+            else:
+                self._width = max(self.index.max_count - (1 if self.leave_one_out else 0), 0)
         return self._width
 
     def similarity(self, s: int, e: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -298,9 +304,11 @@ def _prepare(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequ
     read with the results so that it costs no extra sync.
     """
     C.check_embeddings(embeddings, "embeddings", where)
-    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device)
+    # multi-hot rows (Q, L): a gallery item is relevant iff it shares a label with the query
+    width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
+    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width)
     has_gallery = C.check_reference_set(gallery, gallery_labels, embeddings, where,
-                                        names=("gallery", "gallery_labels"))
+                                        names=("gallery", "gallery_labels"), multi_hot=width)
     C.check_option(metric, "metric", METRICS, where)
     C.check_chunk_bytes(chunk_bytes, where)
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
@@ -311,7 +319,8 @@ def _prepare(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequ
     if not ks:
         raise ValueError(f"{where}: `ks` must name at least one K, got ()")
     ks = tuple(C.check_positive_int(k, "ks", where) for k in ks)
-    labels, gallery_labels = _comparable_labels(labels, gallery_labels if has_gallery else None, where)
+    if width is None:
+        labels, gallery_labels = _comparable_labels(labels, gallery_labels if has_gallery else None, where)
     with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
         finite = torch.isfinite(embeddings.detach()).all()
         if has_gallery:
@@ -335,11 +344,13 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
         embeddings: (Q, D) query embeddings, any float dtype (ranked in fp32).
         labels: (Q,) integer labels. With a gallery, ``labels`` and ``gallery_labels`` may have different
             integer dtypes: they are compared in a dtype wide enough for both (int64), never cast down.
-            ``uint64`` labels pair only with unsigned ones (TypeError otherwise).
+            ``uint64`` labels pair only with unsigned ones (TypeError otherwise). Or (Q, L) multi-hot rows
+            (bool, or integers / floats holding 0 and 1): a gallery item is relevant to a query when they
+            share a label (``gallery_labels`` then (G, L), the same L); a query without any label is lone.
         ks: the K of R@K, an int or a sequence of ints, each >= 1. Default (1, 2, 4, 8) (CUB/CARS protocol).
         gallery: optional (G, D) gallery. Without it the queries are their own gallery, each query left
             out of its own ranking (leave-one-out).
-        gallery_labels: (G,) integer labels of ``gallery`` (given with it).
+        gallery_labels: (G,) integer labels of ``gallery`` (given with it), or (G, L) multi-hot rows.
         metric: ``"cosine"`` (rank by cosine similarity, default) or ``"euclidean"`` (by distance).
         chunk_bytes: memory budget of the torch paths' ranking temporaries of one piece of a tile
             (default 64 MiB, or ``METRICLOSS_CHUNK_BYTES``); the native CPU kernel needs none. The results
@@ -360,7 +371,9 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
     On CPU the ranking runs in the native kernel (``metricloss/csrc/retrieval_rank.cpp``, built on first
     use; ``METRICLOSS_NATIVE=0`` or a failed build runs the torch path, with the same results: see
     :mod:`metricloss.ops.native`). Three host reads per call (whether the gallery may hold duplicate rows,
-    the largest class size, and the results), whatever the number of chunks.
+    the largest class size, and the results), whatever the number of chunks. Multi-hot labels add, per
+    tile, the relation GEMM of the tile's label rows with the gallery's (O(rows·G·L), in pieces of 16 MiB:
+    :data:`~metricloss.ops.labels.MULTI_HOT_PIECE_BYTES`); the relevant items are then ranked as above.
     """
     problem, ks, finite = _prepare(embeddings, labels, ks, gallery, gallery_labels, metric, chunk_bytes,
                                    "retrieval_metrics")
