@@ -31,6 +31,7 @@ __all__ = [
     "check_label_range",
     "check_scores",
     "check_multi_hot",
+    "check_relation",
     "check_option_or_callable",
     "check_generator",
     "check_comparable_labels",
@@ -67,10 +68,19 @@ def check_embeddings(x: object, name: str = "embeddings", where: str = "") -> to
 
 def check_labels(labels: object, n: int, name: str = "labels", where: str = "",
                  of: str = "embeddings", device: Optional[torch.device] = None,
-                 multi_hot: Optional[int] = None) -> torch.Tensor:
+                 multi_hot: Optional[int] = None, related: bool = False) -> torch.Tensor:
     """Check a 1-D integer tensor of length ``n`` (the number of rows of ``of``) on ``device``; with
-    ``multi_hot`` = L, an (n, L) multi-hot matrix instead (:func:`check_multi_hot`)."""
+    ``multi_hot`` = L, an (n, L) multi-hot matrix instead (:func:`check_multi_hot`); with ``related`` (labels
+    compared by a user's relation), any tensor of n rows (its first dimension)."""
     prefix = f"{where}: " if where else ""
+    if related:
+        if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != n:
+            raise ValueError(f"{prefix}`{name}` must be a tensor with {n} rows (its first dimension) to match "
+                             f"`{of}`, got {_shape(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if device is not None and labels.device != device:
+            raise ValueError(f"{prefix}`{name}` is on {labels.device} but `{of}` is on {device}; "
+                             f"move them to the same device")
+        return labels
     if multi_hot is not None:
         if isinstance(labels, torch.Tensor) and labels.dim() != 2:
             raise ValueError(f"{prefix}`{name}` must be ({n}, {multi_hot}) multi-hot rows (bool or 0/1), got shape "
@@ -168,9 +178,9 @@ def check_comparable_labels(labels: torch.Tensor, ref_labels: torch.Tensor, name
 def check_reference_set(ref: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor],
                         embeddings: torch.Tensor, where: str = "",
                         names: Tuple[str, str] = ("ref_embeddings", "ref_labels"),
-                        multi_hot: Optional[int] = None) -> bool:
+                        multi_hot: Optional[int] = None, related: bool = False) -> bool:
     """Check an optional reference set (M, D) with labels (M,) (or (M, L) multi-hot rows when ``multi_hot``
-    is the anchors' L). Returns True when one is given."""
+    is the anchors' L; any tensor of M rows when ``related``). Returns True when one is given."""
     prefix = f"{where}: " if where else ""
     ref_name, lab_name = names
     if ref is None and ref_labels is None:
@@ -184,8 +194,17 @@ def check_reference_set(ref: Optional[torch.Tensor], ref_labels: Optional[torch.
                          f"got shape {_shape(ref)}")
     if ref.device != embeddings.device:
         raise ValueError(f"{prefix}`{ref_name}` is on {ref.device} but `embeddings` is on {embeddings.device}")
-    check_labels(ref_labels, ref.shape[0], lab_name, where, of=ref_name, device=ref.device, multi_hot=multi_hot)
+    check_labels(ref_labels, ref.shape[0], lab_name, where, of=ref_name, device=ref.device, multi_hot=multi_hot,
+                 related=related)
     return True
+
+
+def check_relation(relation: object, where: str = "") -> None:
+    """Check an optional user relation: None or a callable ``relation(labels_chunk, ref_labels) -> bool``."""
+    if relation is not None and not callable(relation):
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}`relation` must be None or a callable relation(labels_chunk, ref_labels) -> "
+                        f"(c, M) bool tensor, got {type(relation).__name__}")
 
 
 def check_self_index(index: object, n: int, m: int, name: str = "ref_self_index", where: str = "",

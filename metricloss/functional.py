@@ -21,6 +21,7 @@ from .ops import distance as _distance
 from .ops import mining as _mining
 from .ops import warp as _warp
 from .ops.reduction import REDUCTIONS, LossTerms, mask_nonfinite
+from .ops.labels import Relation
 from .ops.triplet import DEFAULT_FORM, MININGS, TripletForm, triplet_backends, triplet_loss_op, triplet_loss_terms_op
 
 __all__ = ["pairwise_distance", "mine_batch_hard", "triplet_loss", "triplet_loss_terms", "LossTerms", "warp_loss", "normalize_scale",
@@ -56,13 +57,17 @@ def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, distanc
 
 
 def _check_triplet_inputs(where: str, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
-                          chunk_bytes, mining: str = "batch_hard") -> bool:
+                          chunk_bytes, mining: str = "batch_hard", relation=None) -> bool:
     C.check_embeddings(embeddings, "embeddings", where)
-    # multi-hot rows (N, L): positive iff a label in common, negative iff none (every mining)
-    width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
-    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width)
-    has_ref = C.check_reference_set(ref_embeddings, ref_labels, embeddings, where, multi_hot=width)
-    if has_ref and width is None:
+    C.check_relation(relation, where)
+    related = relation is not None
+    # multi-hot rows (N, L): positive iff a label in common, negative iff none (every mining); with a
+    # relation, labels are whatever it takes (n rows)
+    width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 and not related else None
+    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width,
+                   related=related)
+    has_ref = C.check_reference_set(ref_embeddings, ref_labels, embeddings, where, multi_hot=width, related=related)
+    if has_ref and width is None and not related:
         C.check_comparable_labels(labels, ref_labels, where=where)
     C.check_option(distance, "distance", _distance.DISTANCES, where)
     C.check_option(backend, "backend", ("auto", "torch", "triton", "reference"), where)
@@ -146,8 +151,9 @@ _TRIPLET_DOC = """
     Args:
         embeddings: (N, D) anchors, any float dtype; the loss is computed in fp32 (fp64 for fp64).
         labels: (N,) integer class labels (any integer dtype; compared with ``ref_labels`` in their common
-            dtype, never by a narrowing cast), or for batch-hard (N, L) multi-hot rows (bool or 0/1): a
+            dtype, never by a narrowing cast), or (N, L) multi-hot rows (bool or 0/1; every mining): a
             reference is a positive when it shares a label with the anchor, a negative when it shares none.
+            With ``relation``: any tensor of N rows the relation takes.
         ref_embeddings, ref_labels: optional (M, D), (M,) reference set the anchors are mined against
             (cross-batch memory, other ranks). Without it, the batch is its own reference set and an anchor
             is never its own positive. Gradients flow to both. A reference set of another float dtype is
@@ -182,6 +188,13 @@ _TRIPLET_DOC = """
             (default 0.9999; None: none).
         min_similarity: ``"nca"`` only counts anchors with S_ap and S_an above this (default None; EPHN's
             code uses 0).
+        relation: optional callable ``relation(labels[i0:i1], ref_labels) -> (i1 − i0, M)`` bool tensor,
+            True where reference j is a positive of anchor i, False where it is a negative (default None:
+            label equality, or a label in common for multi-hot rows). Called on chunks of anchors (at most
+            the chunk budget's rows, or about 16 MiB of relation cells), on the labels' device; it must not
+            depend on the chunk. The anchor's own row stays excluded by index. Every mining and distance;
+            the Triton kernel and the dense one-block miner are not used with it (the chunked torch engine
+            is).
 """
 
 _REDUCTION_DOC = """
@@ -192,13 +205,14 @@ _REDUCTION_DOC = """
 
 def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance, normalize,
              reduction: Optional[str], backend, chunk_bytes, ref_self_index, form: Optional[TripletForm] = None,
-             stats: Optional[dict] = None):
+             stats: Optional[dict] = None, relation: Optional[Relation] = None):
     """Validate and run a triplet loss; ``reduction=None`` returns its :class:`LossTerms`. ``form``: a validated
-    :class:`TripletForm` (None: the default); ``stats``: a dict the op fills for a collapse monitor."""
+    :class:`TripletForm` (None: the default); ``stats``: a dict the op fills for a collapse monitor;
+    ``relation``: a user's label relation (None: label equality, or a label in common for multi-hot rows)."""
     _refuse_tracing(where)
     form = DEFAULT_FORM if form is None else form
     has_ref = _check_triplet_inputs(where, embeddings, labels, ref_embeddings, ref_labels, distance, backend,
-                                    chunk_bytes, mining)
+                                    chunk_bytes, mining, relation)
     margin = C.check_margin(margin, "margin", where)
     C.check_option(mining, "mining", MININGS, where)
     if reduction is not None:
@@ -213,7 +227,7 @@ def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin,
 
             args = (embeddings, labels) if self_ref else (embeddings, labels, ref_embeddings, ref_labels)
             kwargs = dict(margin=margin, mining=mining, distance=distance, normalize=normalize,
-                          ref_self_index=self_index, form=form)
+                          ref_self_index=self_index, form=form, relation=relation)
             out = reference.triplet_loss_terms(*args, **kwargs) if reduction is None else \
                 reference.triplet_loss(*args, reduction=reduction, **kwargs)
         else:
@@ -224,7 +238,7 @@ def _triplet(where: str, embeddings, labels, ref_embeddings, ref_labels, margin,
                 a, r = _distance.promote_pair(a, _distance.prepare_embeddings(ref_embeddings, distance, normalize))
             args = (a, labels, r, labels if self_ref else ref_labels, self_ref, margin, mining, distance)
             kwargs = dict(backend=resolved, mining_dtype=_mining.kernel_dtype(embeddings.dtype),
-                          self_index=self_index, form=form, stats=stats)
+                          self_index=self_index, form=form, stats=stats, relation=relation)
             out = triplet_loss_terms_op(*args, chunk_bytes, **kwargs) if reduction is None else \
                 triplet_loss_op(*args, reduction, chunk_bytes, **kwargs)
         guards = (embeddings, ref_embeddings) if has_ref else (embeddings,)
@@ -240,11 +254,11 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
                  ref_self_index: Optional[torch.Tensor] = None, positive: str = "hardest", loss: str = "triplet",
                  temperature: float = 0.1, hard_threshold: float = 0.8, hard_weight: float = 1.0,
                  duplicate_similarity: Optional[float] = 0.9999,
-                 min_similarity: Optional[float] = None) -> torch.Tensor:
+                 min_similarity: Optional[float] = None, relation: Optional[Relation] = None) -> torch.Tensor:
     form = C.check_triplet_form("triplet_loss", mining, distance, normalize, positive, loss, temperature,
                                 hard_threshold, hard_weight, duplicate_similarity, min_similarity)
     return _triplet("triplet_loss", embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance,
-                    normalize, reduction, backend, chunk_bytes, ref_self_index, form)
+                    normalize, reduction, backend, chunk_bytes, ref_self_index, form, relation=relation)
 
 
 triplet_loss.__doc__ = """Triplet loss with on-the-fly mining, exact and O(chunk·M) in memory.
@@ -267,11 +281,11 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
                        ref_self_index: Optional[torch.Tensor] = None, positive: str = "hardest",
                        loss: str = "triplet", temperature: float = 0.1, hard_threshold: float = 0.8,
                        hard_weight: float = 1.0, duplicate_similarity: Optional[float] = 0.9999,
-                       min_similarity: Optional[float] = None) -> LossTerms:
+                       min_similarity: Optional[float] = None, relation: Optional[Relation] = None) -> LossTerms:
     form = C.check_triplet_form("triplet_loss_terms", mining, distance, normalize, positive, loss, temperature,
                                 hard_threshold, hard_weight, duplicate_similarity, min_similarity)
     return _triplet("triplet_loss_terms", embeddings, labels, ref_embeddings, ref_labels, margin, mining, distance,
-                    normalize, None, backend, chunk_bytes, ref_self_index, form)
+                    normalize, None, backend, chunk_bytes, ref_self_index, form, relation=relation)
 
 
 triplet_loss_terms.__doc__ = """The unreduced pieces of :func:`triplet_loss`, for callers that reduce them

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from .ops.distance import GramFactors, may_have_duplicate_rows, paired_distance
-from .ops.labels import ClassIndex, MultiHotIndex, is_multi_hot
+from .ops.labels import ClassIndex, Relation, RelationIndex, is_multi_hot
 from .ops.mining import rows_per_chunk
 from .ops.native import retrieval_rank_histogram as native_rank_histogram
 
@@ -145,7 +145,8 @@ class _Problem:
     """
 
     def __init__(self, q: torch.Tensor, labels: torch.Tensor, g: Optional[torch.Tensor],
-                 g_labels: Optional[torch.Tensor], metric: str, chunk_bytes: Optional[int] = None):
+                 g_labels: Optional[torch.Tensor], metric: str, chunk_bytes: Optional[int] = None,
+                 relation: Optional[Relation] = None):
         self.leave_one_out = g is None
         self.labels = labels
         self.g_labels = labels if g is None else g_labels
@@ -165,8 +166,9 @@ class _Problem:
         self.g_ranked = g_ranked
         # multi-hot rows: relevant iff a label in common; each tile's relevant items are a member table from
         # the tile's relation GEMM (MultiHotIndex), the ranking is the same
-        self.multi_hot = is_multi_hot(labels)
-        self.index = MultiHotIndex(self.g_labels) if self.multi_hot else ClassIndex(self.g_labels)
+        # (and a user's relation: the same, with its blocks)
+        self.multi_hot = relation is not None or is_multi_hot(labels)
+        self.index = RelationIndex(self.g_labels, relation) if self.multi_hot else ClassIndex(self.g_labels)
         self.cls = self.index.anchor_classes(self.labels, self_ref=self.leave_one_out)
         self._width: Optional[int] = None
         self._block: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
@@ -297,18 +299,22 @@ class _Problem:
 
 def _prepare(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]],
              gallery: Optional[torch.Tensor], gallery_labels: Optional[torch.Tensor], metric: str,
-             chunk_bytes: Optional[int], where: str) -> Tuple[_Problem, Tuple[int, ...], torch.Tensor]:
+             chunk_bytes: Optional[int], where: str,
+             relation: Optional[Relation] = None) -> Tuple[_Problem, Tuple[int, ...], torch.Tensor]:
     """Validate the arguments (before any work) and prepare the operands.
 
     Returns ``(problem, ks, finite)``: ``finite`` is a 0-d bool device tensor (all embeddings finite),
     read with the results so that it costs no extra sync.
     """
     C.check_embeddings(embeddings, "embeddings", where)
+    C.check_relation(relation, where)
+    related = relation is not None
     # multi-hot rows (Q, L): a gallery item is relevant iff it shares a label with the query
-    width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
-    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width)
+    width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 and not related else None
+    C.check_labels(labels, embeddings.shape[0], "labels", where, device=embeddings.device, multi_hot=width,
+                   related=related)
     has_gallery = C.check_reference_set(gallery, gallery_labels, embeddings, where,
-                                        names=("gallery", "gallery_labels"), multi_hot=width)
+                                        names=("gallery", "gallery_labels"), multi_hot=width, related=related)
     C.check_option(metric, "metric", METRICS, where)
     C.check_chunk_bytes(chunk_bytes, where)
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
@@ -319,7 +325,7 @@ def _prepare(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequ
     if not ks:
         raise ValueError(f"{where}: `ks` must name at least one K, got ()")
     ks = tuple(C.check_positive_int(k, "ks", where) for k in ks)
-    if width is None:
+    if width is None and not related:
         labels, gallery_labels = _comparable_labels(labels, gallery_labels if has_gallery else None, where)
     with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
         finite = torch.isfinite(embeddings.detach()).all()
@@ -331,13 +337,14 @@ def _prepare(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequ
         else:  # one power of two for queries and gallery together: distances scale, ranks stay
             g = gallery.detach() if has_gallery else None
             q, g = scale_by_power_of_two(embeddings.detach(), together_with=g)
-        return _Problem(q, labels, g, gallery_labels if has_gallery else None, metric, chunk_bytes), ks, finite
+        return _Problem(q, labels, g, gallery_labels if has_gallery else None, metric, chunk_bytes,
+                        relation), ks, finite
 
 
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8),
                       *, gallery: Optional[torch.Tensor] = None, gallery_labels: Optional[torch.Tensor] = None,
                       metric: str = "cosine", chunk_bytes: Optional[int] = None,
-                      progress: bool = False) -> Dict[str, float]:
+                      progress: bool = False, relation: Optional[Relation] = None) -> Dict[str, float]:
     """Retrieval quality of an embedding: R@K, mAP (full ranking), MAP@R and R-precision.
 
     Args:
@@ -360,6 +367,10 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
             budget. Peak memory O(rows · G), never (Q, G): one tile, plus on the torch CPU path its
             candidate list (8 bytes per candidate, usually a few % of the tile's items) and one piece.
         progress: show a tqdm progress bar over the similarity tiles (needs ``tqdm``).
+        relation: optional callable ``relation(labels_chunk, gallery_labels) -> (c, G)`` bool tensor, True
+            where a gallery item is relevant to the query (default None: label equality, or a label in common
+            for multi-hot rows). Called on pieces of queries (about 16 MiB of cells each), never on Q × G at
+            once; the labels are then any tensors of Q and G rows.
 
     Returns:
         ``{"R@1": …, "R@2": …, "mAP": …, "MAP@R": …, "R-precision": …}`` as Python floats, over the
@@ -376,7 +387,7 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
     :data:`~metricloss.ops.labels.MULTI_HOT_PIECE_BYTES`); the relevant items are then ranked as above.
     """
     problem, ks, finite = _prepare(embeddings, labels, ks, gallery, gallery_labels, metric, chunk_bytes,
-                                   "retrieval_metrics")
+                                   "retrieval_metrics", relation)
     with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
         return _retrieval_metrics(problem, ks, finite, chunk_bytes, progress,
                                   compact_candidates(embeddings.device))

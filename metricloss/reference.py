@@ -94,10 +94,13 @@ def _self_mask(n: int, m: int, embeddings: torch.Tensor, ref_embeddings: Optiona
 
 
 def _masks(labels: torch.Tensor, ref_labels: Optional[torch.Tensor],
-           own: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense positive and negative masks; an anchor's own row (``own``) is neither, by index."""
+           own: torch.Tensor, relation=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense positive and negative masks; an anchor's own row (``own``) is neither, by index. ``relation``: a
+    user's relation, called once on all labels."""
     lr = labels if ref_labels is None else ref_labels
-    if labels.dim() == 2:  # multi-hot rows: the same class is a label in common
+    if relation is not None:
+        same = relation(labels, lr)
+    elif labels.dim() == 2:  # multi-hot rows: the same class is a label in common
         same = (labels.to(torch.float64) @ lr.to(torch.float64).T) > 0
     else:
         same = labels[:, None] == lr[None, :]  # compares in the promoted dtype: no narrowing cast
@@ -154,7 +157,7 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
                        ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
                        distance: str = "euclidean", normalize: bool = True,
                        ref_self_index: Optional[torch.Tensor] = None,
-                       tie_dtype: Optional[torch.dtype] = None, form=None) -> LossTerms:
+                       tie_dtype: Optional[torch.dtype] = None, form=None, relation=None) -> LossTerms:
     """Dense :class:`~metricloss.ops.reduction.LossTerms` of :func:`triplet_loss` (per-anchor sums and counts).
 
     ``tie_dtype``: the dtype whose tie band (:func:`metricloss.ops.mining.tie_rtol_slots`) decides semi-hard's
@@ -171,12 +174,12 @@ def triplet_loss_terms(embeddings: torch.Tensor, labels: torch.Tensor, ref_embed
     neither a positive nor a negative.
 
     ``form``: batch-hard's :class:`~metricloss.ops.triplet.TripletForm` (None: hardest positive, margin loss),
-    see :func:`_batch_hard_form_terms`.
+    see :func:`_batch_hard_form_terms`. ``relation``: a user's label relation (called once, on all N × M).
     """
     x, y = _prepare_pair(embeddings, ref_embeddings, distance, normalize)
     d = _dist(x, y, distance)
     pos, neg = _masks(labels, ref_labels, _self_mask(d.shape[0], d.shape[1], embeddings, ref_embeddings,
-                                                     ref_self_index))
+                                                     ref_self_index), relation)
     has_neg = neg.any(1, keepdim=True)
     if mining == "batch_hard" and form is not None and (form.positive != "hardest" or form.loss != "triplet"):
         return _batch_hard_form_terms(d, pos, neg, margin, distance, form)
@@ -257,13 +260,14 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings:
                  ref_labels: Optional[torch.Tensor] = None, margin: Margin = 0.2, mining: str = "batch_hard",
                  distance: str = "euclidean", normalize: bool = True, reduction: str = "mean",
                  ref_self_index: Optional[torch.Tensor] = None, tie_dtype: Optional[torch.dtype] = None,
-                 form=None) -> torch.Tensor:
+                 form=None, relation=None) -> torch.Tensor:
     """Dense triplet loss with the semantics of :func:`metricloss.functional.triplet_loss`
-    (:func:`triplet_loss_terms`, reduced). ``"none"`` returns per-anchor sums; ``tie_dtype`` and ``form`` as
-    there."""
+    (:func:`triplet_loss_terms`, reduced). ``"none"`` returns per-anchor sums; ``tie_dtype``, ``form`` and
+    ``relation`` as there."""
     return _reduce_terms(triplet_loss_terms(embeddings, labels, ref_embeddings, ref_labels, margin=margin, mining=mining,
                                             distance=distance, normalize=normalize,
-                                            ref_self_index=ref_self_index, tie_dtype=tie_dtype, form=form),
+                                            ref_self_index=ref_self_index, tie_dtype=tie_dtype, form=form,
+                                            relation=relation),
                          reduction)
 
 
@@ -518,7 +522,8 @@ def _pow2_scaled(x: torch.Tensor, peak_of: torch.Tensor, rows: bool = False) -> 
 
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8),
                       *, gallery: Optional[torch.Tensor] = None, gallery_labels: Optional[torch.Tensor] = None,
-                      metric: str = "cosine", similarity: Optional[torch.Tensor] = None) -> Dict[str, float]:
+                      metric: str = "cosine", similarity: Optional[torch.Tensor] = None,
+                      relation=None) -> Dict[str, float]:
     """Full-sort retrieval metrics: the dense (Q, G) similarity matrix, every row sorted.
 
     The twin of :func:`metricloss.metrics.retrieval_metrics` (same arguments, same protocol, same
@@ -537,6 +542,8 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
             them here (fp32 products of the normalised rows for cosine, −squared distances from explicit
             differences for Euclidean, identical gallery rows given identical columns). The tests pass the
             chunked path's own similarity tiles, so that both rank bitwise-identical values.
+        relation: as :func:`metricloss.metrics.retrieval_metrics` (called once on all Q × G). Multi-hot
+            (Q, L) / (G, L) labels: relevant iff a label in common.
     """
     ks = (ks,) if isinstance(ks, int) else tuple(ks)
     loo = gallery is None
@@ -559,7 +566,12 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Union[
             similarity = -(diff * diff).sum(-1).float()[:, inverse]
     n_query, n_gallery = similarity.shape
     order = torch.sort(similarity, dim=1, descending=True, stable=True).indices           # (Q, G)
-    relevant = _comparable(g_labels)[order] == _comparable(labels).unsqueeze(1)
+    if relation is not None:
+        relevant = relation(labels, g_labels).gather(1, order)
+    elif labels.dim() == 2:  # multi-hot rows: a label in common
+        relevant = ((labels.double() @ g_labels.double().T) > 0).gather(1, order)
+    else:
+        relevant = _comparable(g_labels)[order] == _comparable(labels).unsqueeze(1)
     if loo:
         not_self = order != torch.arange(n_query, device=order.device).unsqueeze(1)
         relevant &= not_self

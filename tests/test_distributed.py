@@ -120,13 +120,16 @@ def case_easy_positive_forms(rank, world):
 
 
 def case_multi_hot_labels(rank, world):
-    """Multi-hot rows (a label in common: positive): the global loss of every mining and its gradients."""
+    """Multi-hot rows (a label in common: positive): the global loss of every mining and its gradients; and a
+    user's relation on the same rows, carried by the wrapped loss."""
     x, _ = _global_batch(world, 61)
     labels = torch.rand(x.shape[0], 4, generator=torch.Generator().manual_seed(62)) < 0.4
     mine = _my_slice(world, rank)
     for crit in (ml.TripletLoss(reduction="mean"), ml.SCTLoss(reduction="sum"),
                  ml.TripletLoss(mining="batch_all", reduction="mean_nonzero"),
-                 ml.TripletLoss(mining="semi_hard", reduction="none")):
+                 ml.TripletLoss(mining="semi_hard", reduction="none"),
+                 # a user's relation on the same rows: positive when two labels are shared
+                 ml.TripletLoss(mining="batch_all", relation=lambda a, b: a.float() @ b.float().T >= 2)):
         xg = x.clone().requires_grad_()
         ref = crit(xg, labels)
         local = x[mine].clone().requires_grad_()

@@ -79,6 +79,10 @@ def test_matches_brute_force_on_every_path(n, d, width, density, seed, levels, g
                 got = retrieval_metrics(x, y, gallery=gal[0], gallery_labels=gal[1], metric=metric, chunk_bytes=chunk)
             assert_metrics_close(got, want, tol=1e-6 if metric == "euclidean" else 1e-9)
             results.append(got)
+    # the package's dense full-sort twin agrees
+    from metricloss import reference
+    assert_metrics_close(reference.retrieval_metrics(x, y, gallery=gal[0], gallery_labels=gal[1], metric=metric),
+                         want, tol=1e-6 if metric == "euclidean" else 1e-9)
     # bitwise the same on every path and budget
     assert all(r == results[0] or all(math.isnan(a) and math.isnan(b) for a, b in zip(r.values(), results[0].values()))
                for r in results)
@@ -101,14 +105,14 @@ def test_relation_pieces_do_not_change_the_result():
     x, y = torch.randn(200, 8, generator=g), torch.rand(200, 12, generator=g) < 0.2
     want = retrieval_metrics(x, y)
     seen = []
-    real = label_ops.MultiHotIndex.relation_block
+    real = label_ops.RelationIndex.relation_block
 
     def spy(self, rows):
         seen.append(rows.shape[0])
         return real(self, rows)
 
     with mock.patch.object(label_ops, "MULTI_HOT_PIECE_BYTES", 7 * 200 * 21), \
-            mock.patch.object(label_ops.MultiHotIndex, "relation_block", spy):
+            mock.patch.object(label_ops.RelationIndex, "relation_block", spy):
         assert retrieval_metrics(x, y) == want
     assert max(seen) == 7 and len(seen) >= 2 * (200 // 7)
 

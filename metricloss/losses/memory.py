@@ -32,8 +32,8 @@ class CrossBatchMemory(nn.Module):
             torch.distributed).
         dtype: dtype of the stored embeddings (default float32; ``module.to(dtype)`` converts it).
         group: the torch.distributed process group (default: the world), used when one is initialised.
-        num_labels: L for multi-hot labels ((B, L) rows; positive iff a label in common, batch-hard mining
-            only); default None: one integer label per sample.
+        num_labels: L for multi-hot labels ((B, L) rows; positive iff a label in common, every mining);
+            default None: one integer label per sample.
 
     Buffers (in ``state_dict``, moved by ``.to()``): ``embedding_memory`` (memory_size, D), ``label_memory``
     (memory_size,) int64 (or (memory_size, L) bool with ``num_labels``), ``queue_idx`` () int64 (the next

@@ -16,6 +16,7 @@ from ..functional import _triplet
 from ..monitor import CollapseMonitor, TripletStats
 from ..ops.distance import DISTANCES
 from ..ops.reduction import REDUCTIONS, LossTerms
+from ..ops.labels import Relation
 from ..ops.triplet import MININGS
 
 __all__ = ["TripletLoss", "BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss", "SCTLoss",
@@ -59,6 +60,12 @@ class TripletLoss(nn.Module):
         min_similarity: ``"nca"`` counts only anchors with S_ap and S_an above this (default None).
             Settings a form does not use are ignored (``temperature`` by ``"triplet"``, ``hard_threshold`` and
             ``hard_weight`` by all but ``"sct"``, ``min_similarity`` by all but ``"nca"``).
+        relation: optional callable ``relation(labels_chunk, ref_labels) -> (c, M)`` bool tensor, True where
+            reference j is a positive of anchor i, False where it is a negative (default None: label equality,
+            or a label in common for multi-hot rows); e.g. ``lambda a, b: a[:, None] // 10 == b[None, :] // 10``
+            (the same super-class). Called per chunk of anchors, never on all N × M at once; every mining.
+            Labels are then whatever it takes (any tensor of N rows; under ``DistributedLoss`` and
+            ``CrossBatchMemory``, integer (N,) or 0/1 (N, L) rows, what those wrappers carry).
         monitor: watch the training for a collapse and warn once (:class:`~metricloss.CollapseMonitor`):
             True (default, a monitor with default settings), False, or a monitor. It reads the step's
             record every ``check_every`` steps in training mode (on an accelerator one host sync per 10 steps
@@ -70,7 +77,7 @@ class TripletLoss(nn.Module):
 
     Shapes:
         - embeddings: (N, D) float (fp16/bf16/fp32/fp64); labels: (N,) int, or (N, L) multi-hot rows (bool or
-          0/1; batch-hard: positive iff a label in common, negative iff none).
+          0/1; positive iff a label in common, negative iff none), or with ``relation`` any tensor of N rows.
         - ref_embeddings: (M, D), ref_labels: (M,), optional: mine the anchors against this set instead.
         - ref_self_index: (N,) int, optional: the reference row that is anchor i (-1: none).
         - output: () or (N,) for ``reduction="none"``, fp32 (fp64 for fp64 input).
@@ -87,10 +94,12 @@ class TripletLoss(nn.Module):
                  chunk_bytes: Optional[int] = None, *, positive: str = "hardest", loss: str = "triplet",
                  temperature: float = 0.1, hard_threshold: float = 0.8, hard_weight: float = 1.0,
                  duplicate_similarity: Optional[float] = 0.9999, min_similarity: Optional[float] = None,
-                 monitor: Union[bool, CollapseMonitor] = True):
+                 monitor: Union[bool, CollapseMonitor] = True, relation: Optional[Relation] = None):
         """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
+        C.check_relation(relation, where)
+        self.relation = relation
         self.margin = C.check_margin(margin, "margin", where)
         self.mining = C.check_option(mining, "mining", MININGS, where)
         self.distance = C.check_option(distance, "distance", DISTANCES, where)
@@ -119,7 +128,7 @@ class TripletLoss(nn.Module):
         stats = None if compiling else {}
         out = _triplet(type(self).__name__, embeddings, labels, ref_embeddings, ref_labels, self.margin,
                        self.mining, self.distance, self.normalize, reduction, self.backend, self.chunk_bytes,
-                       ref_self_index, self.form, stats)
+                       ref_self_index, self.form, stats, relation=self.relation)
         if compiling:
             return out
         self.last_stats = None
@@ -141,7 +150,7 @@ class TripletLoss(nn.Module):
         Args:
             embeddings: (N, D) anchors, a float tensor (fp16, bf16, fp32 or fp64), N >= 1, D >= 1.
             labels: (N,) integer class labels (any integer dtype, any values, negative ones included), or
-                (N, L) multi-hot rows for batch-hard mining.
+                (N, L) multi-hot rows (a label in common: positive), or with ``relation`` what it takes.
             ref_embeddings: optional (M, D) reference set the anchors are mined against (cross-batch
                 memory, other ranks), same D; given together with ``ref_labels``. Without it the batch
                 is its own reference set and an anchor is never its own positive. Gradients flow to it.
@@ -179,6 +188,8 @@ class TripletLoss(nn.Module):
             extra += f", positive={self.form.positive!r}"
         if self.form.loss != "triplet":
             extra += f", loss={self.form.loss!r}, temperature={self.form.temperature!r}"
+        if self.relation is not None:
+            extra += f", relation={getattr(self.relation, '__name__', type(self.relation).__name__)}"
         return (f"margin={self.margin!r}, mining={self.mining!r}, distance={self.distance!r}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}" + extra)
 
@@ -194,13 +205,14 @@ class BatchHardTripletLoss(TripletLoss):
                  reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, *,
                  positive: str = "hardest", loss: str = "triplet", temperature: float = 0.1,
                  hard_threshold: float = 0.8, hard_weight: float = 1.0, duplicate_similarity: Optional[float] = 0.9999,
-                 min_similarity: Optional[float] = None, monitor: Union[bool, CollapseMonitor] = True):
+                 min_similarity: Optional[float] = None, monitor: Union[bool, CollapseMonitor] = True,
+                 relation: Optional[Relation] = None):
         """Build the loss; every argument, its default and its valid range are in :class:`TripletLoss`'s
         docstring."""
         super().__init__(margin, "batch_hard", distance, normalize, reduction, backend, chunk_bytes,
                          positive=positive, loss=loss, temperature=temperature, hard_threshold=hard_threshold,
                          hard_weight=hard_weight, duplicate_similarity=duplicate_similarity,
-                         min_similarity=min_similarity, monitor=monitor)
+                         min_similarity=min_similarity, monitor=monitor, relation=relation)
 
 
 class BatchAllTripletLoss(TripletLoss):
@@ -212,10 +224,11 @@ class BatchAllTripletLoss(TripletLoss):
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, *,
-                 monitor: Union[bool, CollapseMonitor] = True):
+                 monitor: Union[bool, CollapseMonitor] = True, relation: Optional[Relation] = None):
         """Build the loss; every argument, its default and its valid range are in :class:`TripletLoss`'s
         docstring."""
-        super().__init__(margin, "batch_all", distance, normalize, reduction, backend, chunk_bytes, monitor=monitor)
+        super().__init__(margin, "batch_all", distance, normalize, reduction, backend, chunk_bytes, monitor=monitor,
+                         relation=relation)
 
 
 class SemiHardTripletLoss(TripletLoss):
@@ -227,10 +240,11 @@ class SemiHardTripletLoss(TripletLoss):
 
     def __init__(self, margin: Union[float, str] = 0.2, distance: str = "euclidean", normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", chunk_bytes: Optional[int] = None, *,
-                 monitor: Union[bool, CollapseMonitor] = True):
+                 monitor: Union[bool, CollapseMonitor] = True, relation: Optional[Relation] = None):
         """Build the loss; every argument, its default and its valid range are in :class:`TripletLoss`'s
         docstring."""
-        super().__init__(margin, "semi_hard", distance, normalize, reduction, backend, chunk_bytes, monitor=monitor)
+        super().__init__(margin, "semi_hard", distance, normalize, reduction, backend, chunk_bytes, monitor=monitor,
+                         relation=relation)
 
 
 class SCTLoss(TripletLoss):

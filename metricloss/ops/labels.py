@@ -13,11 +13,11 @@ classes the member table is wider but still bounded by the chunk budget.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["ClassIndex", "AnchorClasses", "MultiHotIndex", "MultiHotAnchors", "comparable_labels", "is_multi_hot",
+__all__ = ["ClassIndex", "AnchorClasses", "RelationIndex", "MultiHotIndex", "MultiHotAnchors", "Relation", "comparable_labels", "is_multi_hot",
            "shares_no_label"]
 
 # sort / searchsorted / type promotion take no uint16, uint32 or uint64: such labels are compared as int64,
@@ -182,10 +182,10 @@ class ClassIndex:
 
 
 class MultiHotAnchors:
-    """Per-anchor relation facts for multi-hot anchors (the :class:`AnchorClasses` of :class:`MultiHotIndex`).
+    """Per-anchor relation facts (the :class:`AnchorClasses` of :class:`RelationIndex`).
 
     Attributes:
-        rows: (n, L) float32 0/1 label rows (the GEMM operand of the relation blocks).
+        rows: the anchors' labels as the relation takes them: (n, L) float32 0/1 rows for multi-hot labels.
         num_pos: (n,) int64 references sharing a label with the anchor, its own row excluded.
         num_neg: (n,) int64 references sharing none, its own row excluded.
         own: (n,) int64 the anchor's own reference row (-1: none), or None when no anchor has one.
@@ -209,31 +209,57 @@ class MultiHotAnchors:
         return (self.num_pos > 0) & (self.num_neg > 0)
 
 
-class MultiHotIndex:
-    """Reference multi-hot rows (M, L): the :class:`ClassIndex` of set-valued labels.
+#: A user-given relation: ``relation(labels_chunk, ref_labels) -> (c, M) bool``, True where reference j is a
+#: positive of anchor i (the same class), False where it is a negative.
+Relation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    Reference j is a positive of anchor i when they share a label and a negative when they share none (the
-    anchor's own row, by index, is neither). The relation of a chunk of anchors is one small GEMM of the 0/1
-    label rows (:func:`shares_no_label`), recomputed per chunk, so no (N, M) mask is ever kept; the
-    positives of each anchor are then a padded member table in increasing index order, as
-    :meth:`ClassIndex.positive_table` gives them (so ties resolve to the first index the same way).
+
+class RelationIndex:
+    """The :class:`ClassIndex` of any relation between labels: multi-hot rows (a label in common), or a
+    user-given ``relation``.
+
+    Reference j is a positive of anchor i when the relation holds and a negative when it does not (the
+    anchor's own row, by index, is neither). The relation of a chunk of anchors is computed per piece of
+    anchors (:data:`MULTI_HOT_PIECE_BYTES`), so no (N, M) mask is ever kept; the positives of each anchor are
+    then a padded member table in increasing index order, as :meth:`ClassIndex.positive_table` gives them (so
+    ties resolve to the first index the same way).
 
     Args:
-        ref_labels: (M, L) bool or 0/1 rows.
+        ref_labels: (M, L) bool or 0/1 rows (``relation`` None), or for a ``relation`` any tensor whose first
+            dimension is M.
+        relation: None (multi-hot rows: one small GEMM of the 0/1 rows per piece, exact counts in fp32 up to
+            2^24 labels), or a callable ``relation(labels[i0:i1], ref_labels) -> (i1 − i0, M) bool``.
     """
 
-    def __init__(self, ref_labels: torch.Tensor):
+    def __init__(self, ref_labels: torch.Tensor, relation: Optional[Relation] = None):
         self.num_refs = int(ref_labels.shape[0])
-        self.ref_rows = ref_labels.to(torch.float32)
+        self.relation = relation
+        self.ref_rows = ref_labels if relation is not None else ref_labels.to(torch.float32)
 
     @property
     def piece_rows(self) -> int:
         """Anchor rows per relation piece (:data:`MULTI_HOT_PIECE_BYTES`; at least 1)."""
         return max(1, MULTI_HOT_PIECE_BYTES // max(1, _RELATION_BYTES_PER_CELL * self.num_refs))
 
+    def anchor_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """The anchors' labels as :meth:`relation_block` takes them (fp32 0/1 rows for multi-hot)."""
+        return labels if self.relation is not None else labels.to(torch.float32)
+
     def relation_block(self, rows: torch.Tensor) -> torch.Tensor:
-        """(c, M) bool: anchor row i shares a label with reference j (``rows``: (c, L) float32 0/1)."""
-        return torch.mm(rows, self.ref_rows.T) > 0
+        """(c, M) bool: reference j is a positive of anchor row i (``rows``: :meth:`anchor_rows` of c anchors)."""
+        if self.relation is None:
+            return torch.mm(rows, self.ref_rows.T) > 0
+        block = self.relation(rows, self.ref_rows)
+        want = (rows.shape[0], self.num_refs)
+        if not isinstance(block, torch.Tensor) or block.dtype != torch.bool or tuple(block.shape) != want:
+            got = (f"{block.dtype} tensor of shape {tuple(block.shape)}" if isinstance(block, torch.Tensor)
+                   else type(block).__name__)
+            raise ValueError(f"metricloss: `relation(labels[i0:i1], ref_labels)` must return a bool tensor of "
+                             f"shape {want} (True: positive, False: negative), got a {got}")
+        if block.device != rows.device:
+            raise ValueError(f"metricloss: `relation` returned a tensor on {block.device}; the labels are on "
+                             f"{rows.device}")
+        return block
 
     def _clear_own_(self, block: torch.Tensor, own: Optional[torch.Tensor], value: bool = False) -> torch.Tensor:
         """Write ``value`` into each row's own column (where it has one): an O(c) write by index."""
@@ -246,22 +272,28 @@ class MultiHotIndex:
 
     def anchor_classes(self, labels: torch.Tensor, self_ref: bool = False,
                        self_index: Optional[torch.Tensor] = None) -> MultiHotAnchors:
-        """Relation facts for anchors with multi-hot ``labels`` (n, L); the arguments as
+        """Relation facts for anchors with ``labels`` (n, ...); the arguments as
         :meth:`ClassIndex.anchor_classes`. The counts come from one pass of relation blocks in pieces of
         :data:`MULTI_HOT_PIECE_BYTES`."""
-        rows = labels.to(torch.float32)
+        rows = self.anchor_rows(labels)
         n, m = rows.shape[0], self.num_refs
-        own = (torch.arange(n, device=rows.device) if self_ref else self_index)
-        count = torch.empty(n, dtype=torch.int64, device=rows.device)
+        device = rows.device
+        own = (torch.arange(n, device=device) if self_ref else self_index)
+        count = torch.empty(n, dtype=torch.int64, device=device)
+        own_related = torch.zeros(n, dtype=torch.bool, device=device)
         step = self.piece_rows
         for s in range(0, n, step):
-            count[s:s + step] = self.relation_block(rows[s:s + step]).sum(1)
+            block = self.relation_block(rows[s:s + step])
+            count[s:s + step] = block.sum(1)
+            if own is not None:
+                mine = own[s:s + step]
+                related = block.gather(1, mine.clamp_min(0).unsqueeze(1)).squeeze(1)
+                own_related[s:s + step] = related & (mine >= 0)
         if own is None:
             return MultiHotAnchors(rows, count, m - count, None)
         has_own = own >= 0
-        own_shares = has_own & ((rows * self.ref_rows[own.clamp_min(0)]).sum(1) > 0)
-        num_pos = count - own_shares.to(count.dtype)
-        num_neg = m - count - (has_own & ~own_shares).to(count.dtype)
+        num_pos = count - own_related.to(count.dtype)
+        num_neg = m - count - (has_own & ~own_related).to(count.dtype)
         return MultiHotAnchors(rows, num_pos, num_neg, own)
 
     def max_positives(self, cls: MultiHotAnchors) -> int:
@@ -286,3 +318,11 @@ class MultiHotIndex:
             members[s:s + len(part)].scatter_(1, slot, cols.expand(len(part), m))
         valid = torch.arange(width, device=device).unsqueeze(0) < cls.num_pos.unsqueeze(1)
         return members[:, :width].contiguous(), valid
+
+
+class MultiHotIndex(RelationIndex):
+    """:class:`RelationIndex` of multi-hot rows (M, L): reference j is a positive of anchor i when they share
+    a label, a negative when they share none."""
+
+    def __init__(self, ref_labels: torch.Tensor):
+        super().__init__(ref_labels, None)

@@ -18,7 +18,7 @@ import torch
 
 from .._backend import _warn_once, resolve_backend
 from .distance import GramFactors, canonical_columns_dense, prepare_embeddings, promote_pair
-from .labels import AnchorClasses, ClassIndex, comparable_labels, is_multi_hot, shares_no_label
+from .labels import AnchorClasses, ClassIndex, Relation, RelationIndex, comparable_labels, is_multi_hot, shares_no_label
 from .reduction import row_argmax, row_argmin
 
 __all__ = [
@@ -335,18 +335,21 @@ def batch_hard_dense(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref
 def batch_hard_indices_multi_hot(a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
                                  self_ref: bool, distance: str, chunk_bytes: Optional[int],
                                  self_index: Optional[torch.Tensor] = None, positive: str = "hardest",
-                                 dup_key: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                                 dup_key: Optional[float] = None,
+                                 relation: Optional[Relation] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`batch_hard_indices` for multi-hot labels: a reference is a positive of an anchor when they
     share a label and a negative when they share none, chunked under ``chunk_bytes``.
 
     Each anchor chunk builds its (c, M) Gram key (the same GEMM and canonical columns as the single-label
-    engine, so the same tie rules) and its (c, M) relation block (:func:`~metricloss.ops.labels.shares_no_label`,
+    engine, so the same tie rules) and its (c, M) relation block (:meth:`~metricloss.ops.labels.RelationIndex.relation_block`,
     a GEMM of the chunk's label rows with the references'), selects, and drops both: no (N, M) tensor.
 
     Args:
         a: (N, D) prepared anchors; r: (M, D) prepared references (``a`` itself when ``self_ref``).
         labels: (N, L) and ref_labels: (M, L) multi-hot rows (bool or 0/1).
         self_index, positive, dup_key: as :func:`batch_hard_indices`.
+        relation: a user's relation instead of "a label in common" (:class:`~metricloss.ops.labels.RelationIndex`;
+            the labels are then any tensors of N and M rows).
 
     Returns:
         ``(pos_idx, neg_idx)``: int64 (N,), -1 where the anchor has no positive / no negative.
@@ -358,13 +361,14 @@ def batch_hard_indices_multi_hot(a: torch.Tensor, r: torch.Tensor, labels: torch
     gram = GramFactors(a, r, distance, canonical=True)
     pos_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     neg_idx = torch.full((n,), -1, dtype=torch.int64, device=a.device)
-    ref_rows = ref_labels.to(torch.float32)  # converted once, not per chunk (shares_no_label's GEMM operand)
+    index = RelationIndex(ref_labels, relation)  # the reference rows converted once, not per chunk
+    anchor_rows = index.anchor_rows(labels)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         key = gram.raw_block(s, e)
         # "not a positive": no label in common; "not a negative": one in common; the own column is neither
         # (an O(c) write by index, not an (c, M) comparison)
-        not_positive = shares_no_label(labels[s:e], ref_rows)
+        not_positive = ~index.relation_block(anchor_rows[s:e])
         not_negative = ~not_positive
         own = own_columns(s, e, self_ref, self_index, a.device)
         if own is not None:

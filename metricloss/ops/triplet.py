@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .distance import (GramFactors, Rows, gram_backward, paired_distance, safe_sqrt, scale_distance_weights_,
                        sqrt_rn, sqrt_rn_)
-from .labels import ClassIndex, MultiHotIndex, is_multi_hot
+from .labels import ClassIndex, Relation, RelationIndex, is_multi_hot
 from .mining import (batch_hard_dense, batch_hard_fits_one_block, batch_hard_indices, batch_hard_indices_multi_hot,
                      batch_hard_indices_triton, duplicate_key, mask_own_class_, rows_per_chunk, semi_hard_negative_idx, tie_rtol_slots,
                      triton_or_torch_for_multi_hot, triton_or_torch_for_positive, triton_or_torch_for_self_index,
@@ -154,11 +154,12 @@ def _check_labels_once(path: str, ref_labels: torch.Tensor, self_ref: bool) -> N
 def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_labels: torch.Tensor,
                       self_ref: bool, self_index: Optional[torch.Tensor], margin: Margin, distance: str,
                       chunk_bytes: Optional[int], backend: str, mining_dtype: torch.dtype,
-                      form: TripletForm = DEFAULT_FORM, stats: Optional[dict] = None) -> LossTerms:
+                      form: TripletForm = DEFAULT_FORM, stats: Optional[dict] = None,
+                      relation: Optional[Relation] = None) -> LossTerms:
     dup_key = duplicate_key(distance, form.duplicate_similarity) if form.positive == "easiest" else None
     with torch.no_grad():
         requested = backend
-        multi_hot = is_multi_hot(labels)
+        multi_hot = relation is not None or is_multi_hot(labels)
         backend = triton_or_torch_for_self_index(backend, self_index, requested, "triplet_loss")
         backend = triton_or_torch_for_positive(backend, form.positive, requested, "triplet_loss")
         backend = triton_or_torch_for_multi_hot(backend, multi_hot, requested, "triplet_loss")
@@ -168,8 +169,8 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
                                                          r.detach().to(mining_dtype), ref_labels, self_ref, distance)
             valid = (pos_idx >= 0) & (neg_idx >= 0)
             idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
-        elif batch_hard_fits_one_block(a.shape[0], r.shape[0], a.element_size(), chunk_bytes,
-                                       cpu=host_reads_are_free(a)):
+        elif relation is None and batch_hard_fits_one_block(a.shape[0], r.shape[0], a.element_size(), chunk_bytes,
+                                                            cpu=host_reads_are_free(a)):
             # small batches: one dense block, no host read (see batch_hard_dense)
             if not multi_hot:
                 _check_labels_once("dense", ref_labels, self_ref)
@@ -181,7 +182,8 @@ def _batch_hard_terms(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, re
             idx = torch.stack([pos_idx, neg_idx])
         elif multi_hot:
             pos_idx, neg_idx = batch_hard_indices_multi_hot(a.detach(), r.detach(), labels, ref_labels, self_ref,
-                                                            distance, chunk_bytes, self_index, form.positive, dup_key)
+                                                            distance, chunk_bytes, self_index, form.positive, dup_key,
+                                                            relation)
             valid = (pos_idx >= 0) & (neg_idx >= 0)
             idx = torch.stack([pos_idx, neg_idx]).clamp_min_(0)
         else:
@@ -587,14 +589,15 @@ class _BlockTripletPlan:
 
     def __init__(self, a: torch.Tensor, r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
                  self_ref: bool, self_index: Optional[torch.Tensor], mining: str, margin: Margin, distance: str,
-                 chunk_bytes: Optional[int]):
+                 chunk_bytes: Optional[int], relation: Optional[Relation] = None):
         self.self_ref, self.mining, self.margin, self.distance = self_ref, mining, margin, distance
         self.self_index = None if self_ref else self_index
         # multi-hot rows (N, L): positive iff a label in common; the member table is built per chunk from the
         # chunk's relation GEMM (MultiHotIndex), and everything downstream is the single-label engine's
-        self.multi_hot = is_multi_hot(labels)
+        # (and a user's relation: the same, with its blocks)
+        self.multi_hot = relation is not None or is_multi_hot(labels)
         if self.multi_hot:
-            self.index = MultiHotIndex(ref_labels)
+            self.index = RelationIndex(ref_labels, relation)
             self.cls = self.index.anchor_classes(labels, self_ref, self.self_index)
             self.width = self.index.max_positives(self.cls)
             warn_if_no_valid_multi_hot(self.cls.valid, f"triplet_loss ({mining})")
@@ -937,9 +940,10 @@ class BlockTripletLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode):
+    def forward(a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode,
+                relation):
         plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, self_index, mining, margin, distance,
-                                 chunk_bytes)
+                                 chunk_bytes, relation)
         precompute = grad_mode != "recompute"
         sums, nonzero, grad_a, grad_r = _run_chunks(plan, a, r, precompute)
         if not precompute:
@@ -950,30 +954,31 @@ class BlockTripletLoss(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode = inputs
+        a, r, labels, ref_labels, self_index, self_ref, mining, margin, distance, chunk_bytes, grad_mode, relation = \
+            inputs
         _, num_terms, nonzero, grad_a, grad_r = output
         ctx.mark_non_differentiable(num_terms, nonzero, grad_a, grad_r)
         ctx.grad_mode = grad_mode
-        ctx.options = (self_ref, mining, margin, distance, chunk_bytes)
+        ctx.options = (self_ref, mining, margin, distance, chunk_bytes, relation)
         ctx.save_for_backward(grad_a, grad_r, a, r, labels, ref_labels, self_index)
 
     @staticmethod
     def backward(ctx, grad_sums, *unused):
         grad_a, grad_r, a, r, labels, ref_labels, self_index = ctx.saved_tensors
         if grad_sums is None:
-            return (None,) * 11
+            return (None,) * 12
         if ctx.grad_mode == "uniform" or (ctx.grad_mode == "check" and bool((grad_sums == grad_sums[0]).all())):
             g = grad_sums[0]
             folded = grad_r.shape != r.shape
             grads = _refuse_double_backward((grad_a * g, None if folded else grad_r * g), (a, r))
         else:
-            self_ref, mining, margin, distance, chunk_bytes = ctx.options
+            self_ref, mining, margin, distance, chunk_bytes, relation = ctx.options
             with torch.no_grad():
                 plan = _BlockTripletPlan(a, r, labels, ref_labels, self_ref, self_index, mining, margin, distance,
-                                         chunk_bytes)
+                                         chunk_bytes, relation)
                 _, _, grad_a, grad_r = _run_chunks(plan, a, r, True, row_scale=grad_sums)
             grads = _refuse_double_backward((grad_a, grad_r), (a, r))
-        return grads + (None,) * 9
+        return grads + (None,) * 10
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -989,7 +994,8 @@ def triplet_loss_terms_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor
                           self_ref: bool, margin: Margin, mining: str, distance: str, chunk_bytes: Optional[int],
                           backend: str = "torch", mining_dtype: torch.dtype = torch.float32,
                           self_index: Optional[torch.Tensor] = None, grad_mode: str = "check",
-                          form: TripletForm = DEFAULT_FORM, stats: Optional[dict] = None) -> LossTerms:
+                          form: TripletForm = DEFAULT_FORM, stats: Optional[dict] = None,
+                          relation: Optional[Relation] = None) -> LossTerms:
     """Unreduced triplet loss on prepared inputs (accumulation dtype, normalised if asked).
 
     Args:
@@ -1004,18 +1010,20 @@ def triplet_loss_terms_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor
         form: batch-hard's positive and loss form (:class:`TripletForm`; the other minings take the default).
         stats: a dict to fill with the step's selected distances for a collapse monitor (batch-hard:
             ``d`` (2, N) detached d_ap and d_an, ``valid`` (N,) the anchors that count); no extra kernel.
+        relation: a user's label relation (:data:`~metricloss.ops.labels.Relation`), or None.
 
     Returns:
         :class:`~metricloss.ops.reduction.LossTerms`.
     """
     if mining == "batch_hard":
         terms = _batch_hard_terms(a, labels, r, ref_labels, self_ref, self_index, margin, distance, chunk_bytes,
-                                  backend, mining_dtype, form, stats)
+                                  backend, mining_dtype, form, stats, relation)
     else:
         if not (torch.is_grad_enabled() and (a.requires_grad or r.requires_grad)):
             grad_mode = "recompute"  # no backward will run: skip the gradient pass
         sums, num_terms, nonzero, _, _ = BlockTripletLoss.apply(a, r, labels, ref_labels, self_index, self_ref,
-                                                                mining, margin, distance, chunk_bytes, grad_mode)
+                                                                mining, margin, distance, chunk_bytes, grad_mode,
+                                                                relation)
         terms = LossTerms(sums, num_terms, nonzero)
     if stats is not None:
         stats.update(num_terms=terms.num_terms, num_nonzero=terms.num_nonzero)
@@ -1027,7 +1035,7 @@ def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_
                     chunk_bytes: Optional[int], backend: str = "torch",
                     mining_dtype: torch.dtype = torch.float32,
                     self_index: Optional[torch.Tensor] = None, form: TripletForm = DEFAULT_FORM,
-                    stats: Optional[dict] = None) -> torch.Tensor:
+                    stats: Optional[dict] = None, relation: Optional[Relation] = None) -> torch.Tensor:
     """Triplet loss on prepared inputs: :func:`triplet_loss_terms_op` reduced with ``reduction``.
 
     Returns:
@@ -1036,5 +1044,5 @@ def triplet_loss_op(a: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, ref_
     terms = triplet_loss_terms_op(a, labels, r, ref_labels, self_ref, margin, mining, distance, chunk_bytes,
                                   backend, mining_dtype, self_index,
                                   grad_mode="recompute" if reduction == "none" else "uniform", form=form,
-                                  stats=stats)
+                                  stats=stats, relation=relation)
     return terms.reduce(reduction)

@@ -6,6 +6,7 @@ package's dense ``pairwise_distance``, the selection by explicit loops.
 """
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 import metricloss as ml
 import metricloss.functional as MF
 from metricloss import reference
+from metricloss.ops import labels as label_ops
 from metricloss.ops import mining as mining_ops
 
 SMALL_CHUNKS = 2_000  # several chunks of the multi-hot engine, and no one-block path
@@ -140,12 +142,14 @@ def test_the_relation_is_computed_per_chunk():
     g = torch.Generator().manual_seed(2)
     x, labels = torch.randn(64, 4, generator=g, dtype=torch.float64), torch.rand(64, 3, generator=g) < 0.4
     seen = []
-    real = mining_ops.shares_no_label
-    try:
-        mining_ops.shares_no_label = lambda a, r: seen.append(tuple(a.shape[:1]) + tuple(r.shape[:1])) or real(a, r)
+    real = label_ops.RelationIndex.relation_block
+
+    def spy(self, rows):
+        seen.append((rows.shape[0], self.num_refs))
+        return real(self, rows)
+
+    with mock.patch.object(label_ops.RelationIndex, "relation_block", spy):
         mining_ops.batch_hard_indices_multi_hot(x, x, labels, labels, True, "euclidean", 64 * 64)
-    finally:
-        mining_ops.shares_no_label = real
     assert len(seen) > 1 and all(rows < 64 and cols == 64 for rows, cols in seen)
 
 

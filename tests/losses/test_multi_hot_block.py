@@ -165,13 +165,13 @@ def test_the_relation_is_computed_per_chunk():
     g = torch.Generator().manual_seed(2)
     x, labels = torch.randn(64, 4, generator=g, dtype=torch.float64), torch.rand(64, 3, generator=g) < 0.4
     seen = []
-    real = label_ops.MultiHotIndex.relation_block
+    real = label_ops.RelationIndex.relation_block
 
     def spy(self, rows):
         seen.append((rows.shape[0], self.num_refs))
         return real(self, rows)
 
-    with mock.patch.object(label_ops.MultiHotIndex, "relation_block", spy), \
+    with mock.patch.object(label_ops.RelationIndex, "relation_block", spy), \
             mock.patch.object(label_ops, "MULTI_HOT_PIECE_BYTES", 16 * 64 * 21):
         for mining in ("batch_all", "semi_hard"):
             MF.triplet_loss(x, labels, mining=mining, chunk_bytes=64 * 64 * 4)
