@@ -9,7 +9,10 @@ default ``TripletLoss``), for each of ``--minings`` (default batch-hard, batch-a
 
 * ``single``: P×K with K = 4, one integer label per sample (the single-label engine);
 * ``multi_hot``: (N, L) rows with L = ``--labels`` (default 32), each label on with probability
-  ``--density`` (default 0.06: about 11% of the batch are an anchor's positives, a far larger problem).
+  ``--density`` (default 0.06: about 11% of the batch are an anchor's positives, a far larger problem);
+* ``single_wide``: one integer label per sample again, in classes as large as ``multi_hot``'s mean number of
+  positives plus one: the same size of problem on the single-label engine, so ``multi_hot`` against it is
+  the cost of the relation itself.
 
 The multi-hot engine computes, per anchor chunk, the relation as a GEMM of the label rows: O(N·M·L), so for
 L well above D it costs more than the distances. Each configuration
@@ -30,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-KINDS = ("single", "multi_hot")
+KINDS = ("single", "multi_hot", "single_wide")
 
 
 def case(kind: str, n: int, dim: int = 128, labels: int = 32, density: float = 0.06, mining: str = "batch_hard"):
@@ -43,6 +46,9 @@ def case(kind: str, n: int, dim: int = 128, labels: int = 32, density: float = 0
     y = (torch.arange(n) // 4)[torch.randperm(n, generator=g)]
     if kind == "multi_hot":
         y = torch.rand(n, labels, generator=g) < density
+    elif kind == "single_wide":
+        size = max(2, round(mean_positives("multi_hot", n, labels, density)) + 1)
+        y = (torch.arange(n) // size)[torch.randperm(n, generator=g)]
     if mining == "metrics":
         from metricloss.metrics import retrieval_metrics
 
@@ -62,6 +68,9 @@ def mean_positives(kind: str, n: int, labels: int, density: float) -> float:
     labels: the size of the problem, which multi-hot labels change (batch-all and semi-hard scale with it)."""
     if kind == "single":
         return 3.0
+    if kind == "single_wide":
+        size = max(2, round(mean_positives("multi_hot", n, labels, density)) + 1)
+        return float(sum(min(size, n - s) * (min(size, n - s) - 1) for s in range(0, n, size)) / n)
     g = torch.Generator().manual_seed(n)
     torch.randn(n, 128, generator=g)
     torch.randperm(n, generator=g)
@@ -89,7 +98,8 @@ def main() -> None:
           f"D=128, multi-hot L={args.labels}, density {args.density}; median of {args.repeats} after 1 warm-up")
     print("| mining | N | labels | positives per anchor | s / step | peak extra MiB | time vs single |\n"
           "|---|---|---|---|---|---|---|")
-    names = {"single": "P×K, one per sample", "multi_hot": f"multi-hot, L = {args.labels}"}
+    names = {"single": "P×K, one per sample", "multi_hot": f"multi-hot, L = {args.labels}",
+             "single_wide": "one per sample, classes as large"}
     for mining in args.minings:
         for n in args.sizes:
             res = {}
