@@ -958,6 +958,8 @@ class BlockTripletLoss(torch.autograd.Function):
             inputs
         _, num_terms, nonzero, grad_a, grad_r = output
         ctx.mark_non_differentiable(num_terms, nonzero, grad_a, grad_r)
+        # the outputs without a gradient arrive as None, not as zeros (four kernels a step)
+        ctx.set_materialize_grads(False)
         ctx.grad_mode = grad_mode
         ctx.options = (self_ref, mining, margin, distance, chunk_bytes, relation)
         ctx.save_for_backward(grad_a, grad_r, a, r, labels, ref_labels, self_index)
