@@ -47,8 +47,7 @@ def case(kind: str, n: int, dim: int = 128, labels: int = 32, density: float = 0
     if kind == "multi_hot":
         y = torch.rand(n, labels, generator=g) < density
     elif kind == "single_wide":
-        size = max(2, round(mean_positives("multi_hot", n, labels, density)) + 1)
-        y = (torch.arange(n) // size)[torch.randperm(n, generator=g)]
+        y = (torch.arange(n) // _wide_class_size(n, labels, density))[torch.randperm(n, generator=g)]
     if mining == "metrics":
         from metricloss.metrics import retrieval_metrics
 
@@ -63,13 +62,18 @@ def case(kind: str, n: int, dim: int = 128, labels: int = 32, density: float = 0
     return step
 
 
+def _wide_class_size(n: int, labels: int, density: float) -> int:
+    """Class size of ``single_wide``: multi-hot's mean number of positives per anchor plus the anchor."""
+    return max(2, round(mean_positives("multi_hot", n, labels, density)) + 1)
+
+
 def mean_positives(kind: str, n: int, labels: int, density: float) -> float:
     """Mean number of positives (references sharing a label, self excluded) per anchor of :func:`case`'s
     labels: the size of the problem, which multi-hot labels change (batch-all and semi-hard scale with it)."""
     if kind == "single":
         return 3.0
     if kind == "single_wide":
-        size = max(2, round(mean_positives("multi_hot", n, labels, density)) + 1)
+        size = _wide_class_size(n, labels, density)
         return float(sum(min(size, n - s) * (min(size, n - s) - 1) for s in range(0, n, size)) / n)
     g = torch.Generator().manual_seed(n)
     torch.randn(n, 128, generator=g)

@@ -135,7 +135,8 @@ class _GroupDeal(Sampler[List[int]]):
     # what a subclass provides -------------------------------------------------------------------------
 
     def _class_groups(self, c: int, gen: torch.Generator) -> List[torch.Tensor]:
-        raise NotImplementedError
+        """The epoch's groups of K samples of class c; each sampler defines how it cuts its classes."""
+        raise NotImplementedError(f"{type(self).__name__} must define _class_groups (a sampler's own grouping)")
 
     def _fresh_group(self, c: int, gen: torch.Generator) -> torch.Tensor:
         """K samples of class c drawn anew (without replacement when the class has K or more)."""
