@@ -309,6 +309,10 @@ triplet_loss_terms.__doc__ = """The unreduced pieces of :func:`triplet_loss`, fo
 
 RankWeight = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
+# WARP's backends: the chunked torch path and the Triton kernel (its dense reference is
+# :func:`metricloss.reference.warp_loss`, its loop :func:`metricloss.reference.warp_loss_loop`)
+_WARP_BACKENDS = ("auto", "torch", "triton")
+
 
 def check_warp_options(where: str, margin: object, max_trials: object, mode: object, rank_weight: object,
                        reduction: object) -> Tuple[float, Optional[int]]:
@@ -337,7 +341,7 @@ def _check_warp_labels(labels: object, scores: torch.Tensor, where: str) -> None
 
 def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0, max_trials: Optional[int] = None,
               mode: str = "sampled", rank_weight: RankWeight = "harmonic", reduction: str = "mean",
-              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+              generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
     """WARP loss (Weston, Bengio, Usunier 2011) on scores/logits, vectorised over rows and trials.
 
     Every (row, positive label) pair is an example; its negatives 𝒩 are the labels not in the row's
@@ -351,11 +355,14 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
     * ``mode="sampled"`` (default, the paper's estimator): draw negatives uniformly and independently,
       *with replacement*, until the first violator or ``max_trials`` draws. If found at trial N, the
       example's loss is L(⌊|𝒩|/N⌋) · z_chosen with the weight a detached constant, so the gradient
-      reaches only s_p and s_chosen. All rows and trials are drawn in a few vectorised blocks (one RNG
-      call each, memory bounded by a 64 MiB budget, ``METRICLOSS_CHUNK_BYTES``), examples leaving as soon
-      as they find their violator; examples without any violator are detected exactly and skip drawing.
-      The (trial count, violator) pair has exactly the law of the paper's sequential loop
-      (:func:`metricloss.reference.warp_loss_loop`).
+      reaches only s_p and s_chosen. The (trial count, violator) pair has exactly the law of the paper's
+      sequential loop (:func:`metricloss.reference.warp_loss_loop`). With one label per row it is drawn
+      from that law directly: the row's r violators are counted, N is geometric with p = r/|𝒩| truncated
+      at ``max_trials``, the violator uniform among the r (two uniforms per row, one RNG call; no host
+      read: a native CPU loop over rows, a fixed sequence of torch ops, or one Triton kernel on CUDA).
+      Multi-hot rows draw their trials in a few vectorised blocks (one RNG call each, memory bounded by a
+      64 MiB budget, ``METRICLOSS_CHUNK_BYTES``), examples leaving as soon as they find their violator;
+      examples without any violator are detected exactly and skip drawing.
     * ``mode="exact"``: r = number of violators, loss L(r)/r · Σ_{violators} z_j (0 when r = 0). No RNG.
       Row chunks; multi-hot rows cost one pass per positive (O(K·B·C) for K positives per row).
 
@@ -376,6 +383,11 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
             ``"none"`` ((B,) per row; a multi-hot row sums its positives).
         generator: a ``torch.Generator`` on the scores' device for reproducible draws; None uses the
             global generator. Ignored by ``"exact"``.
+        backend: ``"auto"`` (default: the Triton kernel for CUDA scores where it serves the call, sampled
+            mode with one label per row and a built-in ``rank_weight``; the torch path otherwise),
+            ``"torch"`` or ``"triton"`` (falls back to torch with a warning where it cannot serve). The
+            paths draw from the same law; for the same uniforms they pick the same violators, so a loss
+            differs between them only by the rounding of the final sum.
 
     Returns:
         A scalar (or (B,) for ``"none"``) in fp32, fp64 for fp64 scores. NaN or Inf in ``scores`` gives
@@ -386,11 +398,10 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
     _check_warp_labels(labels, scores, where)
     margin, max_trials = check_warp_options(where, margin, max_trials, mode, rank_weight, reduction)
     C.check_generator(generator, scores.device, "generator", where)
+    C.check_option(backend, "backend", _WARP_BACKENDS, where)
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        loss = _warp.warp_loss_op(scores, labels, margin, max_trials, mode, rank_weight, reduction, generator)
-        # the extremes are finite iff every score is: one pass over the scores, no (B, C) temporary
-        lo, hi = torch.aminmax(scores.detach())
-        return mask_nonfinite(loss, lo, hi)
+        return _warp.warp_loss_op(scores, labels, margin, max_trials, mode, rank_weight, reduction, generator,
+                                  backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------

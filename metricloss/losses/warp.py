@@ -30,6 +30,8 @@ class WARPLoss(nn.Module):
         reduction: ``"mean"`` (default; over the B rows), ``"sum"`` or ``"none"`` ((B,) per row).
         generator: optional ``torch.Generator`` used for every draw (reproducible training); None uses
             the global generator.
+        backend: ``"auto"`` (default: the Triton kernel for CUDA scores in sampled mode with one label per
+            row and a built-in ``rank_weight``), ``"torch"`` or ``"triton"``.
 
     Shapes:
         - scores: (B, C) float (fp16/bf16/fp32/fp64), C >= 2.
@@ -45,7 +47,7 @@ class WARPLoss(nn.Module):
 
     def __init__(self, margin: float = 1.0, max_trials: Optional[int] = None, mode: str = "sampled",
                  rank_weight: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "harmonic",
-                 reduction: str = "mean", generator: Optional[torch.Generator] = None):
+                 reduction: str = "mean", generator: Optional[torch.Generator] = None, backend: str = "auto"):
         """Build the loss; every argument, its default and its valid range are in the class docstring."""
         super().__init__()
         where = type(self).__name__
@@ -54,6 +56,7 @@ class WARPLoss(nn.Module):
         self.rank_weight = rank_weight
         self.reduction = reduction
         self.generator = C.check_generator(generator, None, "generator", where)
+        self.backend = C.check_option(backend, "backend", ("auto", "torch", "triton"), where)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The WARP loss of a batch of scores.
@@ -75,11 +78,11 @@ class WARPLoss(nn.Module):
             TypeError, ValueError: bad dtypes, shapes or label values, named in the message.
         """
         return warp_loss(scores, labels, margin=self.margin, max_trials=self.max_trials, mode=self.mode,
-                         rank_weight=self.rank_weight, reduction=self.reduction, generator=self.generator)
+                         rank_weight=self.rank_weight, reduction=self.reduction, generator=self.generator, backend=self.backend)
 
     def extra_repr(self) -> str:
         """The constructor arguments, as ``repr(module)`` shows them."""
         weight = self.rank_weight if isinstance(self.rank_weight, str) else getattr(
             self.rank_weight, "__name__", type(self.rank_weight).__name__)
         return (f"margin={self.margin!r}, max_trials={self.max_trials!r}, mode={self.mode!r}, "
-                f"rank_weight={weight!r}, reduction={self.reduction!r}")
+                f"rank_weight={weight!r}, reduction={self.reduction!r}, backend={self.backend!r}")

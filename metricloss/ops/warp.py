@@ -13,7 +13,11 @@ z_j = s_j + (m − s_p) and j *violates* when z_j > 0 (strict). The rank-to-loss
   replacement*, stop at the first violator, N = its trial number, ℓ = L(⌊|𝒩|/N⌋) · z_chosen. The weight
   is a detached constant, so the gradient reaches only s_p (−w) and s_chosen (+w).
 
-The sampled estimator keeps the paper's law exactly while bounding memory (``max_trials=None`` means
+One label per row: the loop's outcome is drawn from its law (:func:`single_violators_by_law`; natively on
+CPU, :class:`SampledWARPKernelLoss`'s Triton kernels on CUDA): r violators counted, N geometric with p =
+r/|𝒩| truncated at ``max_trials``, the violator uniform among the r, from two uniforms per row; no host read.
+
+Multi-hot rows: the sampled estimator keeps the paper's law exactly while bounding memory (``max_trials=None`` means
 |𝒩| trials: 4·10⁸ draws at B=4096, C=10⁵, too many to hold at once):
 
 1. Examples without any violator are found exactly with one chunked pass (the row's largest negative
@@ -42,14 +46,16 @@ is the shift above.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple, Union
+import collections
+from typing import Callable, Hashable, List, Optional, Tuple, Union
 
 import torch
 
+from .._backend import resolve_backend
 from .autograd import linked_to_inputs, scaled_saved_gradients
 from .distance import accumulation_dtype
 from .mining import default_chunk_bytes, rows_per_chunk
-from .reduction import reduce_loss
+from .reduction import mask_nonfinite, reduce_loss
 
 __all__ = [
     "MODES",
@@ -62,9 +68,12 @@ __all__ = [
     "rank_weights",
     "any_violator",
     "first_violators",
+    "single_violators_by_law",
     "sample_violators",
     "exact_chunk_plan",
     "ExactWARPLoss",
+    "SampledWARPKernelLoss",
+    "warp_kernel_serves",
     "warp_loss_op",
 ]
 
@@ -374,6 +383,61 @@ def _draw_block(scores: torch.Tensor, ex: WarpExamples, base: torch.Tensor, idx:
     return hit, first, col
 
 
+# Temporaries per score of the law sampler: the upcast score and its hinge (accumulation dtype, up to 8
+# bytes each), the violation mask, its int32 running count and the pick mask.
+_LAW_BYTES_PER_SCORE = 22
+
+
+def single_violators_by_law(scores: torch.Tensor, labels: torch.Tensor, uniforms: torch.Tensor, margin: float,
+                            max_trials: int, chunk_bytes: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The paper's loop for one label per row, its outcome drawn from its law: no host read, no
+    data-dependent shape, a fixed number of ops per row chunk (the torch twin of the native sampler).
+
+    With r violators among a row's n = C − 1 negatives, the loop's first-violator trial N is geometric with
+    p = r / n, truncated at ``max_trials`` (beyond it nothing is drawn), and the violator is uniform among
+    the r and independent of N. Per row, from its two uniforms (u_trial, u_pick):
+
+    1. r = #{j ≠ y : s_j + (m − s_y) > 0} (strict), compared in the accumulation dtype after an exact
+       upcast; a row holding a NaN has no violator.
+    2. N = 1 + ⌊log(1 − u_trial) / log1p(−p)⌋ (inversion: P(N = k) = (1 − p)^(k−1)·p), N = 1 when every
+       negative violates; N > ``max_trials``: no violator drawn.
+    3. The k-th violator in column order, k = ⌊u_pick·r⌋: the number of columns whose running violator
+       count is at most k.
+
+    Args:
+        scores: (B, C) scores, any float dtype, C ≥ 2 (read only).
+        labels: (B,) int64 positive column per row.
+        uniforms: (B, 2) fp64 uniforms in [0, 1).
+        margin: m. max_trials: the cap on N (≥ 1; C − 1 for the paper's loop).
+        chunk_bytes: memory budget of one row chunk's temporaries (default 64 MiB).
+
+    Returns:
+        ``(trials, chosen)``: (B,) int64, N ≥ 1 and the violator's column, or (0, −1) where none was drawn.
+    """
+    B, C = scores.shape
+    acc = accumulation_dtype(scores.dtype)
+    num_neg = C - 1
+    trials = torch.empty(B, dtype=torch.int64, device=scores.device)
+    chosen = torch.empty(B, dtype=torch.int64, device=scores.device)
+    rows = rows_per_chunk(C, _LAW_BYTES_PER_SCORE, chunk_bytes)
+    for s in range(0, B, rows):
+        x, y, u = scores[s:s + rows], labels[s:s + rows].unsqueeze(1), uniforms[s:s + rows]
+        # 1. the violators (the positive is no negative) and their count; NaN anywhere: none
+        viol = x.to(acc) + (margin - x.gather(1, y).to(acc)) > 0
+        viol.scatter_(1, y, False)
+        r = viol.sum(1).masked_fill_(x.isnan().any(1), 0)
+        # 2. the first violator's trial: geometric(r / n), truncated at max_trials
+        steps = torch.floor(torch.log(1.0 - u[:, 0]) / torch.log1p(r.to(torch.float64) / -num_neg))
+        found = (r > 0) & ((r == num_neg) | (steps < max_trials))
+        n_trial = torch.where(r == num_neg, 1, steps.clamp(0, max_trials).to(torch.int64) + 1)
+        # 3. the violator: the k-th in column order, k = ⌊u_pick·r⌋ < r
+        k = torch.minimum((u[:, 1] * r).to(torch.int64), r - 1).unsqueeze(1)
+        col = (torch.cumsum(viol, 1, dtype=torch.int32) <= k).sum(1)
+        trials[s:s + rows] = n_trial.masked_fill_(~found, 0)
+        chosen[s:s + rows] = col.masked_fill_(~found, -1)
+    return trials, chosen
+
+
 def sample_violators(scores: torch.Tensor, ex: WarpExamples, margin: float, max_trials: Optional[int],
                      generator: Optional[torch.Generator],
                      chunk_bytes: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -394,8 +458,13 @@ def sample_violators(scores: torch.Tensor, ex: WarpExamples, margin: float, max_
                                         generator)
             if native is not None:
                 return native
+        if ex.single and C > 1:
+            # one label per row elsewhere (CUDA, or the native path off): the same law in torch, no host read
+            uniforms = torch.rand((B, 2), dtype=torch.float64, generator=generator, device=scores.device)
+            return single_violators_by_law(scores, ex.cols, uniforms, margin,
+                                           C - 1 if max_trials is None else max_trials, chunk_bytes)
         base = margin - torch.take(scores, ex.rows * C + ex.cols).to(accumulation_dtype(scores.dtype))
-        # 1. the exact "has a violator" test; 2. first violators by blocks of i.i.d. draws
+        # multi-hot rows: 1. the exact "has a violator" test; 2. first violators by blocks of i.i.d. draws
         active = any_violator(scores, ex, base, chunk_bytes) & (ex.num_neg[ex.rows] > 0)
         return first_violators(scores, ex, base, active, max_trials, generator, chunk_bytes)
 
@@ -562,25 +631,121 @@ def _zeroed_grad_block(grad: torch.Tensor, s: int, e: int, acc: torch.dtype) -> 
     return torch.zeros((e - s, grad.shape[1]), dtype=acc, device=grad.device)
 
 
+# Small constant device tensors a kernel launch reads (the harmonic table, the margin and scale), made
+# once per key and reused by every step: a training loop then launches no kernel to rebuild them. Least
+# recently used entries leave beyond _CONSTANTS_KEPT.
+_CONSTANTS: "collections.OrderedDict[Hashable, torch.Tensor]" = collections.OrderedDict()
+_CONSTANTS_KEPT = 32
+
+
+def _device_constant(key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    if key in _CONSTANTS:
+        _CONSTANTS.move_to_end(key)
+        return _CONSTANTS[key]
+    value = _CONSTANTS[key] = make()
+    while len(_CONSTANTS) > _CONSTANTS_KEPT:
+        _CONSTANTS.popitem(last=False)
+    return value
+
+
+def warp_kernel_serves(labels: torch.Tensor, num_classes: int, mode: str, rank_weight: RankWeight) -> bool:
+    """Whether the Triton kernel implements this call: sampled mode, one label per row, C ≥ 2 and a built-in
+    rank weight (a callable runs in torch; multi-hot rows have a data-dependent number of examples)."""
+    return mode == "sampled" and labels.dim() == 1 and num_classes > 1 and isinstance(rank_weight, str)
+
+
+class SampledWARPKernelLoss(torch.autograd.Function):
+    """Sampled WARP for one label per row in two Triton launches (:mod:`metricloss.kernels.warp`): the
+    forward (the loop's outcome from its law, the weight and the row's term) and the backward (the whole
+    gradient, written once). No host read, no data-dependent shape.
+
+    Inputs: ``scores`` (B, C) with unit column stride, ``labels`` (B,) int64, ``uniforms`` (B, 2) fp64, the fp64
+    (margin, scale) and harmonic table device constants, ``max_trials`` and whether the weight is ``"log"``.
+    Outputs: the (B,) terms scale·w·(s_chosen + m − s_y) (NaN for a row holding a NaN or an infinity), and,
+    not differentiable, scale·w (B,) and the chosen columns (B,) int64 (−1: none drawn).
+    """
+
+    @staticmethod
+    def forward(scores, labels, uniforms, params, table, max_trials, log_weight):
+        from ..kernels.warp import warp_sample_triton
+
+        term, weight, _, chosen = warp_sample_triton(scores, labels, uniforms, params, table, max_trials, log_weight)
+        return term, weight, chosen
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        scores, labels = inputs[0], inputs[1]
+        _, weight, chosen = output
+        ctx.mark_non_differentiable(weight, chosen)
+        ctx.set_materialize_grads(False)  # the outputs without a gradient cost no zero-filled tensor
+        ctx.save_for_backward(labels, chosen, weight)
+        ctx.scores_like = (tuple(scores.shape), scores.dtype, scores.device)
+
+    @staticmethod
+    def backward(ctx, grad_term, *unused):
+        from ..kernels.warp import warp_grad_triton
+
+        if grad_term is None:
+            return (None,) * 7
+        labels, chosen, weight = ctx.saved_tensors
+        shape, dtype, device = ctx.scores_like
+        grad = warp_grad_triton(grad_term, labels, chosen, weight, torch.empty(0, dtype=dtype, device=device), shape)
+        return (grad,) + (None,) * 6
+
+
+def _sampled_kernel(scores: torch.Tensor, labels: torch.Tensor, margin: float, max_trials: Optional[int],
+                    rank_weight: str, reduction: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Sampled WARP through :class:`SampledWARPKernelLoss`: the reduced loss (the kernel scales each term by
+    1/B for ``"mean"``, and writes NaN for a row holding a NaN or an infinity, so the sum is NaN too)."""
+    B, C = scores.shape
+    device = scores.device
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    params = _device_constant(("warp params", float(margin), scale, device),
+                              lambda: torch.tensor([margin, scale], dtype=torch.float64, device=device))
+    log_weight = rank_weight == "log"
+    table = None if log_weight else _device_constant(("harmonic", C - 1, device),
+                                                       lambda: harmonic_numbers(C - 1, device))
+    uniforms = torch.rand((B, 2), dtype=torch.float64, generator=generator, device=device)
+    term, _, _ = SampledWARPKernelLoss.apply(scores, labels.to(torch.int64), uniforms, params, table,
+                                             C - 1 if max_trials is None else max_trials, log_weight)
+    if reduction == "none":
+        # a non-finite score anywhere makes every row NaN, as on the torch path
+        lo, hi = torch.aminmax(scores.detach())
+        return mask_nonfinite(term, lo, hi)
+    return term.sum()
+
+
 def warp_loss_op(scores: torch.Tensor, labels: torch.Tensor, margin: float, max_trials: Optional[int], mode: str,
                  rank_weight: RankWeight, reduction: str, generator: Optional[torch.Generator],
-                 chunk_bytes: Optional[int] = None) -> torch.Tensor:
+                 chunk_bytes: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """WARP on validated inputs (see :func:`metricloss.functional.warp_loss`).
 
     Args:
         scores: (B, C) any float dtype (never upcast as a whole: chunks and gathered entries are).
         labels: (B,) int64 in [0, C), or (B, C) multi-hot.
         chunk_bytes: memory budget of one row chunk / trial block (default 64 MiB).
+        backend: ``"auto"`` (the Triton kernel on CUDA where it serves the call, :func:`warp_kernel_serves`),
+            ``"torch"`` or ``"triton"`` (see :func:`metricloss._backend.resolve_backend`).
 
     Returns:
-        The reduced loss, or (B,) per-row sums for ``reduction="none"``, in fp32 (fp64 for fp64 scores).
+        The reduced loss, or (B,) per-row sums for ``reduction="none"``, in fp32 (fp64 for fp64 scores); NaN
+        when a score is NaN or infinite.
     """
     B, C = scores.shape
+    serves = warp_kernel_serves(labels, C, mode, rank_weight)
+    op = "warp_loss" if serves else "warp_loss (exact mode, multi-hot labels or a callable rank_weight)"
+    if resolve_backend(backend, scores.device, op, ("torch", "triton") if serves else ("torch",)) == "triton":
+        return _sampled_kernel(scores, labels, margin, max_trials, rank_weight, reduction, generator)
     ex = WarpExamples(labels, C)
     if mode == "exact":
         want_grad = torch.is_grad_enabled() and scores.requires_grad
         loss, _ = ExactWARPLoss.apply(scores, ex, margin, rank_weight, reduction, chunk_bytes, want_grad)
-        return loss
-    per_row = _sampled_per_row(scores, ex, margin, max_trials, rank_weight, generator, chunk_bytes)
-    count = torch.tensor(B, device=scores.device)
-    return reduce_loss(per_row, count, count, reduction)
+    else:
+        per_row = _sampled_per_row(scores, ex, margin, max_trials, rank_weight, generator, chunk_bytes)
+        count = torch.tensor(B, device=scores.device)
+        loss = reduce_loss(per_row, count, count, reduction)
+    # the extremes are finite iff every score is: one pass over the scores, no (B, C) temporary
+    lo, hi = torch.aminmax(scores.detach())
+    return mask_nonfinite(loss, lo, hi)

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from metricloss.kernels.aot import cuobjdump_path, inspect_in_subprocess  # noqa: E402
 from metricloss.kernels.centroid import all_centroid_configs, centroid_aot_jobs  # noqa: E402
 from metricloss.kernels.mining import SMEM_LIMIT_BYTES, all_mining_configs, aot_job  # noqa: E402
+from metricloss.kernels.warp import warp_aot_jobs  # noqa: E402
 
 import triton  # noqa: E402
 
@@ -50,11 +51,17 @@ CENTROID_IDS = [f"sm{a}-{str(d)[6:]}-{j['kernel'].split(':')[1]}-{c.BLOCK_M}x{c.
                 f"-w{c.num_warps}" for a, d, c, j in CENTROID_CASES]
 
 
+WARP_JOBS = [job for arch in (80, 90) for job in warp_aot_jobs(arch)]
+WARP_IDS = [f"sm{j['arch']}-{j['types'].get('S_ptr', j['types'].get('DS_ptr'))[1:]}-{j['kernel'].split(':')[1]}"
+            f"-{j['constexprs']['BLOCK_R']}x{j['constexprs']['BLOCK_C']}"
+            + ("-log" if j["constexprs"].get("LOG_WEIGHT") else "") for j in WARP_JOBS]
+
+
 @pytest.fixture(scope="module")
 def reports():
     jobs = [aot_job(arch, dtype, cfg, cosine=variant == "ref_cosine", self_ref=variant == "self_euclidean")
-            for arch, dtype, cfg, variant in CASES] + [job for _, _, _, job in CENTROID_CASES]
-    return dict(zip(IDS + CENTROID_IDS, inspect_in_subprocess(jobs)))
+            for arch, dtype, cfg, variant in CASES] + [job for _, _, _, job in CENTROID_CASES] + WARP_JOBS
+    return dict(zip(IDS + CENTROID_IDS + WARP_IDS, inspect_in_subprocess(jobs)))
 
 
 @pytest.mark.parametrize("case_id", IDS)
@@ -78,3 +85,22 @@ def test_centroid_kernels_compile_clean(reports, case_id):
 def test_every_dtype_and_arch_is_covered():
     assert {(a, d) for a, d, _, _ in CASES} == {(a, d) for a in (80, 90)
                                                 for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("case_id", WARP_IDS)
+def test_warp_kernels_compile_clean(reports, case_id):
+    # both sampled-WARP kernels, every scores dtype (fp64 included: the fp64 logarithms lower on both
+    # targets), weight kind and tile shape the heuristics pick
+    rep = reports[case_id]
+    if "sample_kernel" in case_id:
+        # The per-row epilogue divides in fp64 (p = r/n, the geometric inversion): ptxas calls the division's
+        # out-of-line slow path there and saves a register or two around the call (a stack frame of 8 to 16
+        # bytes, read once per row, outside the tile loops). Nothing more is allowed.
+        assert rep.stack_bytes <= 16 and rep.local_bytes == 0 and rep.spill_stores <= 3, rep
+    else:
+        assert not rep.spills, rep
+    assert rep.shared_bytes <= SMEM_LIMIT_BYTES[rep.arch], rep
+
+
+def test_warp_ids_are_unique():
+    assert len(set(WARP_IDS)) == len(WARP_IDS) == 2 * 4 * 3 * 3

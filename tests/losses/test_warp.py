@@ -520,14 +520,18 @@ def test_exact_on_transposed_scores_every_dtype_and_label_kind(dtype, kind, chun
         torch.testing.assert_close(loss, want.to(loss.dtype), **tol)
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_sampled_fullgraph_compile_on_cpu_single_labels(reduction):
-    """On CPU with one label per row the native sampler has a fake kernel and no host read: sampled WARP
-    compiles as one graph (aot_eager: the eager RNG, so the same draws) with the eager loss and gradient.
-    (Dynamo takes no explicit torch.Generator: the global generator draws.)"""
+def test_sampled_fullgraph_compile_single_labels(reduction, path, monkeypatch):
+    """With one label per row both samplers are free of host reads and data-dependent shapes (the native one
+    has a fake kernel; the torch one, the path CUDA takes, draws the loop's outcome from its law): sampled
+    WARP compiles as one graph (aot_eager: the eager RNG, so the same draws) with the eager loss and
+    gradient. (Dynamo takes no explicit torch.Generator: the global generator draws.)"""
     from metricloss.ops import native
 
-    if not native.native_enabled(torch.empty(0), "warp"):
+    if path == "torch":
+        monkeypatch.setenv("METRICLOSS_NATIVE", "0")
+    elif not native.native_enabled(torch.empty(0), "warp"):
         pytest.skip("the native WARP sampler is not available")
     g = torch.Generator().manual_seed(3)
     s, y = torch.randn(16, 12, generator=g, dtype=torch.float64), torch.randint(0, 12, (16,), generator=g)

@@ -379,3 +379,30 @@ def test_rows_with_nan_have_no_violator():
     scores[2, SINGLE_Y] = float("nan")
     _, trials, chosen = sample(scores, labels, 1.0, None, seed=0)
     assert trials.tolist()[1:3] == [0, 0] and chosen.tolist()[1:3] == [-1, -1] and trials[0] > 0 and trials[3] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("max_trials", [None, 1, 4])
+def test_torch_law_sampler_equals_the_native_one_on_the_same_uniforms(dtype, max_trials, sampler_path):
+    # The torch sampler for one label per row (the path CUDA takes) computes what the native op computes,
+    # from the same two uniforms per row: r, the geometric trial and the k-th violator in column order,
+    # rows with NaN and rows where every or no negative violates included.
+    from metricloss.ops import native
+
+    if not native.native_enabled(torch.empty(0), "warp"):
+        pytest.skip("the native WARP sampler is not available")
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(600, 30, generator=g).to(dtype)
+    labels = torch.randint(0, 30, (600,), generator=g)
+    scores[0, 3] = float("nan")
+    scores[1] = -5.0
+    scores[1, labels[1]] = 5.0                 # no violator
+    scores[2] = 5.0
+    scores[2, labels[2]] = -5.0                # every negative violates
+    cap = 29 if max_trials is None else max_trials
+    uniforms = torch.rand((600, 2), dtype=torch.float64, generator=g)
+    want = torch.ops.metricloss_native.warp_sample_single(scores.contiguous(), labels, uniforms, 1.0, cap)
+    for chunk_bytes in (None, 30 * 22 * 7):    # one chunk, and chunks of 7 rows
+        got = warp_ops.single_violators_by_law(scores, labels, uniforms, 1.0, cap, chunk_bytes)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0][:2].tolist() == [0, 0] and got[0][2] == 1 and (got[0] > 0).sum() > 300
