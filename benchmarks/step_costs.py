@@ -1,7 +1,7 @@
 """What one training step of each loss costs a GPU, counted on CPU: dispatched ops (each a kernel launch on
 CUDA) and host syncs, per forward + backward.
 
-    python benchmarks/step_costs.py [--sizes 64 256 1024]
+    [TRITON_INTERPRET=1] python benchmarks/step_costs.py [--sizes 64 256 1024]
 
 Counted on the code path CUDA takes (``METRICLOSS_NATIVE=0``, value checks as device-side assertions; the
 triplet family on its torch backend, so batch-hard's Triton miner is not in the count): every aten op that reaches the dispatcher except views and
@@ -9,13 +9,16 @@ empty allocations (:class:`OpCounter`), and the calls that make a GPU wait for t
 (:func:`benchmarks.gpu_check.make_sync_counter`: ``item``, ``nonzero``, boolean-mask indexing, …). The
 counts are exact and do not depend on the machine, so ``tests/test_step_costs.py`` holds every loss to a
 budget. The workloads: D = 128 embeddings, P×K labels with K = 4, ``num_classes`` = N/4 for the classifier
-losses, (N, 1000) scores for WARP, fp32, the default memory budget (one chunk).
+losses, (N, 1000) scores for WARP, fp32, the default memory budget (one chunk). With
+``TRITON_INTERPRET=1`` (and Triton installed) the table gains sampled WARP on its Triton kernel, each
+launch counted as one op.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 from typing import Callable, Dict, Tuple
@@ -50,10 +53,61 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _CountedKernel:
+    """A Triton kernel whose launches count as one op each; the launch runs with the dispatch modes off, so
+    the interpreter's own tensor copies (it runs the kernel on CPU tensors) are not counted as launches."""
+
+    def __init__(self, kernel, counter: "OpCounter"):
+        self.kernel, self.counter = kernel, counter
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            self.counter.by_op[f"triton:{getattr(self.kernel, '__name__', 'kernel')}"] += 1
+            with _disable_current_modes():
+                return launch(*args, **kwargs)
+
+        return run
+
+
+@contextlib.contextmanager
+def _kernel_launches_counted(counter: "OpCounter"):
+    """Within it, every launch of metricloss's WARP and batch-hard mining kernels adds one to ``counter`` (see
+    :class:`_CountedKernel`)."""
+    try:
+        from metricloss.kernels import mining as mining_kernels
+        from metricloss.kernels import warp as warp_kernels
+    except ImportError:  # no Triton: nothing to count
+        yield
+        return
+    kernels = [(warp_kernels, "warp_sample_kernel"), (warp_kernels, "warp_grad_kernel"),
+               (mining_kernels, "batch_hard_mining_kernel")]
+    saved = [getattr(module, name) for module, name in kernels]
+    for (module, name), kernel in zip(kernels, saved):
+        setattr(module, name, _CountedKernel(kernel, counter))
+    try:
+        yield
+    finally:
+        for (module, name), kernel in zip(kernels, saved):
+            setattr(module, name, kernel)
+
+
+def triton_rows_available() -> bool:
+    """Whether the Triton rows can be counted here: Triton imports and its interpreter is on
+    (``TRITON_INTERPRET=1`` before anything imports triton; the test suite sets it)."""
+    from metricloss._backend import triton_available, triton_interpreting
+
+    return triton_available() and triton_interpreting()
+
+
 def count_step(step: Callable[[], torch.Tensor]) -> Tuple[int, int]:
     """(dispatched ops, host syncs) of ``step().backward()`` on the CUDA code path: ``METRICLOSS_NATIVE=0``
     (the torch path) and :func:`metricloss._checks.accelerator_rules` (value checks as device-side
-    assertions, first-call checks done once), after one warm-up step (one-time work is not per step)."""
+    assertions, first-call checks done once), after one warm-up step (one-time work is not per step). A
+    Triton kernel run under the interpreter counts as one op per launch."""
     from metricloss._checks import accelerator_rules
 
     saved = os.environ.get("METRICLOSS_NATIVE")
@@ -62,7 +116,7 @@ def count_step(step: Callable[[], torch.Tensor]) -> Tuple[int, int]:
         with accelerator_rules():
             step().backward()
             ops = OpCounter()
-            with make_sync_counter() as syncs, ops:
+            with _kernel_launches_counted(ops), make_sync_counter() as syncs, ops:
                 step().backward()
         return ops.total, syncs.total
     finally:
@@ -118,6 +172,11 @@ def workloads(n: int) -> Dict[str, Callable[[], torch.Tensor]]:
         "cross-entropy, (N, 1000) (for scale)": lambda: torch.nn.functional.cross_entropy(leaf(scores0),
                                                                                          score_labels),
     }
+    if triton_rows_available():
+        out["WARP sampled, Triton kernel, (N, 1000)"] = lambda: MF.warp_loss(leaf(scores0), score_labels,
+                                                                           backend="triton")
+        out["batch-hard, Triton miner"] = lambda: MF.triplet_loss(leaf(x0), labels, mining="batch_hard",
+                                                                  backend="triton")
     return out
 
 

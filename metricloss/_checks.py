@@ -143,8 +143,9 @@ def check_label_range(labels: torch.Tensor, num_classes: int, name: str = "label
     if not host_reads_are_free(labels):
         # a host read would stall the stream (and break a torch.compile graph): the same test as an
         # asynchronous device-side assertion (it fails when the kernels run)
+        # ⌊y / C⌋ = 0 iff 0 <= y < C: four kernels with the assertion (two comparisons and their `and`: five)
         wide = labels.to(torch.int64) if labels.dtype in WIDE_UNSIGNED else labels
-        device_assert(((wide >= 0) & (wide < num_classes)).all(),
+        device_assert((torch.div(wide, num_classes, rounding_mode="floor") == 0).all(),
                       f"{prefix}`{name}` must lie in [0, {num_classes}) (num_classes={num_classes})")
         return
     # torch has no aminmax for uint16/32/64; int64 holds uint16/32 exactly, and a uint64 value of 2**63 or

@@ -16,38 +16,47 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.step_costs import count_step, workloads  # noqa: E402
+from benchmarks.step_costs import count_step, triton_rows_available, workloads  # noqa: E402
 
 SIZES = (64, 256, 1024)
 
 # name -> {N: (ops, syncs)}: the most each step may cost
 BUDGETS = {
-    "batch-hard": {64: (91, 0), 256: (91, 0), 1024: (91, 0)},
-    "SCT (module, monitor on)": {64: (115, 0), 256: (115, 0), 1024: (115, 0)},
-    "EPHN (module, monitor on)": {64: (98, 0), 256: (98, 0), 1024: (98, 0)},
-    "batch-all (mean_nonzero)": {64: (197, 4), 256: (197, 4), 1024: (197, 4)},
-    "semi-hard": {64: (238, 4), 256: (238, 4), 1024: (238, 4)},
-    "batch-hard, CrossBatchMemory (memory 2N)": {64: (112, 0), 256: (112, 0), 1024: (112, 0)},
-    "NormSoftmax": {64: (54, 0), 256: (54, 0), 1024: (54, 0)},
-    "NormSoftmax streamed (4 class chunks)": {64: (218, 0), 256: (218, 0), 1024: (218, 0)},
+    "batch-hard": {64: (93, 0), 256: (93, 0), 1024: (93, 0)},
+    "SCT (module, monitor on)": {64: (117, 0), 256: (117, 0), 1024: (117, 0)},
+    "EPHN (module, monitor on)": {64: (100, 0), 256: (100, 0), 1024: (100, 0)},
+    "batch-all (mean_nonzero)": {64: (205, 2), 256: (205, 2), 1024: (205, 2)},
+    "semi-hard": {64: (246, 2), 256: (246, 2), 1024: (246, 2)},
+    "batch-hard, CrossBatchMemory (memory 2N)": {64: (114, 0), 256: (114, 0), 1024: (114, 0)},
+    "NormSoftmax": {64: (53, 0), 256: (53, 0), 1024: (53, 0)},
+    "NormSoftmax streamed (4 class chunks)": {64: (217, 0), 256: (217, 0), 1024: (217, 0)},
     "cosine classifier + cross-entropy": {64: (49, 0), 256: (49, 0), 1024: (49, 0)},
-    "centroid bound": {64: (96, 1), 256: (96, 1), 1024: (96, 1)},
-    "DGCRL": {64: (138, 0), 256: (138, 0), 1024: (168, 0)},
+    "centroid bound": {64: (95, 1), 256: (95, 1), 1024: (95, 1)},
+    "DGCRL": {64: (137, 0), 256: (137, 0), 1024: (167, 0)},
     "SVMax": {64: (58, 0), 256: (58, 0), 1024: (58, 0)},
-    "two-head (CE + semi-hard)": {64: (243, 4), 256: (243, 4), 1024: (243, 4)},
-    "WARP sampled, (N, 1000)": {64: (123, 6), 256: (123, 6), 1024: (158, 10)},
-    "WARP exact, (N, 1000)": {64: (69, 0), 256: (69, 0), 1024: (69, 0)},
+    "two-head (CE + semi-hard)": {64: (250, 2), 256: (250, 2), 1024: (250, 2)},
+    "WARP sampled, (N, 1000)": {64: (105, 0), 256: (105, 0), 1024: (105, 0)},
+    "batch-hard, Triton miner": {64: (65, 0), 256: (65, 0), 1024: (65, 0)},
+    "WARP sampled, Triton kernel, (N, 1000)": {64: (10, 0), 256: (10, 0), 1024: (10, 0)},
+    "WARP exact, (N, 1000)": {64: (68, 0), 256: (68, 0), 1024: (68, 0)},
     "cross-entropy, (N, 1000) (for scale)": {64: (6, 0), 256: (6, 0), 1024: (6, 0)},
 }
 
 
+TRITON_ROWS = {name for name in BUDGETS if "Triton" in name}
+
+
 def test_every_workload_has_a_budget():
-    assert set(workloads(64)) == set(BUDGETS)
+    # the Triton rows are counted where the interpreter runs them (the test suite sets TRITON_INTERPRET=1)
+    expected = set(BUDGETS) if triton_rows_available() else set(BUDGETS) - TRITON_ROWS
+    assert set(workloads(64)) == expected
 
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("name", list(BUDGETS))
 def test_step_within_budget(name, n):
+    if name in TRITON_ROWS and not triton_rows_available():
+        pytest.skip("Triton (with TRITON_INTERPRET=1) is not available")
     ops, syncs = count_step(workloads(n)[name])
     max_ops, max_syncs = BUDGETS[name][n]
     assert syncs <= max_syncs, f"{name} at N={n}: {syncs} host syncs, budget {max_syncs}"

@@ -47,6 +47,7 @@ __all__ = [
     "may_have_duplicate_rows",
     "canonical_columns",
     "canonical_columns_dense",
+    "canonical_columns_for",
     "GramFactors",
     "refine_small_entries",
     "scale_distance_weights_",
@@ -237,6 +238,22 @@ def canonical_columns(r: torch.Tensor) -> Optional[torch.Tensor]:
     return canon
 
 
+# Up to this many reference rows, an accelerator finds duplicate rows with canonical_columns_dense (an (M, M)
+# bool temporary, 16 MiB at 4096) instead of reading the device.
+DENSE_CANONICAL_MAX_ROWS = 4096
+
+
+def canonical_columns_for(r: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`canonical_columns`, or on an accelerator's path (see :func:`metricloss._checks.accelerator_rules`)
+    with at most :data:`DENSE_CANONICAL_MAX_ROWS` rows :func:`canonical_columns_dense`: the same columns
+    without a host read (a tensor even when every row differs), so the step can be captured in a CUDA graph."""
+    from .._checks import _ACCELERATOR_RULES
+
+    if (r.device.type != "cpu" or _ACCELERATOR_RULES[0]) and r.shape[0] <= DENSE_CANONICAL_MAX_ROWS:
+        return canonical_columns_dense(r)
+    return canonical_columns(r)
+
+
 _HASH_COEFFS: dict = {}
 
 
@@ -256,11 +273,19 @@ def _row_hashes(x: torch.Tensor) -> torch.Tensor:
     :func:`_hash_coefficients` (wrapping arithmetic), in blocks of ``_HASH_ROWS`` rows."""
     int_dtype = _INT_VIEW[x.element_size()]
     coeff = _hash_coefficients(x.shape[1], x.device)
+
+    def mixed(block: torch.Tensor) -> torch.Tensor:
+        bits = (block + 0.0).view(int_dtype).to(torch.int64)
+        # fold the high bits down before the odd multiplier: a sign flip alone changes the bit pattern by
+        # 2^63, which every odd multiplier keeps at 2^63, so two rows that differ by an even number of sign
+        # flips ((1, −1) and (−1, 1)) would collide for every choice of coefficients
+        return bits.bitwise_xor_(bits >> 31).mul_(coeff).sum(1)
+
     if x.shape[0] <= _HASH_ROWS:
-        return (x + 0.0).view(int_dtype).to(torch.int64).mul_(coeff).sum(1)
+        return mixed(x)
     hashes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for s in range(0, x.shape[0], _HASH_ROWS):
-        hashes[s:s + _HASH_ROWS] = (x[s:s + _HASH_ROWS] + 0.0).view(int_dtype).to(torch.int64).mul_(coeff).sum(1)
+        hashes[s:s + _HASH_ROWS] = mixed(x[s:s + _HASH_ROWS])
     return hashes
 
 
@@ -324,7 +349,7 @@ class GramFactors:
         self._a_slack: Optional[torch.Tensor] = None
         self._r_slack: Optional[torch.Tensor] = None
         self._refine_thresh: Optional[torch.Tensor] = None
-        self.canon = canonical_columns(r.detach()) if canonical else None
+        self.canon = canonical_columns_for(r.detach()) if canonical else None
 
     # The refinement bounds are built on first use too: a miner that only orders by the block (batch-hard's
     # one-block path) launches no kernel for them.

@@ -125,7 +125,11 @@ class ClassIndex:
             if self.num_refs == 0:
                 self._max_count = 0
             else:
-                _, counts = torch.unique_consecutive(self.sorted_labels, return_counts=True)
+                # each reference's class size from two searches of the sorted labels (unique_consecutive's
+                # data-dependent output size would be a second host read)
+                sorted_labels = self.sorted_labels
+                counts = (torch.searchsorted(sorted_labels, sorted_labels, right=True)
+                          - torch.searchsorted(sorted_labels, sorted_labels, right=False))
                 self._max_count = int(counts.max())
         return self._max_count
 

@@ -18,6 +18,7 @@ fp64 (fp32 inputs: to the fp32 rounding of the distances), gradients to rounding
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -226,3 +227,26 @@ def test_reference_distances_are_correctly_rounded():
     xr = x.clone().requires_grad_()
     reference.pairwise_distance(xr).sum().backward()
     assert torch.isfinite(xr.grad).all()
+
+
+@pytest.mark.parametrize("mining", ["batch_all", "semi_hard"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+def test_duplicate_rows_found_on_the_device_give_the_host_results(mining, distance, monkeypatch):
+    # On an accelerator's path the duplicate reference rows are found without a host read
+    # (canonical_columns_dense); the loss and gradients are bitwise those of the host check.
+    from metricloss._checks import accelerator_rules
+
+    monkeypatch.setenv("METRICLOSS_NATIVE", "0")
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(24, 5, generator=g, dtype=torch.float64)
+    x0[[3, 9, 17]] = x0[0].clone()               # copies across classes and within one
+    x0[13] = x0[12].clone()
+    labels = torch.arange(24) // 4
+    out = []
+    for rules in (False, True):
+        x = x0.clone().requires_grad_()
+        with accelerator_rules() if rules else contextlib.nullcontext():
+            loss = MF.triplet_loss(x, labels, mining=mining, distance=distance, reduction="sum")
+            loss.backward()
+        out.append((loss.detach(), x.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])

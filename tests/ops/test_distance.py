@@ -130,3 +130,39 @@ def test_canonical_columns_matches_unique(m, d, seed):
         assert canon is None
     else:
         assert torch.equal(canon, first)
+
+
+@given(st.integers(2, 40), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_canonical_columns_for_an_accelerator_reads_nothing_and_agrees(m, d, seed):
+    # On an accelerator's path (up to DENSE_CANONICAL_MAX_ROWS rows) the dense form answers, without a host
+    # read: the first copy of each row, the identity where rows are distinct (the host form's None).
+    from benchmarks.gpu_check import make_sync_counter
+    from metricloss._checks import accelerator_rules
+
+    r = torch.randint(-1, 2, (m, d), generator=torch.Generator().manual_seed(seed)).double()
+    host = D.canonical_columns_for(r)
+    assert host is None or host.shape == (m,)                        # CPU eager: the host form
+    with accelerator_rules(), make_sync_counter() as syncs:
+        dense = D.canonical_columns_for(r)
+    assert syncs.total == 0
+    assert torch.equal(dense, torch.arange(m) if host is None else host)
+
+
+def test_canonical_columns_for_large_reference_sets_keeps_the_host_form():
+    from metricloss._checks import accelerator_rules
+
+    r = torch.zeros(D.DENSE_CANONICAL_MAX_ROWS + 1, 2)
+    with accelerator_rules():
+        assert torch.equal(D.canonical_columns_for(r), torch.zeros(D.DENSE_CANONICAL_MAX_ROWS + 1, dtype=torch.int64))
+    r[:, 0] = torch.arange(r.shape[0])
+    with accelerator_rules():
+        assert D.canonical_columns_for(r) is None                    # the host form: None when all differ
+
+
+def test_rows_that_differ_by_sign_flips_do_not_collide():
+    # (1, −1) and (−1, 1) differ by two sign bits: 2^63 each, which an odd multiplier alone keeps at 2^63, so
+    # their sum would cancel for every coefficient; the hash folds the high bits down first
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        r = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [-2.0, 2.0], [2.0, -2.0]], dtype=dtype)
+        assert len(set(D._row_hashes(r).tolist())) == 4
+        assert D.canonical_columns_dense(r).tolist() == [0, 1, 0, 3, 4]
