@@ -311,7 +311,7 @@ RankWeight = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
 # WARP's backends: the chunked torch path and the Triton kernel (its dense reference is
 # :func:`metricloss.reference.warp_loss`, its loop :func:`metricloss.reference.warp_loss_loop`)
-_WARP_BACKENDS = ("auto", "torch", "triton")
+WARP_BACKENDS = ("auto", "torch", "triton")
 
 
 def check_warp_options(where: str, margin: object, max_trials: object, mode: object, rank_weight: object,
@@ -398,7 +398,7 @@ def warp_loss(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0
     _check_warp_labels(labels, scores, where)
     margin, max_trials = check_warp_options(where, margin, max_trials, mode, rank_weight, reduction)
     C.check_generator(generator, scores.device, "generator", where)
-    C.check_option(backend, "backend", _WARP_BACKENDS, where)
+    C.check_option(backend, "backend", WARP_BACKENDS, where)
     with torch.autocast(device_type=scores.device.type, enabled=False):
         return _warp.warp_loss_op(scores, labels, margin, max_trials, mode, rank_weight, reduction, generator,
                                   backend=backend)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _checks as C
-from ..functional import check_warp_options, warp_loss
+from ..functional import WARP_BACKENDS, check_warp_options, warp_loss
 
 __all__ = ["WARPLoss"]
 
@@ -56,7 +56,7 @@ class WARPLoss(nn.Module):
         self.rank_weight = rank_weight
         self.reduction = reduction
         self.generator = C.check_generator(generator, None, "generator", where)
-        self.backend = C.check_option(backend, "backend", ("auto", "torch", "triton"), where)
+        self.backend = C.check_option(backend, "backend", WARP_BACKENDS, where)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The WARP loss of a batch of scores.
@@ -78,7 +78,8 @@ class WARPLoss(nn.Module):
             TypeError, ValueError: bad dtypes, shapes or label values, named in the message.
         """
         return warp_loss(scores, labels, margin=self.margin, max_trials=self.max_trials, mode=self.mode,
-                         rank_weight=self.rank_weight, reduction=self.reduction, generator=self.generator, backend=self.backend)
+                         rank_weight=self.rank_weight, reduction=self.reduction, generator=self.generator,
+                         backend=self.backend)
 
     def extra_repr(self) -> str:
         """The constructor arguments, as ``repr(module)`` shows them."""

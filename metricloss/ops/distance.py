@@ -247,9 +247,9 @@ def canonical_columns_for(r: torch.Tensor) -> Optional[torch.Tensor]:
     """:func:`canonical_columns`, or on an accelerator's path (see :func:`metricloss._checks.accelerator_rules`)
     with at most :data:`DENSE_CANONICAL_MAX_ROWS` rows :func:`canonical_columns_dense`: the same columns
     without a host read (a tensor even when every row differs), so the step can be captured in a CUDA graph."""
-    from .._checks import _ACCELERATOR_RULES
+    from .reduction import _cpu_kernels
 
-    if (r.device.type != "cpu" or _ACCELERATOR_RULES[0]) and r.shape[0] <= DENSE_CANONICAL_MAX_ROWS:
+    if not _cpu_kernels(r) and r.shape[0] <= DENSE_CANONICAL_MAX_ROWS:
         return canonical_columns_dense(r)
     return canonical_columns(r)
 
